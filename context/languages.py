@@ -1,0 +1,97 @@
+"""Which language a file is in, and the tree-sitter grammar for it when we ship one."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import PurePosixPath
+
+import tree_sitter
+
+_EXTENSIONS = {
+    ".py": "python",
+    ".pyi": "python",
+    ".js": "javascript",
+    ".mjs": "javascript",
+    ".cjs": "javascript",
+    ".jsx": "javascript",
+    ".ts": "typescript",
+    ".tsx": "tsx",
+    ".go": "go",
+    ".rs": "rust",
+    ".java": "java",
+    ".c": "c",
+    ".h": "c",
+    ".cc": "cpp",
+    ".cpp": "cpp",
+    ".hpp": "cpp",
+    ".rb": "ruby",
+    ".lua": "lua",
+    ".sh": "shell",
+    ".md": "markdown",
+}
+
+# Editors name some languages differently from us.
+_ALIASES = {
+    "typescriptreact": "tsx",
+    "javascriptreact": "javascript",
+    "py": "python",
+    "golang": "go",
+    "rs": "rust",
+}
+
+
+def language_of(path: str, declared: str = "") -> str:
+    """The declared language when given, else one guessed from the extension ("" if unknown)."""
+    if declared:
+        lowered = declared.lower()
+        return _ALIASES.get(lowered, lowered)
+    return _EXTENSIONS.get(PurePosixPath(path).suffix.lower(), "")
+
+
+def _grammar(language: str) -> object | None:
+    if language == "python":
+        import tree_sitter_python as grammar
+
+        return grammar.language()
+    if language == "javascript":
+        import tree_sitter_javascript as grammar
+
+        return grammar.language()
+    if language in ("typescript", "tsx"):
+        import tree_sitter_typescript as grammar
+
+        return grammar.language_tsx() if language == "tsx" else grammar.language_typescript()
+    if language == "go":
+        import tree_sitter_go as grammar
+
+        return grammar.language()
+    if language == "rust":
+        import tree_sitter_rust as grammar
+
+        return grammar.language()
+    if language == "java":
+        import tree_sitter_java as grammar
+
+        return grammar.language()
+    return None
+
+
+@cache
+def parser_for(language: str) -> tree_sitter.Parser | None:
+    """A parser for the language, or None where we have no grammar (line windows are used then)."""
+    grammar = _grammar(language)
+    if grammar is None:
+        return None
+    return tree_sitter.Parser(tree_sitter.Language(grammar))
+
+
+_HASH_COMMENT = {"python", "ruby", "shell", "perl", "r", "yaml", "toml", "dockerfile", "makefile"}
+
+
+def line_comment(language: str) -> str:
+    """How a line comment starts, for templates that label context with a comment."""
+    if language in _HASH_COMMENT:
+        return "#"
+    if language in {"lua", "sql", "haskell"}:
+        return "--"
+    return "//"

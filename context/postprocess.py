@@ -1,0 +1,198 @@
+"""Decide how much of the model's text to keep, while it streams.
+
+A chain of small filters, each `(text, cursor) -> Cut | None`, looks at everything generated so
+far; the first that wants the completion to end says where. `Truncator` runs the chain on each
+delta and releases only text no later filter can take back, so streaming never shows text that
+the final completion drops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+_BLOCK_OPENERS = (":", "{", "(", "[", "=>", "->", " do", " then")
+_BLOCK_CLOSERS = ("}", ")", "]", "end")
+
+
+class Mode(Enum):
+    AUTO = "auto"
+    SINGLE_LINE = "single_line"
+    MULTI_LINE = "multi_line"
+
+
+class Finish(Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    LINE_END = "line_end"
+    BLOCK_END = "block_end"
+    SUFFIX_OVERLAP = "suffix_overlap"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class CursorSurroundings:
+    """What post-processing needs to know about the text around the cursor."""
+
+    mode: Mode  # SINGLE_LINE or MULTI_LINE, never AUTO
+    line_prefix: str  # the cursor line up to the cursor
+    line_suffix: str  # the cursor line after the cursor
+    next_line: str  # the first non-blank line after the cursor line, stripped
+    stop: tuple[str, ...]
+
+    @classmethod
+    def around(
+        cls, prefix: str, suffix: str, mode: Mode, stop: tuple[str, ...]
+    ) -> CursorSurroundings:
+        line_prefix = prefix[prefix.rfind("\n") + 1 :]
+        line_suffix, _, rest = suffix.partition("\n")
+        next_line = next((line.strip() for line in rest.split("\n") if line.strip()), "")
+        return cls(
+            resolve_mode(mode, line_prefix, line_suffix), line_prefix, line_suffix, next_line, stop
+        )
+
+
+@dataclass(frozen=True)
+class Cut:
+    length: int  # keep text[:length]
+    finish: Finish
+
+
+def resolve_mode(mode: Mode, line_prefix: str, line_suffix: str) -> Mode:
+    """Auto: several lines on an empty line or right after a block opener, else one."""
+    if mode is not Mode.AUTO:
+        return mode
+    if line_suffix.strip():
+        return Mode.SINGLE_LINE
+    stripped = line_prefix.rstrip()
+    if not stripped or stripped.endswith(_BLOCK_OPENERS):
+        return Mode.MULTI_LINE
+    return Mode.SINGLE_LINE
+
+
+def _indent(line: str) -> int:
+    expanded = line.expandtabs(4)
+    return len(expanded) - len(expanded.lstrip())
+
+
+def cut_at_stop_string(text: str, cursor: CursorSurroundings) -> Cut | None:
+    found = [index for stop in cursor.stop if (index := text.find(stop)) >= 0]
+    return Cut(min(found), Finish.STOP) if found else None
+
+
+def cut_at_line_end(text: str, cursor: CursorSurroundings) -> Cut | None:
+    if cursor.mode is Mode.SINGLE_LINE and "\n" in text:
+        return Cut(text.index("\n"), Finish.LINE_END)
+    return None
+
+
+def cut_at_block_end(text: str, cursor: CursorSurroundings) -> Cut | None:
+    """Indentation rules: a line that dedents below the cursor line ends the block; one that
+    comes back to the cursor line's level after going deeper ends it too (a closing bracket is
+    kept as the block's last line)."""
+    if cursor.mode is not Mode.MULTI_LINE:
+        return None
+    base = _indent(cursor.line_prefix)
+    went_deeper = False
+    offset = text.find("\n") + 1
+    if offset == 0:
+        return None
+    for line in text[offset:].split("\n")[:-1]:  # complete lines only
+        end = offset + len(line)
+        if line.strip():
+            indent = _indent(line)
+            if indent < base:
+                return Cut(offset - 1, Finish.BLOCK_END)
+            if indent == base and went_deeper:
+                if line.strip().startswith(_BLOCK_CLOSERS):
+                    return Cut(end, Finish.BLOCK_END)
+                return Cut(offset - 1, Finish.BLOCK_END)
+            went_deeper = went_deeper or indent > base
+        offset = end + 1
+    return None
+
+
+def cut_at_suffix_repeat(text: str, cursor: CursorSurroundings) -> Cut | None:
+    """A completed line that is the first line after the cursor: the model is repeating the file."""
+    if len(cursor.next_line) < 3:
+        return None
+    offset = text.find("\n") + 1
+    if offset == 0:
+        return None
+    for line in text[offset:].split("\n")[:-1]:
+        if line.strip() == cursor.next_line:
+            return Cut(offset - 1, Finish.SUFFIX_OVERLAP)
+        offset += len(line) + 1
+    return None
+
+
+Filter = Callable[[str, CursorSurroundings], Cut | None]
+FILTERS: tuple[Filter, ...] = (
+    cut_at_stop_string,
+    cut_at_line_end,
+    cut_at_suffix_repeat,
+    cut_at_block_end,
+)
+
+
+def first_cut(text: str, cursor: CursorSurroundings) -> Cut | None:
+    """The earliest cut any filter asks for."""
+    cuts = [cut for check in FILTERS if (cut := check(text, cursor)) is not None]
+    return min(cuts, key=lambda cut: cut.length) if cuts else None
+
+
+def finalize(text: str, cursor: CursorSurroundings) -> tuple[str, bool]:
+    """Trim the finished text: trailing blank space, and the end of the cursor line that the
+    model wrote again (`foo(` + `x)` with `)` after the cursor). True if the suffix was trimmed."""
+    text = text.rstrip() if "\n" in text else text.rstrip("\n")
+    tail = cursor.line_suffix.strip()
+    if tail and "\n" not in text and text.rstrip().endswith(tail):
+        return text.rstrip()[: -len(tail)], True
+    return text, False
+
+
+class Truncator:
+    """Feeds streamed deltas through the filters; says what may be shown now and when to stop."""
+
+    def __init__(self, cursor: CursorSurroundings) -> None:
+        self._cursor = cursor
+        self._holdback = max([len(s) for s in cursor.stop] + [len(cursor.line_suffix.strip())])
+        self._raw = ""
+        self._released = 0
+        self.finish: Finish | None = None
+
+    def feed(self, delta: str) -> str:
+        """Text that is safe to show now. After a cut, `finish` is set and the rest is ignored."""
+        if self.finish is not None:
+            return ""
+        self._raw += delta
+        cut = first_cut(self._raw, self._cursor)
+        if cut is not None:
+            self._raw = self._raw[: cut.length]
+            self.finish = cut.finish
+            return ""
+        stable = len(self._raw.rstrip()) - self._holdback
+        last_newline = self._raw.rfind("\n")
+        if self._cursor.mode is Mode.MULTI_LINE and last_newline >= 0:
+            stable = min(stable, last_newline)  # the unfinished line may still be cut
+        return self._release(stable)
+
+    def close(self, finish: Finish) -> tuple[str, Finish]:
+        """The rest of the completion once generation ended, and why it ended."""
+        text, trimmed = finalize(self._raw, self._cursor)
+        reason = self.finish or (Finish.SUFFIX_OVERLAP if trimmed else finish)
+        self.finish = reason
+        return self._release(len(text), text), reason
+
+    @property
+    def text(self) -> str:
+        return self._raw[: self._released]
+
+    def _release(self, upto: int, source: str | None = None) -> str:
+        source = self._raw if source is None else source
+        if upto <= self._released:
+            return ""
+        out = source[self._released : upto]
+        self._released = upto
+        return out

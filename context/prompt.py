@@ -1,0 +1,122 @@
+"""Build the prompt for one request: the cursor's window, ranked context, a template."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from context.chunker import Chunk
+from context.languages import line_comment
+from context.ranker import Exclusion, RankedChunk, query_text, rank_chunks
+from context.settings import ContextSettings
+from context.template import Template
+
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+@dataclass(frozen=True)
+class Document:
+    """The file being edited, at the version the request names."""
+
+    path: str
+    language: str
+    text: str
+    cursor: int  # code-point offset
+
+    @property
+    def prefix(self) -> str:
+        return self.text[: self.cursor]
+
+    @property
+    def suffix(self) -> str:
+        return self.text[self.cursor :]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    template: Template
+    context: tuple[RankedChunk, ...]
+    prefix_start_line: int
+    estimated_tokens: int
+
+
+def build_prompt(
+    repo: str,
+    document: Document,
+    chunks: Sequence[Chunk],
+    template: Template,
+    settings: ContextSettings,
+) -> Prompt:
+    """Stable text first (repository, context files in file order, the prefix window anchored on a
+    fixed line) so that consecutive keystrokes share the longest possible prompt prefix."""
+    prefix, prefix_start = _prefix_window(document.prefix, settings)
+    suffix = _suffix_window(document.suffix, settings)
+    cursor_line = document.prefix.count("\n")
+    exclusion = Exclusion(document.path, prefix_start, cursor_line + suffix.count("\n") + 1)
+    ranked = rank_chunks(
+        query_text(document.prefix, settings.query_lines), chunks, exclusion, settings.top_k
+    )
+    chosen = _fill_budget(ranked, settings)
+    comment = line_comment(document.language)
+    parts = [_fill(template.repo_header, repo=repo)]
+    for path, texts in _by_file(chosen).items():
+        parts.append(
+            _fill(template.context_file, path=path, text="\n".join(texts), comment=comment)
+        )
+    parts.append(_fill(template.current_file, path=document.path, comment=comment))
+    parts.append(_fill(template.body, prefix=prefix, suffix=suffix))
+    text = "".join(parts)
+    return Prompt(text, template, tuple(chosen), prefix_start, settings.tokens(text))
+
+
+def _fill(pattern: str, **values: str) -> str:
+    """One pass, so braces or placeholders inside code are never substituted twice."""
+    return _PLACEHOLDER.sub(lambda match: values.get(match.group(1), match.group(0)), pattern)
+
+
+def _prefix_window(prefix: str, settings: ContextSettings) -> tuple[str, int]:
+    """The end of the prefix within budget, starting at an anchored line; and that line."""
+    lines = prefix.split("\n")
+    budget = settings.prefix_token_budget
+    start = len(lines) - 1
+    used = settings.tokens(lines[start])
+    while start > 0:
+        cost = settings.tokens(lines[start - 1])
+        if used + cost > budget:
+            break
+        start -= 1
+        used += cost
+    anchor = settings.prefix_anchor_lines
+    anchored = min(math.ceil(start / anchor) * anchor, len(lines) - 1) if anchor > 1 else start
+    text = "\n".join(lines[anchored:])
+    max_chars = int(budget * settings.chars_per_token)
+    return (text[-max_chars:] if len(text) > max_chars else text), anchored
+
+
+def _suffix_window(suffix: str, settings: ContextSettings) -> str:
+    max_chars = int(settings.suffix_token_budget * settings.chars_per_token)
+    if len(suffix) <= max_chars:
+        return suffix
+    cut = suffix.rfind("\n", 0, max_chars)
+    return suffix[: cut if cut > 0 else max_chars]
+
+
+def _fill_budget(ranked: list[RankedChunk], settings: ContextSettings) -> list[RankedChunk]:
+    chosen, used = [], 0
+    for item in ranked:
+        cost = settings.tokens(item.chunk.text) + 8  # the file separator and path
+        if used + cost <= settings.context_token_budget:
+            chosen.append(item)
+            used += cost
+    return chosen
+
+
+def _by_file(chosen: list[RankedChunk]) -> dict[str, list[str]]:
+    """Chunks grouped per file, in line order: the same selection always renders the same."""
+    grouped: dict[str, list[Chunk]] = {}
+    for item in sorted(chosen, key=lambda r: (r.chunk.path, r.chunk.start_line)):
+        grouped.setdefault(item.chunk.path, []).append(item.chunk)
+    return {path: [chunk.text for chunk in chunks] for path, chunks in grouped.items()}

@@ -1,0 +1,54 @@
+"""Rank other files' chunks by edit-distance similarity to the text just behind the cursor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rapidfuzz import process
+from rapidfuzz.distance import Levenshtein
+
+from context.chunker import Chunk
+
+
+@dataclass(frozen=True)
+class RankedChunk:
+    chunk: Chunk
+    score: float  # normalized similarity, 0..1
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """Lines of one file that the prompt already holds (the cursor's own window)."""
+
+    path: str
+    start_line: int
+    end_line: int
+
+    def covers(self, chunk: Chunk) -> bool:
+        return (
+            chunk.path == self.path
+            and chunk.start_line < self.end_line
+            and chunk.end_line > self.start_line
+        )
+
+
+def query_text(prefix: str, query_lines: int) -> str:
+    """The last query_lines lines behind the cursor: what the developer is writing now."""
+    return "\n".join(prefix.split("\n")[-query_lines:])
+
+
+def rank_chunks(
+    query: str, chunks: Sequence[Chunk], exclude: Exclusion, top_k: int
+) -> list[RankedChunk]:
+    """The top_k most similar chunks, best first; ties keep the order of `chunks` (recency)."""
+    candidates = [chunk for chunk in chunks if not exclude.covers(chunk)]
+    if not query.strip() or not candidates:
+        return []
+    matches = process.extract(
+        query,
+        [chunk.text for chunk in candidates],
+        scorer=Levenshtein.normalized_similarity,
+        limit=top_k,
+    )
+    return [RankedChunk(candidates[index], score) for _, score, index in matches]

@@ -1,0 +1,22 @@
+"""The context pipeline's own settings section (part of the server's `Settings`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ContextSettings:
+    template: str = "qwen25-coder-repo-fim"
+    chunk_max_lines: int = 24
+    query_lines: int = 12  # lines behind the cursor that rank the other files' chunks
+    top_k: int = 8
+    chars_per_token: float = 3.0  # budget estimate; conservative for code
+    prefix_token_budget: int = 640
+    suffix_token_budget: int = 128
+    context_token_budget: int = 512
+    prefix_anchor_lines: int = 32  # the prefix window starts on a multiple of this, for cache reuse
+
+    def tokens(self, text: str) -> int:
+        """Estimated tokens, so budgets need no tokenizer on the per-keystroke path."""
+        return int(len(text) / self.chars_per_token) + 1

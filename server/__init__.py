@@ -1,0 +1,1 @@
+"""The ghostpen server: gRPC service, sessions, engines, metrics and the CLI."""

@@ -1,0 +1,95 @@
+"""Build the gRPC server around an engine, run it, and shut it down gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from context.template import load_template
+from proto import ghostpen_pb2 as pb
+from proto import ghostpen_pb2_grpc as pb_grpc
+from server.completion import Completer
+from server.engines.base import Engine
+from server.engines.factory import start_engine
+from server.metrics import Metrics
+from server.service import CompletionService
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Completion"].full_name
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    engine: Engine
+    metrics: Metrics
+    port: int
+
+    async def stop(self, grace_s: float) -> None:
+        await self.server.stop(grace_s)
+        await self.engine.close()
+
+
+async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> RunningServer:
+    """Start serving on settings.server (port 0 picks a free port; the bound one is returned)."""
+    limit = settings.server.max_message_bytes
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ]
+    )
+    completer = Completer(
+        engine, load_template(settings.context.template), settings.context, settings.limits, metrics
+    )
+    pb_grpc.add_CompletionServicer_to_server(
+        CompletionService(completer, settings, metrics), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    port = server.add_insecure_port(f"{settings.server.host}:{settings.server.port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, engine, metrics, port)
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGINT or SIGTERM."""
+    metrics = Metrics()
+    engine = await start_engine(settings.engine, settings.cache_dir)
+    running = await start_server(settings, engine, metrics)
+    if settings.server.metrics_port:
+        metrics.serve(settings.server.host, settings.server.metrics_port)
+    print(
+        f"ghostpen serving {engine.model_id} on {engine.name} at "
+        f"{settings.server.host}:{running.port}"
+        + (
+            f"; metrics at http://{settings.server.host}:{settings.server.metrics_port}/metrics"
+            if settings.server.metrics_port
+            else ""
+        ),
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down (grace %.1f s)", settings.server.shutdown_grace_s)
+    await running.stop(settings.server.shutdown_grace_s)

@@ -1,0 +1,102 @@
+"""`ghostpen`: serve completions, and manage the models it serves."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from server.errors import ModelError
+from server.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ghostpen", description=__doc__)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override any setting (see server/settings.py), e.g. --set max_files=10",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="start the gRPC server")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--metrics-port", type=int)
+    serve.add_argument("--engine", choices=("auto", "llama.cpp", "vllm"))
+    serve.add_argument("--model", help="a registry name, a .gguf file, or a Hugging Face directory")
+
+    models = commands.add_parser("models", help="fetch, verify, list and convert models")
+    actions = models.add_subparsers(dest="action", required=True)
+    for action, text in (("fetch", "download, join and verify"), ("verify", "check the sha256")):
+        sub = actions.add_parser(action, help=text)
+        sub.add_argument("name", nargs="?")
+    actions.add_parser("list", help="the registry, and what is in the cache")
+    convert = actions.add_parser("convert", help="GGUF -> Hugging Face checkpoint for vLLM")
+    convert.add_argument("name", nargs="?", help="a registry name or a .gguf path")
+    convert.add_argument("--out", type=Path)
+
+    args = parser.parse_args(argv)
+    overrides = dict(item.split("=", 1) for item in args.set)
+    if args.command == "serve":
+        for flag in ("host", "port", "metrics_port", "engine", "model"):
+            if getattr(args, flag) is not None:
+                overrides[flag] = str(getattr(args, flag))
+    settings = Settings.load(overrides)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "serve":
+            import uvloop
+
+            from server.app import serve as run_server
+
+            uvloop.run(run_server(settings))
+            return 0
+        return _models(args, settings)
+    except ModelError as error:
+        print(f"ghostpen: {error}", file=sys.stderr)
+        return 2
+
+
+def _models(args: argparse.Namespace, settings: Settings) -> int:
+    from server import model_store
+
+    name = getattr(args, "name", None) or settings.engine.model
+    cache = settings.cache_dir
+    if args.action == "fetch":
+        print(model_store.fetch(name, cache))
+    elif args.action == "verify":
+        model = model_store.REGISTRY.get(name)
+        if model is None:
+            raise ModelError(
+                f"unknown model {name!r}; the registry has: {', '.join(model_store.REGISTRY)}"
+            )
+        model_store.verify(model, model_store.models_dir(cache) / model.filename)
+        print(f"{name}: sha256 {model.sha256} OK")
+    elif args.action == "list":
+        for model in model_store.REGISTRY.values():
+            path = model_store.models_dir(cache) / model.filename
+            converted = model_store.converted_dir(cache, model.name)
+            print(
+                f"{model.name}\n  gguf: {path if path.is_file() else 'not fetched'}"
+                f"\n  hf:   {converted if converted.is_dir() else 'not converted'}"
+                f"\n  from: {model.source}"
+            )
+    else:
+        if name in model_store.REGISTRY:
+            gguf = model_store.fetch(name, cache)
+            out = args.out or model_store.converted_dir(cache, name)
+        else:
+            gguf = Path(name)
+            out = args.out or gguf.with_suffix("")
+        print(model_store.convert(gguf, out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

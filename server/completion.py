@@ -1,0 +1,140 @@
+"""One completion, from a resolved request to streamed events: context, engine, post-processing.
+
+Both RPCs end here, so a Session request and a stateless Complete call are served the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from context.chunker import Chunk
+from context.postprocess import CursorSurroundings, Finish, Mode, Truncator
+from context.prompt import Document, build_prompt
+from context.settings import ContextSettings
+from context.template import Template
+from server.engines.base import Engine, EngineRequest
+from server.errors import DeadlinePassed
+from server.metrics import Metrics, Timings
+from server.settings import LimitSettings
+
+
+@dataclass(frozen=True)
+class CompletionJob:
+    request_id: str
+    completion_id: str
+    repo: str
+    document: Document
+    chunks: Sequence[Chunk]
+    mode: Mode
+    max_tokens: int  # 0: the default for the mode
+    received: float  # time.monotonic() at arrival
+    deadline: float  # time.monotonic() past which the request is dropped
+
+
+@dataclass(frozen=True)
+class CompletionEvent:
+    request_id: str
+    completion_id: str
+    text: str
+    final: bool = False
+    finish: Finish | None = None
+    timings: Timings | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def remaining_s(deadline_unix_ms: int, default_timeout_ms: int, now_unix: float) -> float:
+    """Seconds left before the client's deadline; DeadlinePassed if none are."""
+    if deadline_unix_ms == 0:
+        return default_timeout_ms / 1000
+    left = deadline_unix_ms / 1000 - now_unix
+    if left <= 0:
+        raise DeadlinePassed(
+            f"the deadline passed {-left * 1000:.0f} ms before the request arrived"
+        )
+    return left
+
+
+class Completer:
+    def __init__(
+        self,
+        engine: Engine,
+        template: Template,
+        context: ContextSettings,
+        limits: LimitSettings,
+        metrics: Metrics,
+    ) -> None:
+        self.engine = engine
+        self.template = template
+        self._context = context
+        self._limits = limits
+        self._metrics = metrics
+
+    async def run(self, job: CompletionJob) -> AsyncIterator[CompletionEvent]:
+        """Stream the completion. Cancelling the consumer aborts the engine request; a passed
+        deadline raises DeadlinePassed after aborting it."""
+        prompt = build_prompt(job.repo, job.document, job.chunks, self.template, self._context)
+        cursor = CursorSurroundings.around(
+            job.document.prefix, job.document.suffix, job.mode, self.template.stop
+        )
+        context_done = time.monotonic()
+        max_tokens = job.max_tokens or (
+            self._limits.default_max_tokens_single_line
+            if cursor.mode is Mode.SINGLE_LINE
+            else self._limits.default_max_tokens_multi_line
+        )
+        truncator = Truncator(cursor)
+        finish, first_token_at, queue_s, prompt_tokens, tokens = Finish.STOP, 0.0, 0.0, 0, 0
+        request = EngineRequest(job.request_id, prompt.text, max_tokens)
+        try:
+            async with asyncio.timeout_at(_loop_time(job.deadline)):
+                async with aclosing(self.engine.generate(request)) as deltas:
+                    async for delta in deltas:
+                        first_token_at = first_token_at or time.monotonic()
+                        queue_s, prompt_tokens, tokens = (
+                            delta.queue_s,
+                            delta.prompt_tokens,
+                            delta.completion_tokens,
+                        )
+                        text = truncator.feed(delta.text)
+                        if text:
+                            yield CompletionEvent(job.request_id, job.completion_id, text)
+                        if truncator.finish is not None:
+                            break
+                        if delta.finished:
+                            finish = Finish.LENGTH if delta.length_limited else Finish.STOP
+        except TimeoutError:
+            self._metrics.cancellations.labels(self.engine.name, "deadline").inc()
+            raise DeadlinePassed(
+                f"the deadline passed {1000 * (time.monotonic() - job.deadline):.0f} ms ago, "
+                f"{1000 * (time.monotonic() - job.received):.0f} ms after the request arrived; "
+                "it was dropped"
+            ) from None
+        rest, finish = truncator.close(finish)
+        done = time.monotonic()
+        timings = Timings(
+            context_s=context_done - job.received,
+            queue_s=queue_s,
+            first_token_s=(first_token_at or done) - job.received,
+            total_s=done - job.received,
+        )
+        self._metrics.observe(
+            self.engine.name,
+            self.engine.model_id,
+            self.template.template_id,
+            finish.value,
+            timings,
+            tokens,
+        )
+        yield CompletionEvent(
+            job.request_id, job.completion_id, rest, True, finish, timings, prompt_tokens, tokens
+        )
+
+
+def _loop_time(deadline_monotonic: float) -> float:
+    loop = asyncio.get_running_loop()
+    return loop.time() + (deadline_monotonic - time.monotonic())

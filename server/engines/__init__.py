@@ -1,0 +1,1 @@
+"""Inference engines behind one interface: llama.cpp (CPU default) and vLLM (GPU, or CPU)."""

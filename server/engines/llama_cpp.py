@@ -1,0 +1,157 @@
+"""llama.cpp through llama-cpp-python: the embedded default on CPU.
+
+Its calls block, so one worker thread owns the model and runs requests one at a time, handing
+tokens to the event loop as they come. A stale request stops at the next token, or at the next
+prompt batch while the prompt is still being read, so no compute goes to text nobody will see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.engines.base import Engine, EngineDelta, EngineRequest
+from server.errors import EngineFailure, LimitExceeded
+from server.settings import EngineSettings
+
+
+@dataclass
+class _Job:
+    request: EngineRequest
+    loop: asyncio.AbstractEventLoop
+    deltas: asyncio.Queue[EngineDelta | BaseException]
+    submitted: float
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, item: EngineDelta | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.deltas.put_nowait, item)
+
+
+class LlamaCppEngine(Engine):
+    name = "llama.cpp"
+
+    def __init__(self, llm: object, model_id: str, settings: EngineSettings) -> None:
+        self._llm = llm
+        self.model_id = model_id
+        self._settings = settings
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-cpp")
+        self._jobs: dict[str, _Job] = {}
+        self.tokens_generated = 0  # all requests, cancelled ones included: wasted work shows here
+
+    @classmethod
+    async def start(
+        cls, settings: EngineSettings, model_path: Path, model_id: str
+    ) -> LlamaCppEngine:
+        from llama_cpp import Llama
+
+        threads = settings.threads or os.cpu_count() or 1
+
+        def load() -> object:
+            return Llama(
+                model_path=str(model_path),
+                n_ctx=settings.context_window,
+                n_batch=settings.batch_tokens,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+            )
+
+        llm = await asyncio.get_running_loop().run_in_executor(None, load)
+        return cls(llm, model_id, settings)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
+        loop = asyncio.get_running_loop()
+        job = _Job(request, loop, asyncio.Queue(), time.monotonic())
+        self._jobs[request.request_id] = job
+        loop.run_in_executor(self._executor, self._run, job)
+        try:
+            while True:
+                item = await job.deltas.get()
+                if isinstance(item, LimitExceeded):
+                    raise item
+                if isinstance(item, BaseException):
+                    raise EngineFailure(f"llama.cpp failed: {item}") from item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            job.cancelled.set()
+            self._jobs.pop(request.request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        job = self._jobs.get(request_id)
+        if job is not None:
+            job.cancelled.set()
+
+    async def close(self) -> None:
+        for job in list(self._jobs.values()):
+            job.cancelled.set()
+        self._executor.shutdown(wait=True)
+        self._llm.close()
+
+    def _run(self, job: _Job) -> None:
+        if job.cancelled.is_set():
+            return
+        try:
+            self._generate(job)
+        except Exception as exc:  # handed to the awaiting coroutine, which raises it there
+            job.emit(exc)
+
+    def _generate(self, job: _Job) -> None:
+        llm = self._llm
+        queue_s = time.monotonic() - job.submitted
+        tokens = llm.tokenize(job.request.prompt.encode("utf-8"), add_bos=True, special=True)
+        room = llm.n_ctx() - len(tokens)
+        if room < 1:
+            raise LimitExceeded(
+                f"prompt of {len(tokens)} tokens does not fit the context window of {llm.n_ctx()} "
+                "tokens (setting context_window; lower the prompt budgets)"
+            )
+        max_tokens = min(job.request.max_tokens, room)
+        if not self._prefill(tokens, job.cancelled):
+            return
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        eos = llm.token_eos()
+        count = 0
+        for token in llm.generate(tokens, temp=0.0, top_k=1, repeat_penalty=1.0):
+            if job.cancelled.is_set():
+                return
+            if token == eos:
+                break
+            count += 1
+            self.tokens_generated += 1
+            text = decoder.decode(llm.detokenize([token], special=True))
+            job.emit(EngineDelta(text, count, len(tokens), queue_s))
+            if count >= max_tokens:
+                job.emit(EngineDelta("", count, len(tokens), queue_s, True, length_limited=True))
+                return
+        job.emit(EngineDelta(decoder.decode(b"", final=True), count, len(tokens), queue_s, True))
+
+    def _prefill(self, tokens: Sequence[int], cancelled: threading.Event) -> bool:
+        """Read the prompt a batch at a time after the part already in the KV cache, checking for
+        cancellation between batches. The last token is left for `generate`, which then finds
+        everything before it cached. False if cancelled."""
+        llm = self._llm
+        cached = llm.input_ids[: llm.n_tokens]
+        common = 0
+        for old, new in zip(cached, tokens, strict=False):
+            if old != new:
+                break
+            common += 1
+        end = len(tokens) - 1
+        if common >= end:
+            return True
+        llm.n_tokens = common
+        step = self._settings.batch_tokens
+        for start in range(common, end, step):
+            if cancelled.is_set():
+                return False
+            llm.eval(tokens[start : min(start + step, end)])
+        return not cancelled.is_set()

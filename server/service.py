@@ -1,0 +1,311 @@
+"""The gRPC servicer: protobuf in, domain messages to the session and completer, protobuf out.
+
+Protobuf stops here. Every refusal is a GhostpenError turned into a status in one place
+(`_error_message` on the Session stream, `_abort` on Complete).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from context.languages import language_of
+from context.postprocess import Finish, Mode
+from context.prompt import Document
+from proto import ghostpen_pb2 as pb
+from proto import ghostpen_pb2_grpc as pb_grpc
+from server.completion import Completer, CompletionEvent, CompletionJob, remaining_s
+from server.errors import GhostpenError, InvalidInput, LimitExceeded
+from server.metrics import Metrics
+from server.session import FileAck, Outbound, RequestError, RequestSpec, Session
+from server.settings import Settings
+from server.workspace import ChunkCache, FileChange, TextEdit, check_size
+
+log = logging.getLogger(__name__)
+
+_MODES = {
+    pb.MODE_AUTO: Mode.AUTO,
+    pb.MODE_SINGLE_LINE: Mode.SINGLE_LINE,
+    pb.MODE_MULTI_LINE: Mode.MULTI_LINE,
+}
+_FINISH = {
+    Finish.STOP: pb.FINISH_REASON_STOP,
+    Finish.LENGTH: pb.FINISH_REASON_LENGTH,
+    Finish.LINE_END: pb.FINISH_REASON_LINE_END,
+    Finish.BLOCK_END: pb.FINISH_REASON_BLOCK_END,
+    Finish.SUFFIX_OVERLAP: pb.FINISH_REASON_SUFFIX_OVERLAP,
+    Finish.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+
+
+class CompletionService(pb_grpc.CompletionServicer):
+    def __init__(self, completer: Completer, settings: Settings, metrics: Metrics) -> None:
+        self._completer = completer
+        self._settings = settings
+        self._limits = settings.limits
+        self._metrics = metrics
+        self._chunk_cache = ChunkCache(settings.context.chunk_max_lines)
+
+    async def Session(
+        self, request_iterator: AsyncIterator[pb.ClientMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ServerMessage]:
+        outbound: asyncio.Queue[pb.ServerMessage | None] = asyncio.Queue()
+        session = Session(
+            self._completer,
+            self._settings,
+            self._metrics,
+            lambda item: outbound.put_nowait(self._to_proto(item)),
+        )
+        reader = asyncio.create_task(self._read(session, request_iterator, outbound))
+        try:
+            while (message := await outbound.get()) is not None:
+                yield message
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            await session.close()
+
+    async def _read(
+        self,
+        session: Session,
+        request_iterator: AsyncIterator[pb.ClientMessage],
+        outbound: asyncio.Queue[pb.ServerMessage | None],
+    ) -> None:
+        try:
+            async for message in request_iterator:
+                received = time.monotonic()
+                try:
+                    reply = self._handle(session, message, received)
+                except GhostpenError as error:
+                    request_id = message.completion_request.request_id or message.cancel.request_id
+                    outbound.put_nowait(
+                        self._error_message(
+                            RequestError(request_id, message.file_update.path, error)
+                        )
+                    )
+                else:
+                    if reply is not None:
+                        outbound.put_nowait(reply)
+            await session.drain()
+        finally:
+            outbound.put_nowait(None)
+
+    def _handle(
+        self, session: Session, message: pb.ClientMessage, received: float
+    ) -> pb.ServerMessage | None:
+        kind = message.WhichOneof("kind")
+        if kind == "hello":
+            session.repo = message.hello.workspace[: self._limits.max_path_chars]
+            return pb.ServerMessage(
+                welcome=pb.Welcome(
+                    session_id=session.session_id,
+                    model_id=self._completer.engine.model_id,
+                    engine=self._completer.engine.name,
+                    max_files=self._limits.max_files,
+                    max_file_bytes=self._limits.max_file_bytes,
+                    max_tokens_limit=self._limits.max_tokens_limit,
+                )
+            )
+        if kind == "file_update":
+            return self._to_proto(session.update(self._file_change(message.file_update)))
+        if kind == "completion_request":
+            session.start(self._request_spec(message.completion_request, received))
+            return None
+        if kind == "cancel":
+            session.cancel(message.cancel.request_id)
+            return None
+        raise InvalidInput(
+            "empty ClientMessage: set one of hello, file_update, completion_request, cancel"
+        )
+
+    async def Complete(
+        self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.CompletionChunk]:
+        received = time.monotonic()
+        try:
+            job = self._complete_job(request, context, received)
+        except GhostpenError as error:
+            await self._abort(context, "Complete", error)
+        try:
+            async for event in self._completer.run(job):
+                yield self._chunk(event)
+        except asyncio.CancelledError:
+            self._metrics.cancellations.labels(self._completer.engine.name, "disconnect").inc()
+            raise
+        except GhostpenError as error:
+            await self._abort(context, "Complete", error)
+
+    def _complete_job(
+        self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext, received: float
+    ) -> CompletionJob:
+        self._check_ids(request.request_id, request.path)
+        self._check_max_tokens(request.max_tokens)
+        if len(request.context_files) > self._limits.max_context_files:
+            raise LimitExceeded(
+                f"{len(request.context_files)} context files; the limit is "
+                f"max_context_files={self._limits.max_context_files}"
+            )
+        prefix = _decode(request.prefix, f"prefix of {request.path!r}")
+        suffix = _decode(request.suffix, f"suffix of {request.path!r}")
+        check_size(request.path, prefix + suffix, self._limits)
+        language = language_of(request.path, request.language)
+        chunks = []
+        for item in request.context_files:
+            text = _decode(item.text, repr(item.path))
+            check_size(item.path, text, self._limits)
+            chunks.extend(
+                self._chunk_cache.chunks(item.path, language_of(item.path, item.language), text)
+            )
+        left = remaining_s(request.deadline_unix_ms, self._limits.default_timeout_ms, time.time())
+        grpc_left = context.time_remaining()
+        if grpc_left is not None:
+            left = min(left, grpc_left)
+        return CompletionJob(
+            request_id=request.request_id,
+            completion_id=uuid.uuid4().hex,
+            repo=request.workspace,
+            document=Document(request.path, language, prefix + suffix, len(prefix)),
+            chunks=chunks,
+            mode=_MODES.get(request.mode, Mode.AUTO),
+            max_tokens=request.max_tokens,
+            received=received,
+            deadline=received + left,
+        )
+
+    def _request_spec(self, request: pb.CompletionRequest, received: float) -> RequestSpec:
+        self._check_ids(request.request_id, request.path)
+        self._check_max_tokens(request.max_tokens)
+        if request.mode not in _MODES:
+            raise InvalidInput(f"unknown mode {request.mode}")
+        return RequestSpec(
+            request_id=request.request_id,
+            path=request.path,
+            version=request.version,
+            cursor=request.cursor_offset,
+            mode=_MODES[request.mode],
+            max_tokens=request.max_tokens,
+            deadline_s=remaining_s(
+                request.deadline_unix_ms, self._limits.default_timeout_ms, time.time()
+            ),
+            received=received,
+        )
+
+    def _file_change(self, update: pb.FileUpdate) -> FileChange:
+        self._check_path(update.path)
+        if update.version == 0:
+            raise InvalidInput(f"file update for {update.path!r} has no version (must be >= 1)")
+        content = update.WhichOneof("content")
+        if content == "text":
+            if len(update.text) > self._limits.max_file_bytes:
+                raise LimitExceeded(
+                    f"file {update.path!r} is {len(update.text)} bytes; the limit is "
+                    f"max_file_bytes={self._limits.max_file_bytes}"
+                )
+            text = _decode(update.text, repr(update.path))
+            return FileChange(update.path, update.language, update.version, text=text)
+        if content == "edits":
+            edits = tuple(
+                TextEdit(edit.start, edit.end, _decode(edit.text, f"an edit to {update.path!r}"))
+                for edit in update.edits.edits
+            )
+            return FileChange(
+                update.path,
+                update.language,
+                update.version,
+                edits=edits,
+                base_version=update.base_version,
+            )
+        raise InvalidInput(f"file update for {update.path!r} has neither text nor edits")
+
+    def _check_ids(self, request_id: str, path: str) -> None:
+        if not request_id:
+            raise InvalidInput("request_id is empty")
+        if len(request_id) > self._limits.max_request_id_chars:
+            raise InvalidInput(
+                f"request_id has {len(request_id)} characters; the limit is "
+                f"max_request_id_chars={self._limits.max_request_id_chars}"
+            )
+        self._check_path(path)
+
+    def _check_path(self, path: str) -> None:
+        if not path:
+            raise InvalidInput("path is empty")
+        if len(path) > self._limits.max_path_chars:
+            raise InvalidInput(
+                f"path has {len(path)} characters; the limit is "
+                f"max_path_chars={self._limits.max_path_chars}"
+            )
+
+    def _check_max_tokens(self, max_tokens: int) -> None:
+        if max_tokens > self._limits.max_tokens_limit:
+            raise LimitExceeded(
+                f"max_tokens {max_tokens} is over the limit max_tokens_limit="
+                f"{self._limits.max_tokens_limit}"
+            )
+
+    def _to_proto(self, item: Outbound) -> pb.ServerMessage:
+        if isinstance(item, CompletionEvent):
+            return pb.ServerMessage(chunk=self._chunk(item))
+        if isinstance(item, FileAck):
+            return pb.ServerMessage(
+                file_ack=pb.FileAck(path=item.path, version=item.version, evicted=item.evicted)
+            )
+        return self._error_message(item)
+
+    def _error_message(self, item: RequestError) -> pb.ServerMessage:
+        code = item.error.status
+        self._metrics.errors.labels("Session", code.name).inc()
+        return pb.ServerMessage(
+            error=pb.Error(
+                request_id=item.request_id,
+                path=item.path,
+                code=code.value[0],
+                status=code.name,
+                message=str(item.error),
+            )
+        )
+
+    async def _abort(
+        self, context: grpc.aio.ServicerContext, rpc: str, error: GhostpenError
+    ) -> None:
+        self._metrics.errors.labels(rpc, error.status.name).inc()
+        await context.abort(error.status, str(error))
+
+    def _chunk(self, event: CompletionEvent) -> pb.CompletionChunk:
+        chunk = pb.CompletionChunk(
+            request_id=event.request_id,
+            completion_id=event.completion_id,
+            text=event.text,
+            final=event.final,
+        )
+        if event.final:
+            engine, template = self._completer.engine, self._completer.template
+            chunk.finish_reason = _FINISH[event.finish or Finish.STOP]
+            chunk.model_id = engine.model_id
+            chunk.engine = engine.name
+            chunk.template_id = template.template_id
+            chunk.template_hash = template.content_hash
+            chunk.prompt_tokens = event.prompt_tokens
+            chunk.completion_tokens = event.completion_tokens
+            if event.timings is not None:
+                chunk.timings.CopyFrom(
+                    pb.Timings(
+                        context_ms=event.timings.context_s * 1000,
+                        queue_ms=event.timings.queue_s * 1000,
+                        first_token_ms=event.timings.first_token_s * 1000,
+                        total_ms=event.timings.total_s * 1000,
+                    )
+                )
+        return chunk
+
+
+def _decode(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{what} is not valid UTF-8 (byte {exc.start}: {exc.reason})") from None

@@ -1,0 +1,141 @@
+"""One editor window's session: its workspace and its requests in flight, latest wins."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from context.postprocess import Finish, Mode
+from context.prompt import Document
+from server.completion import Completer, CompletionEvent, CompletionJob
+from server.errors import DuplicateRequest, EngineFailure, GhostpenError, UnknownRequest
+from server.metrics import Metrics
+from server.settings import Settings
+from server.workspace import FileChange, Workspace, check_cursor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    request_id: str
+    path: str
+    version: int
+    cursor: int
+    mode: Mode
+    max_tokens: int
+    deadline_s: float  # seconds left, as the edge computed it on arrival
+    received: float  # time.monotonic()
+
+
+@dataclass(frozen=True)
+class FileAck:
+    path: str
+    version: int
+    evicted: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RequestError:
+    request_id: str
+    path: str
+    error: GhostpenError
+
+
+Outbound = CompletionEvent | FileAck | RequestError
+
+
+class Session:
+    def __init__(
+        self,
+        completer: Completer,
+        settings: Settings,
+        metrics: Metrics,
+        send: Callable[[Outbound], None],
+    ) -> None:
+        self.session_id = uuid.uuid4().hex
+        self.repo = ""
+        self._completer = completer
+        self._context = settings.context
+        self._metrics = metrics
+        self._send = send
+        self.workspace = Workspace(settings.limits, settings.context.chunk_max_lines)
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._cancel_reasons: dict[str, str] = {}
+
+    def update(self, change: FileChange) -> FileAck:
+        evicted = self.workspace.apply(change)
+        return FileAck(change.path, change.version, tuple(evicted))
+
+    def start(self, spec: RequestSpec) -> None:
+        """Validate against the workspace, supersede what is in flight, and start serving."""
+        if spec.request_id in self._inflight:
+            raise DuplicateRequest(f"request id {spec.request_id!r} is already in flight")
+        held = self.workspace.get(spec.path, spec.version)
+        check_cursor(spec.path, held.text, spec.cursor)
+        for request_id in list(self._inflight):
+            self._stop(request_id, "superseded")
+        job = CompletionJob(
+            request_id=spec.request_id,
+            completion_id=uuid.uuid4().hex,
+            repo=self.repo,
+            document=Document(held.path, held.language, held.text, spec.cursor),
+            chunks=self.workspace.chunks(),
+            mode=spec.mode,
+            max_tokens=spec.max_tokens,
+            received=spec.received,
+            deadline=spec.received + spec.deadline_s,
+        )
+        self._inflight[spec.request_id] = asyncio.create_task(self._serve(job))
+
+    def cancel(self, request_id: str) -> None:
+        if request_id not in self._inflight:
+            raise UnknownRequest(f"no request {request_id!r} is in flight (it may have finished)")
+        self._stop(request_id, "client")
+
+    async def drain(self) -> None:
+        """Wait for the requests in flight (the client closed its side of the stream)."""
+        while self._inflight:
+            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+
+    async def close(self) -> None:
+        """The stream is gone: stop everything in the engine."""
+        for request_id in list(self._inflight):
+            self._stop(request_id, "disconnect")
+        await self.drain()
+
+    def _stop(self, request_id: str, reason: str) -> None:
+        task = self._inflight.get(request_id)
+        if task is not None and not task.done():
+            self._cancel_reasons[request_id] = reason
+            task.cancel()
+
+    async def _serve(self, job: CompletionJob) -> None:
+        try:
+            async for event in self._completer.run(job):
+                self._send(event)
+        except asyncio.CancelledError:
+            reason = self._cancel_reasons.pop(job.request_id, "disconnect")
+            self._metrics.cancellations.labels(self._completer.engine.name, reason).inc()
+            if reason != "disconnect":
+                self._send(
+                    CompletionEvent(
+                        job.request_id,
+                        job.completion_id,
+                        "",
+                        True,
+                        Finish.CANCELLED,
+                        completion_tokens=0,
+                    )
+                )
+        except GhostpenError as error:
+            self._send(RequestError(job.request_id, job.document.path, error))
+        except Exception as exc:
+            log.exception("request %s failed", job.request_id)
+            self._send(RequestError(job.request_id, job.document.path, EngineFailure(str(exc))))
+        finally:
+            self._inflight.pop(job.request_id, None)
+            self._cancel_reasons.pop(job.request_id, None)

@@ -1,0 +1,110 @@
+"""Every setting and limit, with its default, in one place.
+
+`Settings.load()` is called once at start-up; each component is handed only its own section.
+Nothing else reads the environment. Any field can be set as `GHOSTPEN_<FIELD>` (upper case),
+or with `ghostpen serve --set field=value`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from context.settings import ContextSettings
+
+ENV_PREFIX = "GHOSTPEN_"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 50151
+    metrics_port: int = 9464  # 0 turns the /metrics endpoint off
+    shutdown_grace_s: float = 5.0
+    max_message_bytes: int = 8 * 1024 * 1024  # a gRPC message larger than this is refused
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    max_files: int = 12  # files a session keeps; the least recently touched is evicted
+    max_file_bytes: int = 1024 * 1024
+    max_context_files: int = 12  # inline context files on a Complete call
+    max_edits_per_update: int = 1000
+    max_request_id_chars: int = 128
+    max_path_chars: int = 1024
+    max_tokens_limit: int = 512  # the most a request may ask for
+    default_max_tokens_single_line: int = 48
+    default_max_tokens_multi_line: int = 192
+    default_timeout_ms: int = 10_000  # deadline for requests that give none
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    engine: str = "auto"  # auto | llama.cpp | vllm
+    model: str = "qwen2.5-coder-0.5b-instruct-q4_k_m"  # a registry name or a path
+    context_window: int = 2048
+    threads: int = 0  # 0: all cores
+    batch_tokens: int = 128  # llama.cpp prompt batch; also how often a stale prefill can stop
+    quantization: str = ""  # vllm: fp8 | awq | gptq | compressed-tensors | ""
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = 0.85
+    cpu_kv_cache_gib: int = 2
+
+
+@dataclass(frozen=True)
+class Settings:
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "ghostpen")
+    server: ServerSettings = field(default_factory=ServerSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    context: ContextSettings = field(default_factory=ContextSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+
+    @classmethod
+    def load(
+        cls, overrides: Mapping[str, str] = {}, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Defaults, then `GHOSTPEN_*` variables, then explicit overrides (CLI)."""
+        environ = os.environ if environ is None else environ
+        values = {
+            name[len(ENV_PREFIX) :].lower(): value
+            for name, value in environ.items()
+            if name.startswith(ENV_PREFIX) and name != f"{ENV_PREFIX}HOME"
+        }
+        if f"{ENV_PREFIX}HOME" in environ:
+            values.setdefault("cache_dir", environ[f"{ENV_PREFIX}HOME"])
+        values.update(overrides)
+        return cls.from_values(values)
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, str]) -> Settings:
+        pending = dict(values)
+        sections: dict[str, Any] = {}
+        for section in dataclasses.fields(cls):
+            if section.name == "cache_dir":
+                continue
+            section_type = section.default_factory  # type: ignore[misc]
+            known = {f.name: f for f in dataclasses.fields(section_type)}
+            chosen = {
+                k: _convert(known[k].type, pending.pop(k)) for k in list(pending) if k in known
+            }
+            sections[section.name] = section_type(**chosen)
+        cache_dir = Path(pending.pop("cache_dir")).expanduser() if "cache_dir" in pending else None
+        if pending:
+            raise ValueError(f"unknown setting(s): {', '.join(sorted(pending))}")
+        settings = cls(**sections)
+        return dataclasses.replace(settings, cache_dir=cache_dir) if cache_dir else settings
+
+
+def _convert(type_name: Any, raw: str) -> Any:
+    kind = type_name if isinstance(type_name, str) else type_name.__name__
+    if kind == "bool":
+        if raw.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if raw.lower() in {"0", "false", "no", "off"}:
+            return False
+        raise ValueError(f"not a boolean: {raw!r}")
+    return {"int": int, "float": float, "str": str}[kind](raw)

@@ -1,0 +1,152 @@
+"""A session's recently touched files, their versions, and their chunks (once per version)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from context.chunker import Chunk, chunk_file
+from context.languages import language_of
+from server.errors import CursorOutOfRange, InvalidInput, LimitExceeded, StaleVersion, UnknownFile
+from server.settings import LimitSettings
+
+
+@dataclass(frozen=True)
+class TextEdit:
+    start: int  # code points, into the text as it is when this edit applies
+    end: int
+    text: str
+
+
+@dataclass(frozen=True)
+class FileChange:
+    """A file's full text, or edits against the version the client last sent."""
+
+    path: str
+    language: str
+    version: int
+    text: str | None = None
+    edits: tuple[TextEdit, ...] = ()
+    base_version: int = 0
+
+
+@dataclass
+class WorkspaceFile:
+    path: str
+    language: str
+    version: int
+    text: str
+    _chunks: tuple[Chunk, ...] | None = field(default=None, repr=False)
+
+    def chunks(self, max_lines: int) -> tuple[Chunk, ...]:
+        if self._chunks is None:
+            self._chunks = chunk_file(self.path, self.language, self.text, max_lines)
+        return self._chunks
+
+
+def check_size(path: str, text: str, limits: LimitSettings) -> None:
+    size = len(text.encode("utf-8"))
+    if size > limits.max_file_bytes:
+        raise LimitExceeded(
+            f"file {path!r} is {size} bytes; the limit is max_file_bytes={limits.max_file_bytes}"
+        )
+
+
+def check_cursor(path: str, text: str, cursor: int) -> None:
+    if cursor > len(text):
+        raise CursorOutOfRange(
+            f"cursor offset {cursor} is outside {path!r}, which has {len(text)} code points"
+        )
+
+
+class Workspace:
+    """Most recently touched first; past max_files the least recently touched is dropped."""
+
+    def __init__(self, limits: LimitSettings, chunk_max_lines: int) -> None:
+        self._limits = limits
+        self._chunk_max_lines = chunk_max_lines
+        self._files: OrderedDict[str, WorkspaceFile] = OrderedDict()
+
+    def apply(self, change: FileChange) -> list[str]:
+        """Store the change; returns the paths evicted to make room."""
+        held = self._files.get(change.path)
+        if held is not None and change.version <= held.version:
+            raise StaleVersion(
+                f"version {change.version} of {change.path!r} is not newer than the held "
+                f"version {held.version}"
+            )
+        text = change.text if change.text is not None else self._edited(held, change)
+        check_size(change.path, text, self._limits)
+        language = language_of(change.path, change.language or (held.language if held else ""))
+        self._files[change.path] = WorkspaceFile(change.path, language, change.version, text)
+        self._files.move_to_end(change.path, last=False)
+        evicted = []
+        while len(self._files) > self._limits.max_files:
+            path, _ = self._files.popitem(last=True)
+            evicted.append(path)
+        return evicted
+
+    def get(self, path: str, version: int) -> WorkspaceFile:
+        held = self._files.get(path)
+        if held is None:
+            raise UnknownFile(
+                f"the session holds no file {path!r} ({len(self._files)} held, "
+                f"max_files={self._limits.max_files}); send its full text first"
+            )
+        if version != held.version:
+            raise StaleVersion(
+                f"request is for version {version} of {path!r} but the session holds version "
+                f"{held.version}"
+            )
+        return held
+
+    def chunks(self) -> list[Chunk]:
+        """Every held file's chunks, most recently touched file first."""
+        return [c for held in self._files.values() for c in held.chunks(self._chunk_max_lines)]
+
+    def _edited(self, held: WorkspaceFile | None, change: FileChange) -> str:
+        if held is None:
+            raise UnknownFile(
+                f"edits for {change.path!r}, which the session does not hold; send its full text"
+            )
+        if change.base_version != held.version:
+            raise StaleVersion(
+                f"edits to {change.path!r} are based on version {change.base_version} but the "
+                f"session holds version {held.version}; send the full text"
+            )
+        if len(change.edits) > self._limits.max_edits_per_update:
+            raise LimitExceeded(
+                f"{len(change.edits)} edits in one update; the limit is "
+                f"max_edits_per_update={self._limits.max_edits_per_update}"
+            )
+        text = held.text
+        for edit in change.edits:
+            if not 0 <= edit.start <= edit.end <= len(text):
+                raise InvalidInput(
+                    f"edit range {edit.start}..{edit.end} is outside {change.path!r} "
+                    f"({len(text)} code points)"
+                )
+            text = text[: edit.start] + edit.text + text[edit.end :]
+        return text
+
+
+class ChunkCache:
+    """Chunks of inline files (the stateless Complete call), keyed by content, least recent out."""
+
+    def __init__(self, chunk_max_lines: int, capacity: int = 256) -> None:
+        self._chunk_max_lines = chunk_max_lines
+        self._capacity = capacity
+        self._entries: OrderedDict[tuple[str, str, bytes], tuple[Chunk, ...]] = OrderedDict()
+
+    def chunks(self, path: str, language: str, text: str) -> tuple[Chunk, ...]:
+        key = (path, language, hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest())
+        found = self._entries.get(key)
+        if found is None:
+            found = chunk_file(path, language, text, self._chunk_max_lines)
+            self._entries[key] = found
+            if len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+        else:
+            self._entries.move_to_end(key)
+        return found
