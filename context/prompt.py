@@ -89,8 +89,9 @@ def _prefix_window(prefix: str, settings: ContextSettings) -> tuple[str, int]:
             break
         start -= 1
         used += cost
-    anchor = settings.prefix_anchor_lines
-    anchored = min(math.ceil(start / anchor) * anchor, len(lines) - 1) if anchor > 1 else start
+    # Coarse anchors for long windows, finer ones for short: never give up over half the window.
+    anchor = max(1, min(settings.prefix_anchor_lines, (len(lines) - 1 - start) // 2))
+    anchored = math.ceil(start / anchor) * anchor
     text = "\n".join(lines[anchored:])
     max_chars = int(budget * settings.chars_per_token)
     return (text[-max_chars:] if len(text) > max_chars else text), anchored

@@ -52,7 +52,7 @@ class EngineSettings:
     quantization: str = ""  # vllm: fp8 | awq | gptq | compressed-tensors | ""
     enforce_eager: bool = True
     gpu_memory_utilization: float = 0.85
-    cpu_kv_cache_gib: int = 2
+    kv_cache_gib: float = 0.0  # vllm KV cache; 0: vLLM's default (CPU 4 GiB, GPU by utilization)
 
 
 @dataclass(frozen=True)

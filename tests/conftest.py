@@ -1,0 +1,89 @@
+"""Shared fixtures: the real server with the real llama.cpp engine and the default model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import pytest_asyncio
+import uvloop
+
+from proto import ghostpen_pb2 as pb
+from proto import ghostpen_pb2_grpc as pb_grpc
+from server.app import RunningServer, start_server
+from server.engines.factory import start_engine
+from server.metrics import Metrics
+from server.settings import Settings
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict:
+    """Tests run on uvloop, as the server does."""
+    return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return Settings.load({"port": "0", "metrics_port": "0", "engine": "llama.cpp"})
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def server(settings: Settings) -> AsyncIterator[RunningServer]:
+    engine = await start_engine(settings.engine, settings.cache_dir)
+    running = await start_server(settings, engine, Metrics())
+    yield running
+    await running.stop(1.0)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def channel(server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as open_channel:
+        yield open_channel
+
+
+@pytest.fixture
+def stub(channel: grpc.aio.Channel) -> pb_grpc.CompletionStub:
+    return pb_grpc.CompletionStub(channel)
+
+
+class SessionStream:
+    """A Session stream driven one message at a time, as an editor would."""
+
+    def __init__(self, stub: pb_grpc.CompletionStub) -> None:
+        self._outgoing: asyncio.Queue[pb.ClientMessage | None] = asyncio.Queue()
+        self.call = stub.Session(self._messages())
+
+    async def _messages(self) -> AsyncIterator[pb.ClientMessage]:
+        while (message := await self._outgoing.get()) is not None:
+            yield message
+
+    def send(self, **kind: object) -> None:
+        self._outgoing.put_nowait(pb.ClientMessage(**kind))
+
+    async def read(self, timeout: float = 60) -> pb.ServerMessage:
+        return await asyncio.wait_for(self.call.read(), timeout)
+
+    async def open_file(self, path: str, text: str | bytes, version: int = 1) -> pb.ServerMessage:
+        data = text.encode() if isinstance(text, str) else text
+        self.send(file_update=pb.FileUpdate(path=path, version=version, text=data))
+        return await self.read()
+
+    async def complete(self, **request: object) -> tuple[str, pb.ServerMessage]:
+        """Send a request and collect its text until its terminal message."""
+        self.send(completion_request=pb.CompletionRequest(**request))
+        return await self.collect(str(request["request_id"]))
+
+    async def collect(self, request_id: str) -> tuple[str, pb.ServerMessage]:
+        text = ""
+        while True:
+            message = await self.read()
+            if message.HasField("chunk") and message.chunk.request_id == request_id:
+                text += message.chunk.text
+                if message.chunk.final:
+                    return text, message
+            elif message.HasField("error") and message.error.request_id == request_id:
+                return text, message
+
+    def close(self) -> None:
+        self._outgoing.put_nowait(None)

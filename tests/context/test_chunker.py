@@ -1,0 +1,146 @@
+import pytest
+
+from context.chunker import chunk_file
+
+PYTHON = '''import os
+
+
+def first():
+    return 1
+
+
+class Thing:
+    """A thing."""
+
+    def method(self):
+        return os.getcwd()
+
+    def other(self):
+        return 2
+'''
+
+JAVASCRIPT = """import fs from "fs";
+
+function first() {
+  return 1;
+}
+
+class Thing {
+  method() {
+    return fs.readFileSync("x");
+  }
+}
+"""
+
+TYPESCRIPT = """interface Shape {
+  area(): number;
+}
+
+function first(): number {
+  return 1;
+}
+
+export class Square implements Shape {
+  constructor(private side: number) {}
+  area(): number {
+    return this.side * this.side;
+  }
+}
+"""
+
+GO = """package main
+
+import "fmt"
+
+func first() int {
+\treturn 1
+}
+
+type Thing struct {
+\tName string
+}
+
+func (t Thing) Method() string {
+\treturn fmt.Sprint(t.Name)
+}
+"""
+
+RUST = """use std::fmt;
+
+fn first() -> i32 {
+    1
+}
+
+struct Thing {
+    name: String,
+}
+
+impl Thing {
+    fn method(&self) -> &str {
+        &self.name
+    }
+}
+"""
+
+JAVA = """import java.util.List;
+
+class Thing {
+    int first() {
+        return 1;
+    }
+
+    String method(List<String> names) {
+        return names.get(0);
+    }
+}
+"""
+
+CASES = {
+    "python": (PYTHON, "def first():", "def method(self):"),
+    "javascript": (JAVASCRIPT, "function first()", "method() {"),
+    "typescript": (TYPESCRIPT, "function first()", "area(): number {\n    return"),
+    "go": (GO, "func first()", "func (t Thing) Method()"),
+    "rust": (RUST, "fn first()", "fn method(&self)"),
+    "java": (JAVA, "int first()", "String method("),
+}
+
+
+@pytest.mark.parametrize("language", sorted(CASES))
+def test_chunks_follow_syntax_and_cover_the_file(language: str) -> None:
+    text, first_unit, nested_unit = CASES[language]
+    chunks = chunk_file(f"f.{language}", language, text, max_lines=4)
+    lines = text.split("\n")
+    # No chunk starts inside a function's signature line: units begin at their first line.
+    starts = {lines[c.start_line].strip() for c in chunks}
+    assert any(s.startswith(first_unit) for s in starts), starts
+    assert any(nested_unit in c.text for c in chunks)
+    # Chunks are whole lines, in order, without overlap, and every non-blank line is in one.
+    covered = [i for c in chunks for i in range(c.start_line, c.end_line)]
+    assert covered == sorted(set(covered))
+    assert {i for i, line in enumerate(lines) if line.strip()} <= set(covered)
+    for chunk in chunks:
+        assert chunk.text == "\n".join(lines[chunk.start_line : chunk.end_line])
+
+
+def test_a_unit_that_fits_is_never_split() -> None:
+    chunks = chunk_file("f.py", "python", PYTHON, max_lines=24)
+    method = next(c for c in chunks if "def method" in c.text)
+    assert "return os.getcwd()" in method.text
+
+
+def test_long_units_are_split_into_windows_no_longer_than_the_limit() -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(100))
+    text = f"def big():\n{body}\n"
+    chunks = chunk_file("big.py", "python", text, max_lines=10)
+    assert max(c.end_line - c.start_line for c in chunks) <= 10
+    assert sum(c.text.count("x") for c in chunks) == 100
+
+
+def test_unknown_language_falls_back_to_line_windows() -> None:
+    text = "\n".join(f"line {i}" for i in range(25))
+    chunks = chunk_file("notes.txt", "", text, max_lines=10)
+    assert [(c.start_line, c.end_line) for c in chunks] == [(0, 10), (10, 20), (20, 25)]
+
+
+def test_blank_only_windows_are_dropped() -> None:
+    assert chunk_file("empty.txt", "", "\n\n\n", max_lines=2) == ()

@@ -1,0 +1,106 @@
+import pytest
+
+from context.postprocess import CursorSurroundings, Finish, Mode, Truncator, resolve_mode
+
+STOP = ("<|endoftext|>", "<|file_sep|>")
+
+
+def run(prefix: str, suffix: str, mode: Mode, pieces: list[str]) -> tuple[str, Finish, list[str]]:
+    truncator = Truncator(CursorSurroundings.around(prefix, suffix, mode, STOP))
+    shown = []
+    for piece in pieces:
+        shown.append(truncator.feed(piece))
+        if truncator.finish is not None:
+            break
+    rest, finish = truncator.close(Finish.STOP)
+    shown.append(rest)
+    return "".join(shown), finish, shown
+
+
+def stream(text: str) -> list[str]:
+    return [text[i : i + 3] for i in range(0, len(text), 3)]
+
+
+@pytest.mark.parametrize(
+    ("prefix", "suffix", "mode", "generated", "expected", "finish"),
+    [
+        # single line: stops at the end of the line
+        ("x = ", "\n", Mode.SINGLE_LINE, "compute(1)\ny = 2\n", "compute(1)", Finish.LINE_END),
+        # the model repeats what follows the cursor on the line: trimmed
+        ("print(", ")\n", Mode.SINGLE_LINE, "total)", "total", Finish.SUFFIX_OVERLAP),
+        # a stop string of the template ends it
+        ("x = ", "", Mode.MULTI_LINE, "1<|endoftext|>junk", "1", Finish.STOP),
+        # multi-line: a dedent below the cursor line ends the block
+        (
+            "def f(x):\n    ",
+            "\n",
+            Mode.MULTI_LINE,
+            "y = x + 1\n    return y\n\ndef g():\n    pass\n",
+            "y = x + 1\n    return y",
+            Finish.BLOCK_END,
+        ),
+        # multi-line after a block opener: the body, then back at the opener's level ends it
+        (
+            "    if ready:",
+            "\n",
+            Mode.MULTI_LINE,
+            "\n        go()\n        stop()\n    else:\n        wait()\n",
+            "\n        go()\n        stop()",
+            Finish.BLOCK_END,
+        ),
+        # a closing brace at the block's level is kept as its last line
+        (
+            "function f() {",
+            "\n",
+            Mode.MULTI_LINE,
+            "\n  return 1;\n}\n\nfunction g() {}\n",
+            "\n  return 1;\n}",
+            Finish.BLOCK_END,
+        ),
+        # the model starts writing the line that already follows the cursor
+        (
+            "def f():\n    ",
+            "\n    return result\n",
+            Mode.MULTI_LINE,
+            "result = compute()\n    return result\n",
+            "result = compute()",
+            Finish.SUFFIX_OVERLAP,
+        ),
+        # the model simply ends
+        ("x = ", "\n", Mode.SINGLE_LINE, "42", "42", Finish.STOP),
+    ],
+)
+def test_truncation(prefix, suffix, mode, generated, expected, finish) -> None:
+    for pieces in ([generated], stream(generated), list(generated)):
+        text, reason, _ = run(prefix, suffix, mode, pieces)
+        assert (text, reason) == (expected, finish)
+
+
+def test_streamed_text_is_never_taken_back() -> None:
+    generated = "y = x + 1\n    return y\n\ndef g():\n    pass\n"
+    _, _, shown = run("def f(x):\n    ", "\n", Mode.MULTI_LINE, list(generated))
+    assert "".join(shown) == "y = x + 1\n    return y"
+    assert any(shown[:-1]), "something was released before the end"
+
+
+def test_truncator_ignores_text_after_a_cut() -> None:
+    truncator = Truncator(CursorSurroundings.around("x = ", "", Mode.SINGLE_LINE, STOP))
+    truncator.feed("1\n")
+    assert truncator.finish is Finish.LINE_END
+    assert truncator.feed("more") == ""
+
+
+@pytest.mark.parametrize(
+    ("line_prefix", "line_suffix", "expected"),
+    [
+        ("", "", Mode.MULTI_LINE),
+        ("    ", "", Mode.MULTI_LINE),
+        ("def f(x):", "", Mode.MULTI_LINE),
+        ("if (x) {", "", Mode.MULTI_LINE),
+        ("x = comp", "", Mode.SINGLE_LINE),
+        ("", ")", Mode.SINGLE_LINE),
+    ],
+)
+def test_auto_mode(line_prefix: str, line_suffix: str, expected: Mode) -> None:
+    assert resolve_mode(Mode.AUTO, line_prefix, line_suffix) is expected
+    assert resolve_mode(Mode.SINGLE_LINE, line_prefix, line_suffix) is Mode.SINGLE_LINE

@@ -1,0 +1,106 @@
+import dataclasses
+
+import pytest
+
+from context.chunker import Chunk, chunk_file
+from context.prompt import Document, build_prompt
+from context.settings import ContextSettings
+from context.template import available_templates, load_template
+
+SETTINGS = ContextSettings()
+QWEN = load_template("qwen25-coder-repo-fim")
+
+
+def numbered_file(lines: int) -> str:
+    return "\n".join(f"value_{i} = compute({i})" for i in range(lines))
+
+
+def test_fim_layout_puts_stable_text_first() -> None:
+    other = Chunk("util.py", 0, 2, "def compute(x):\n    return x * 2")
+    doc = Document("main.py", "python", "a = compute(1)\nb = \nprint(b)\n", cursor=19)
+    prompt = build_prompt("demo", doc, [other], QWEN, SETTINGS)
+    assert prompt.text == (
+        "<|repo_name|>demo\n"
+        "<|file_sep|>util.py\ndef compute(x):\n    return x * 2\n"
+        "<|file_sep|>main.py\n"
+        "<|fim_prefix|>a = compute(1)\nb = <|fim_suffix|>\nprint(b)\n<|fim_middle|>"
+    )
+
+
+def test_budgets_are_respected_in_estimated_tokens() -> None:
+    settings = dataclasses.replace(
+        SETTINGS, prefix_token_budget=100, suffix_token_budget=30, context_token_budget=60
+    )
+    text = numbered_file(400)
+    cursor = text.index("value_300")
+    chunks = list(chunk_file("other.py", "python", numbered_file(300), 3))
+    prompt = build_prompt("r", Document("f.py", "python", text, cursor), chunks, QWEN, settings)
+    prefix = prompt.text.split("<|fim_prefix|>")[1].split("<|fim_suffix|>")[0]
+    suffix = prompt.text.split("<|fim_suffix|>")[1].split("<|fim_middle|>")[0]
+    assert settings.tokens(prefix) <= 100
+    assert settings.tokens(suffix) <= 30
+    assert prompt.context
+    assert sum(settings.tokens(r.chunk.text) + 8 for r in prompt.context) <= 60
+    assert text[:cursor].endswith(prefix) and text[cursor:].startswith(suffix)
+
+
+def test_prefix_window_start_is_anchored_so_keystrokes_share_the_prompt_start() -> None:
+    settings = dataclasses.replace(SETTINGS, prefix_token_budget=400, prefix_anchor_lines=16)
+    text = numbered_file(300) + "\n"
+    typed = "".join(f"extra_{i} = compute({i})\n" for i in range(10))
+    prompts = [
+        build_prompt(
+            "r", Document("f.py", "python", text + typed[:n], len(text) + n), [], QWEN, settings
+        )
+        for n in range(len(typed))
+    ]
+    starts = [p.prefix_start_line for p in prompts]
+    assert all(start % 16 == 0 for start in starts)
+    # Ten lines typed move an unanchored window ten times; the anchored one moves at most once.
+    assert len(set(starts)) <= 2
+    for before, after in zip(prompts, prompts[1:], strict=False):
+        if before.prefix_start_line == after.prefix_start_line:
+            assert after.text.startswith(before.text[: before.text.index("<|fim_suffix|>")])
+
+
+def test_chunks_overlapping_the_prompt_window_are_not_repeated_as_context() -> None:
+    text = numbered_file(30)
+    doc = Document("f.py", "python", text, text.index("value_15"))
+    chunks = chunk_file("f.py", "python", text, 8)
+    prompt = build_prompt("r", doc, chunks, QWEN, SETTINGS)
+    assert prompt.context == ()  # the whole file fits in the window already
+
+
+def test_braces_and_placeholders_in_code_are_kept_verbatim() -> None:
+    other = Chunk("t.py", 0, 1, "fmt = '{prefix} {path} {}'")
+    doc = Document("m.py", "python", "x = '{suffix}'\nfmt = '{", 23)
+    prompt = build_prompt("r", doc, [other], QWEN, SETTINGS)
+    assert "fmt = '{prefix} {path} {}'" in prompt.text
+    assert "<|fim_prefix|>x = '{suffix}'\nfmt = '{<|fim_suffix|>" in prompt.text
+
+
+def test_generic_template_has_no_fim_tokens_and_labels_context() -> None:
+    template = load_template("generic-prefix")
+    other = Chunk("lib.rs", 0, 1, "fn helper() {}")
+    doc = Document("main.rs", "rust", "fn main() {\n    hel\n}\n", 19)
+    prompt = build_prompt("r", doc, [other], template, SETTINGS)
+    assert (
+        prompt.text == "// Path: lib.rs\nfn helper() {}\n\n// Path: main.rs\nfn main() {\n    hel"
+    )
+    assert not template.fim
+
+
+def test_template_ids_and_hashes_are_stable_and_distinct() -> None:
+    names = available_templates()
+    assert {"qwen25-coder-repo-fim", "generic-prefix"} <= set(names)
+    loaded = [load_template(name) for name in names]
+    assert len({t.content_hash for t in loaded}) == len(loaded)
+    assert QWEN.template_id == "qwen25-coder-repo-fim@v1"
+    assert len(QWEN.content_hash) == 12
+    load_template.cache_clear()
+    assert load_template("qwen25-coder-repo-fim").content_hash == QWEN.content_hash
+
+
+def test_unknown_template_names_the_ones_there_are() -> None:
+    with pytest.raises(ValueError, match="generic-prefix"):
+        load_template("nope")

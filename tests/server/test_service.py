@@ -1,0 +1,144 @@
+"""The real server, the real llama.cpp engine, the default model: over gRPC as a client sees it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from proto import ghostpen_pb2 as pb
+from tests.conftest import SessionStream
+
+GEOMETRY = """import math
+
+
+def area_of_circle(radius):
+    return math.pi * radius ** 2
+
+
+def circumference_of_circle(radius):
+    return """
+
+MONEY = """def cents_to_display_string(cents):
+    return f"${cents // 100}.{cents % 100:02d}"
+"""
+
+CART = """import money
+
+
+def total_label(items):
+    total = sum(item.price_cents for item in items)
+    return money."""
+
+COUNTING = "numbers = [\n" + "".join(f"    {i},\n" for i in range(1, 6)) + "    "
+
+
+def status(message: pb.ServerMessage) -> str:
+    return message.error.status if message.HasField("error") else "OK"
+
+
+async def test_session_completes_a_line_with_the_real_model(stub) -> None:
+    session = SessionStream(stub)
+    session.send(hello=pb.Hello(client="test", workspace="geometry"))
+    welcome = (await session.read()).welcome
+    assert welcome.model_id == "qwen2.5-coder-0.5b-instruct-q4_k_m"
+    assert welcome.engine == "llama.cpp"
+    assert welcome.max_files == 12
+    ack = await session.open_file("geometry.py", GEOMETRY)
+    assert ack.file_ack.version == 1
+    text, final = await session.complete(
+        request_id="r1",
+        path="geometry.py",
+        version=1,
+        cursor_offset=len(GEOMETRY),
+        mode=pb.MODE_SINGLE_LINE,
+    )
+    assert text.replace(" ", "") == "2*math.pi*radius"
+    chunk = final.chunk
+    assert chunk.finish_reason in (pb.FINISH_REASON_LINE_END, pb.FINISH_REASON_STOP)
+    assert chunk.template_id == "qwen25-coder-repo-fim@v1"
+    assert len(chunk.template_hash) == 12
+    assert chunk.model_id == welcome.model_id
+    assert chunk.completion_id
+    assert 0 < chunk.timings.context_ms < chunk.timings.first_token_ms <= chunk.timings.total_ms
+    assert chunk.prompt_tokens > 20 and chunk.completion_tokens > 0
+    session.close()
+
+
+async def test_context_from_another_recent_file_reaches_the_model(stub) -> None:
+    session = SessionStream(stub)
+    # Without money.py in the prompt the model writes `money.format(total)`.
+    await session.open_file("money.py", MONEY)
+    await session.open_file("cart.py", CART)
+    text, final = await session.complete(
+        request_id="ctx",
+        path="cart.py",
+        version=1,
+        cursor_offset=len(CART),
+        mode=pb.MODE_SINGLE_LINE,
+    )
+    assert text == "cents_to_display_string(total)", text
+    session.close()
+
+
+async def test_edits_update_the_file_and_requests_follow_the_version(stub) -> None:
+    session = SessionStream(stub)
+    await session.open_file("g.py", GEOMETRY.replace("radius ** 2", "r"))
+    start = GEOMETRY.index("radius ** 2")
+    edit = pb.Edit(start=start, end=start + 1, text=b"radius ** 2")
+    session.send(
+        file_update=pb.FileUpdate(
+            path="g.py", version=2, base_version=1, edits=pb.EditList(edits=[edit])
+        )
+    )
+    assert (await session.read()).file_ack.version == 2
+    text, final = await session.complete(
+        request_id="e",
+        path="g.py",
+        version=2,
+        cursor_offset=len(GEOMETRY),
+        mode=pb.MODE_SINGLE_LINE,
+    )
+    assert status(final) == "OK" and text.replace(" ", "") == "2*math.pi*radius"
+    session.close()
+
+
+async def test_a_new_request_supersedes_the_running_one_inside_the_engine(stub, server) -> None:
+    session = SessionStream(stub)
+    await session.open_file("count.py", COUNTING)
+    engine = server.engine
+    session.send(
+        completion_request=pb.CompletionRequest(
+            request_id="long",
+            path="count.py",
+            version=1,
+            cursor_offset=len(COUNTING),
+            mode=pb.MODE_MULTI_LINE,
+            max_tokens=400,
+        )
+    )
+    first = await session.read()  # the long one is generating
+    assert first.chunk.request_id == "long" and not first.chunk.final
+    before = engine.tokens_generated
+    session.send(
+        completion_request=pb.CompletionRequest(
+            request_id="short",
+            path="count.py",
+            version=1,
+            cursor_offset=len(COUNTING),
+            mode=pb.MODE_SINGLE_LINE,
+            max_tokens=4,
+        )
+    )
+    finals = {}
+    while "short" not in finals:
+        message = await session.read()
+        assert message.HasField("chunk"), message
+        if message.chunk.final:
+            finals[message.chunk.request_id] = message.chunk
+    assert finals["long"].finish_reason == pb.FINISH_REASON_CANCELLED
+    assert list(finals) == ["long", "short"]
+    spent = engine.tokens_generated - before
+    await asyncio.sleep(0.5)
+    assert engine.tokens_generated - before == spent, "the engine went on generating"
+    # The long request got at most one more token after the short one arrived.
+    assert spent <= finals["short"].completion_tokens + 1
+    session.close()

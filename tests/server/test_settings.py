@@ -1,0 +1,34 @@
+from pathlib import Path
+
+import pytest
+
+from server.settings import Settings
+
+
+def test_defaults_need_nothing() -> None:
+    settings = Settings.load(environ={})
+    assert settings.limits.max_files == 12
+    assert settings.engine.engine == "auto"
+    assert settings.context.template == "qwen25-coder-repo-fim"
+
+
+def test_environment_then_overrides_win() -> None:
+    environ = {"GHOSTPEN_MAX_FILES": "10", "GHOSTPEN_PORT": "7000", "GHOSTPEN_HOME": "/tmp/gp"}
+    settings = Settings.load({"port": "7001", "enforce_eager": "false"}, environ=environ)
+    assert settings.limits.max_files == 10
+    assert settings.server.port == 7001
+    assert settings.engine.enforce_eager is False
+    assert settings.cache_dir == Path("/tmp/gp")
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"max_filez": "3"}, "unknown setting"),
+        ({"max_files": "many"}, "invalid literal"),
+        ({"enforce_eager": "maybe"}, "not a boolean"),
+    ],
+)
+def test_bad_settings_are_named(values: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Settings.load(values, environ={})

@@ -1,0 +1,97 @@
+import pytest
+
+from server.errors import CursorOutOfRange, InvalidInput, LimitExceeded, StaleVersion, UnknownFile
+from server.settings import LimitSettings
+from server.workspace import ChunkCache, FileChange, TextEdit, Workspace, check_cursor
+
+LIMITS = LimitSettings(max_files=3, max_file_bytes=100, max_edits_per_update=2)
+
+
+def workspace() -> Workspace:
+    return Workspace(LIMITS, chunk_max_lines=10)
+
+
+def test_least_recently_touched_file_is_evicted() -> None:
+    ws = workspace()
+    for name in ("a.py", "b.py", "c.py"):
+        assert ws.apply(FileChange(name, "", 1, text=f"# {name}")) == []
+    ws.apply(FileChange("a.py", "", 2, text="# a again"))
+    assert ws.apply(FileChange("d.py", "", 1, text="# d")) == ["b.py"]
+    with pytest.raises(UnknownFile, match="max_files=3"):
+        ws.get("b.py", 1)
+    assert [c.path for c in ws.chunks()] == ["d.py", "a.py", "c.py"]
+
+
+def test_edits_apply_in_order_against_the_base_version() -> None:
+    ws = workspace()
+    ws.apply(FileChange("a.py", "python", 1, text="hello world"))
+    edits = (TextEdit(0, 5, "goodbye"), TextEdit(13, 13, "!"))
+    ws.apply(FileChange("a.py", "", 2, edits=edits, base_version=1))
+    held = ws.get("a.py", 2)
+    assert held.text == "goodbye world!"
+    assert held.language == "python"
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        (FileChange("a.py", "", 1, text="x"), StaleVersion, "not newer"),
+        (
+            FileChange("a.py", "", 3, edits=(TextEdit(0, 1, "y"),), base_version=1),
+            StaleVersion,
+            "based on version 1",
+        ),
+        (
+            FileChange("a.py", "", 3, edits=(TextEdit(5, 99, "y"),), base_version=2),
+            InvalidInput,
+            "outside",
+        ),
+        (
+            FileChange("a.py", "", 3, edits=(TextEdit(0, 0, "y"),) * 3, base_version=2),
+            LimitExceeded,
+            "max_edits_per_update=2",
+        ),
+        (FileChange("a.py", "", 3, text="x" * 101), LimitExceeded, "max_file_bytes=100"),
+        (FileChange("new.py", "", 1, edits=(TextEdit(0, 0, "y"),)), UnknownFile, "full text"),
+    ],
+)
+def test_bad_changes_are_refused_and_leave_the_file_as_it_was(change, error, message) -> None:
+    ws = workspace()
+    ws.apply(FileChange("a.py", "", 2, text="abc"))
+    with pytest.raises(error, match=message):
+        ws.apply(change)
+    assert ws.get("a.py", 2).text == "abc"
+
+
+def test_requests_must_name_the_held_version() -> None:
+    ws = workspace()
+    ws.apply(FileChange("a.py", "", 4, text="abc"))
+    with pytest.raises(StaleVersion, match="holds version 4"):
+        ws.get("a.py", 3)
+
+
+def test_multibyte_text_counts_bytes_for_the_limit_and_code_points_for_offsets() -> None:
+    ws = workspace()
+    ws.apply(FileChange("u.py", "", 1, text="é" * 50))  # 100 bytes
+    check_cursor("u.py", ws.get("u.py", 1).text, 50)
+    with pytest.raises(CursorOutOfRange, match="50 code points"):
+        check_cursor("u.py", ws.get("u.py", 1).text, 51)
+    with pytest.raises(LimitExceeded):
+        ws.apply(FileChange("u.py", "", 2, text="é" * 51))
+
+
+def test_chunks_are_computed_once_per_version() -> None:
+    ws = workspace()
+    ws.apply(FileChange("a.py", "", 1, text="x = 1\n"))
+    first = ws.chunks()
+    assert ws.chunks()[0] is first[0]
+    ws.apply(FileChange("a.py", "", 2, text="x = 2\n"))
+    assert ws.chunks()[0].text.strip() == "x = 2"
+
+
+def test_chunk_cache_reuses_chunks_of_the_same_content() -> None:
+    cache = ChunkCache(chunk_max_lines=10, capacity=1)
+    first = cache.chunks("a.py", "python", "x = 1\n")
+    assert cache.chunks("a.py", "python", "x = 1\n") is first
+    cache.chunks("b.py", "python", "y = 1\n")
+    assert cache.chunks("a.py", "python", "x = 1\n") is not first
