@@ -1,4 +1,5 @@
 import dataclasses
+import itertools
 
 import pytest
 
@@ -58,7 +59,7 @@ def test_prefix_window_start_is_anchored_so_keystrokes_share_the_prompt_start() 
     assert all(start % 16 == 0 for start in starts)
     # Ten lines typed move an unanchored window ten times; the anchored one moves at most once.
     assert len(set(starts)) <= 2
-    for before, after in zip(prompts, prompts[1:], strict=False):
+    for before, after in itertools.pairwise(prompts):
         if before.prefix_start_line == after.prefix_start_line:
             assert after.text.startswith(before.text[: before.text.index("<|fim_suffix|>")])
 

@@ -68,7 +68,7 @@ async def test_context_from_another_recent_file_reaches_the_model(stub) -> None:
     # Without money.py in the prompt the model writes `money.format(total)`.
     await session.open_file("money.py", MONEY)
     await session.open_file("cart.py", CART)
-    text, final = await session.complete(
+    text, _final = await session.complete(
         request_id="ctx",
         path="cart.py",
         version=1,
