@@ -45,6 +45,7 @@ class CompletionEvent:
     timings: Timings | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
 
 
 def remaining_s(deadline_unix_ms: int, default_timeout_ms: int, now_unix: float) -> float:
@@ -88,18 +89,16 @@ class Completer:
             else self._limits.default_max_tokens_multi_line
         )
         truncator = Truncator(cursor)
-        finish, first_token_at, queue_s, prompt_tokens, tokens = Finish.STOP, 0.0, 0.0, 0, 0
+        finish, first_token_at, last = Finish.STOP, 0.0, None
         request = EngineRequest(job.request_id, prompt.text, max_tokens)
+        engine_done = context_done
         try:
             async with asyncio.timeout_at(_loop_time(job.deadline)):
                 async with aclosing(self.engine.generate(request)) as deltas:
                     async for delta in deltas:
-                        first_token_at = first_token_at or time.monotonic()
-                        queue_s, prompt_tokens, tokens = (
-                            delta.queue_s,
-                            delta.prompt_tokens,
-                            delta.completion_tokens,
-                        )
+                        engine_done = time.monotonic()
+                        first_token_at = first_token_at or engine_done
+                        last = delta
                         text = truncator.feed(delta.text)
                         if text:
                             yield CompletionEvent(job.request_id, job.completion_id, text)
@@ -118,10 +117,12 @@ class Completer:
         done = time.monotonic()
         timings = Timings(
             context_s=context_done - job.received,
-            queue_s=queue_s,
+            queue_s=last.queue_s if last else 0.0,
             first_token_s=(first_token_at or done) - job.received,
             total_s=done - job.received,
+            engine_s=engine_done - context_done,
         )
+        tokens = last.completion_tokens if last else 0
         self._metrics.observe(
             self.engine.name,
             self.engine.model_id,
@@ -131,7 +132,15 @@ class Completer:
             tokens,
         )
         yield CompletionEvent(
-            job.request_id, job.completion_id, rest, True, finish, timings, prompt_tokens, tokens
+            job.request_id,
+            job.completion_id,
+            rest,
+            True,
+            finish,
+            timings,
+            prompt_tokens=last.prompt_tokens if last else 0,
+            completion_tokens=tokens,
+            cached_prompt_tokens=last.cached_tokens if last else 0,
         )
 
 

@@ -34,6 +34,7 @@ class Timings:
     queue_s: float
     first_token_s: float
     total_s: float
+    engine_s: float  # from handing the prompt to the engine until its last delta
 
 
 class Metrics:

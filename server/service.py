@@ -292,6 +292,7 @@ class CompletionService(pb_grpc.CompletionServicer):
             chunk.template_hash = template.content_hash
             chunk.prompt_tokens = event.prompt_tokens
             chunk.completion_tokens = event.completion_tokens
+            chunk.cached_prompt_tokens = event.cached_prompt_tokens
             if event.timings is not None:
                 chunk.timings.CopyFrom(
                     pb.Timings(
@@ -299,6 +300,7 @@ class CompletionService(pb_grpc.CompletionServicer):
                         queue_ms=event.timings.queue_s * 1000,
                         first_token_ms=event.timings.first_token_s * 1000,
                         total_ms=event.timings.total_s * 1000,
+                        engine_ms=event.timings.engine_s * 1000,
                     )
                 )
         return chunk

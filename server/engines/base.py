@@ -31,6 +31,7 @@ class EngineDelta:
     finished: bool = False
     length_limited: bool = False  # finished because max_tokens was reached
     aborted: bool = False  # finished because abort() stopped it
+    cached_tokens: int = 0  # prompt tokens reused from the engine's prefix cache
 
 
 class Engine(abc.ABC):

@@ -118,7 +118,8 @@ class LlamaCppEngine(Engine):
                 "tokens (setting context_window; lower the prompt budgets)"
             )
         max_tokens = min(job.request.max_tokens, room)
-        if not self._prefill(tokens, job.cancelled):
+        cached = self._prefill(tokens, job.cancelled)
+        if cached is None:
             job.emit(EngineDelta("", 0, len(tokens), queue_s, finished=True, aborted=True))
             return
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -133,16 +134,27 @@ class LlamaCppEngine(Engine):
             count += 1
             self.tokens_generated += 1
             text = decoder.decode(llm.detokenize([token], special=True))
-            job.emit(EngineDelta(text, count, len(tokens), queue_s))
+            job.emit(EngineDelta(text, count, len(tokens), queue_s, cached_tokens=cached))
             if count >= max_tokens:
-                job.emit(EngineDelta("", count, len(tokens), queue_s, True, length_limited=True))
+                job.emit(
+                    EngineDelta(
+                        "",
+                        count,
+                        len(tokens),
+                        queue_s,
+                        True,
+                        length_limited=True,
+                        cached_tokens=cached,
+                    )
+                )
                 return
-        job.emit(EngineDelta(decoder.decode(b"", final=True), count, len(tokens), queue_s, True))
+        tail = decoder.decode(b"", final=True)
+        job.emit(EngineDelta(tail, count, len(tokens), queue_s, True, cached_tokens=cached))
 
-    def _prefill(self, tokens: Sequence[int], cancelled: threading.Event) -> bool:
+    def _prefill(self, tokens: Sequence[int], cancelled: threading.Event) -> int | None:
         """Read the prompt a batch at a time after the part already in the KV cache, checking for
         cancellation between batches. The last token is left for `generate`, which then finds
-        everything before it cached. False if cancelled."""
+        everything before it cached. Returns how many tokens were cached; None if cancelled."""
         llm = self._llm
         cached = llm.input_ids[: llm.n_tokens]
         common = 0
@@ -152,13 +164,13 @@ class LlamaCppEngine(Engine):
             common += 1
         end = len(tokens) - 1
         if common >= end:
-            return True
+            return end
         llm.n_tokens = common
         step = self._settings.batch_tokens
         for start in range(common, end, step):
             if cancelled.is_set():
-                return False
+                return None
             batch = tokens[start : min(start + step, end)]
             llm.eval(batch)
             self.tokens_prefilled += len(batch)
-        return not cancelled.is_set()
+        return None if cancelled.is_set() else common

@@ -71,6 +71,7 @@ class VllmEngine(Engine):
                     finished=finished,
                     length_limited=completion.finish_reason == "length",
                     aborted=completion.finish_reason == "abort",
+                    cached_tokens=output.num_cached_tokens or 0,
                 )
         except (ValueError, RuntimeError) as exc:
             raise EngineFailure(f"vLLM failed: {exc}") from exc

@@ -63,8 +63,24 @@ async def test_session_completes_a_line_with_the_real_model(stub) -> None:
     assert len(chunk.template_hash) == 12
     assert chunk.model_id == welcome.model_id
     assert chunk.completion_id
-    assert 0 < chunk.timings.context_ms < chunk.timings.first_token_ms <= chunk.timings.total_ms
+    timings = chunk.timings
+    assert 0 < timings.context_ms < timings.first_token_ms <= timings.total_ms
+    assert 0 < timings.engine_ms < timings.total_ms
     assert chunk.prompt_tokens > 20 and chunk.completion_tokens > 0
+    # The next keystroke's prompt starts like this one: the engine reuses its prefix cache.
+    typed = pb.EditList(edits=[pb.Edit(start=len(GEOMETRY), end=len(GEOMETRY), text=b"2")])
+    session.send(
+        file_update=pb.FileUpdate(path="geometry.py", version=2, base_version=1, edits=typed)
+    )
+    assert (await session.read()).file_ack.version == 2
+    _, again = await session.complete(
+        request_id="r2",
+        path="geometry.py",
+        version=2,
+        cursor_offset=len(GEOMETRY) + 1,
+        mode=pb.MODE_SINGLE_LINE,
+    )
+    assert again.chunk.cached_prompt_tokens >= 0.8 * again.chunk.prompt_tokens
     session.close()
 
 
