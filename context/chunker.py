@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import tree_sitter
 
 from context.languages import parser_for
+from context.tokens import encode_tokens
 
 
 @dataclass(frozen=True)
@@ -23,22 +24,72 @@ class Chunk:
     start_line: int  # 0-based, inclusive
     end_line: int  # exclusive
     text: str
+    tokens: str = field(repr=False)  # one character per token (see context.tokens)
+
+    @classmethod
+    def of(cls, path: str, start_line: int, end_line: int, text: str) -> Chunk:
+        return cls(path, start_line, end_line, text, encode_tokens(text))
 
 
-def chunk_file(path: str, language: str, text: str, max_lines: int) -> tuple[Chunk, ...]:
+@dataclass(frozen=True)
+class ChunkedFile:
+    """One version's chunks, and its syntax tree so the next version parses incrementally."""
+
+    chunks: tuple[Chunk, ...]
+    tree: tree_sitter.Tree | None
+
+
+def chunk_file(
+    path: str, language: str, text: str, max_lines: int, previous: ChunkedFile | None = None
+) -> ChunkedFile:
+    """`previous`: an earlier version whose tree was brought up to date with `edit_tree`; its
+    parse and its chunks' token sequences are reused where the text did not change."""
     lines = text.split("\n")
     parser = parser_for(language)
+    tree = None
     if parser is None:
         spans = list(_windows(0, len(lines), max_lines))
     else:
-        tree = parser.parse(text.encode("utf-8"))
+        old_tree = previous.tree if previous is not None else None
+        source = text.encode("utf-8")
+        tree = parser.parse(source, old_tree) if old_tree is not None else parser.parse(source)
         starts = sorted({start for start, _ in _units(tree.root_node, max_lines)} | {0})
         spans = _pack(starts, len(lines), max_lines)
-    return tuple(
-        Chunk(path, start, end, "\n".join(lines[start:end]))
-        for start, end in spans
-        if any(line.strip() for line in lines[start:end])
+    known = {chunk.text: chunk.tokens for chunk in previous.chunks} if previous else {}
+    chunks = []
+    for start, end in spans:
+        chunk_text = "\n".join(lines[start:end])
+        if not chunk_text.strip():
+            continue
+        tokens = known.get(chunk_text)
+        if tokens is None:
+            chunks.append(Chunk.of(path, start, end, chunk_text))
+        else:
+            chunks.append(Chunk(path, start, end, chunk_text, tokens))
+    return ChunkedFile(tuple(chunks), tree)
+
+
+def edit_tree(tree: tree_sitter.Tree, text: str, start: int, end: int, new_text: str) -> None:
+    """Tell the tree that text[start:end] (code points) became new_text."""
+    start_byte, start_point = _position(text, start)
+    old_end_byte, old_end_point = _position(text, end)
+    new_end_byte, new_end_point = _position(text[:start] + new_text, start + len(new_text))
+    tree.edit(
+        start_byte=start_byte,
+        old_end_byte=old_end_byte,
+        new_end_byte=new_end_byte,
+        start_point=start_point,
+        old_end_point=old_end_point,
+        new_end_point=new_end_point,
     )
+
+
+def _position(text: str, offset: int) -> tuple[int, tuple[int, int]]:
+    """Byte offset and (row, byte column) of a code-point offset, as tree-sitter counts them."""
+    before = text[:offset]
+    line_start = before.rfind("\n") + 1
+    point = (before.count("\n"), len(before[line_start:].encode("utf-8")))
+    return len(before.encode("utf-8")), point
 
 
 def _units(node: tree_sitter.Node, max_lines: int) -> Iterator[tuple[int, int]]:

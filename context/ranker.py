@@ -1,4 +1,6 @@
-"""Rank other files' chunks by edit-distance similarity to the text just behind the cursor."""
+"""Rank chunks by edit-distance similarity to the text just behind the cursor.
+
+Normalized Levenshtein similarity (rapidfuzz) over token sequences: see context.tokens."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
 from context.chunker import Chunk
+from context.tokens import encode_tokens
 
 
 @dataclass(frozen=True)
@@ -43,11 +46,12 @@ def rank_chunks(
 ) -> list[RankedChunk]:
     """The top_k most similar chunks, best first; ties keep the order of `chunks` (recency)."""
     candidates = [chunk for chunk in chunks if not exclude.covers(chunk)]
-    if not query.strip() or not candidates:
+    tokens = encode_tokens(query)
+    if not tokens or not candidates:
         return []
     matches = process.extract(
-        query,
-        [chunk.text for chunk in candidates],
+        tokens,
+        [chunk.tokens for chunk in candidates],
         scorer=Levenshtein.normalized_similarity,
         limit=top_k,
     )

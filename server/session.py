@@ -83,13 +83,15 @@ class Session:
             completion_id=uuid.uuid4().hex,
             repo=self.repo,
             document=Document(held.path, held.language, held.text, spec.cursor),
-            chunks=self.workspace.chunks(),
+            chunks=self.workspace.chunks(stale_ok=True),
             mode=spec.mode,
             max_tokens=spec.max_tokens,
             received=spec.received,
             deadline=spec.received + spec.deadline_s,
         )
         self._inflight[spec.request_id] = asyncio.create_task(self._serve(job))
+        # Runs once the request waits on the engine: the next keystroke finds fresh chunks.
+        asyncio.get_running_loop().call_soon(self.workspace.refresh)
 
     def cancel(self, request_id: str) -> None:
         if request_id not in self._inflight:

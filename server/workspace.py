@@ -6,7 +6,7 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from context.chunker import Chunk, chunk_file
+from context.chunker import Chunk, ChunkedFile, chunk_file, edit_tree
 from context.languages import language_of
 from server.errors import CursorOutOfRange, InvalidInput, LimitExceeded, StaleVersion, UnknownFile
 from server.settings import LimitSettings
@@ -37,12 +37,37 @@ class WorkspaceFile:
     language: str
     version: int
     text: str
-    _chunks: tuple[Chunk, ...] | None = field(default=None, repr=False)
+    # An earlier version's chunks, its tree edited to match this text, for an incremental parse.
+    _previous: ChunkedFile | None = field(default=None, repr=False)
+    _chunked: ChunkedFile | None = field(default=None, repr=False)
 
-    def chunks(self, max_lines: int) -> tuple[Chunk, ...]:
-        if self._chunks is None:
-            self._chunks = chunk_file(self.path, self.language, self.text, max_lines)
-        return self._chunks
+    def chunks(self, max_lines: int, stale_ok: bool = False) -> tuple[Chunk, ...]:
+        """This version's chunks; with stale_ok, an earlier version's if this one has none yet."""
+        if self._chunked is None:
+            if stale_ok and self._previous is not None:
+                return self._previous.chunks
+            self._chunked = chunk_file(
+                self.path, self.language, self.text, max_lines, self._previous
+            )
+            self._previous = None
+        return self._chunked.chunks
+
+    def edited(self, version: int, edits: tuple[TextEdit, ...]) -> WorkspaceFile:
+        """The next version; raises InvalidInput for an edit outside the text."""
+        base = self._chunked or self._previous
+        tree = base.tree.copy() if base is not None and base.tree is not None else None
+        text = self.text
+        for edit in edits:
+            if not 0 <= edit.start <= edit.end <= len(text):
+                raise InvalidInput(
+                    f"edit range {edit.start}..{edit.end} is outside {self.path!r} "
+                    f"({len(text)} code points)"
+                )
+            if tree is not None:
+                edit_tree(tree, text, edit.start, edit.end, edit.text)
+            text = text[: edit.start] + edit.text + text[edit.end :]
+        previous = ChunkedFile(base.chunks, tree) if base is not None else None
+        return WorkspaceFile(self.path, self.language, version, text, previous)
 
 
 def check_size(path: str, text: str, limits: LimitSettings) -> None:
@@ -76,10 +101,13 @@ class Workspace:
                 f"version {change.version} of {change.path!r} is not newer than the held "
                 f"version {held.version}"
             )
-        text = change.text if change.text is not None else self._edited(held, change)
-        check_size(change.path, text, self._limits)
-        language = language_of(change.path, change.language or (held.language if held else ""))
-        self._files[change.path] = WorkspaceFile(change.path, language, change.version, text)
+        if change.text is not None:
+            language = language_of(change.path, change.language or (held.language if held else ""))
+            updated = WorkspaceFile(change.path, language, change.version, change.text)
+        else:
+            updated = self._edited(held, change)
+        check_size(change.path, updated.text, self._limits)
+        self._files[change.path] = updated
         self._files.move_to_end(change.path, last=False)
         evicted = []
         while len(self._files) > self._limits.max_files:
@@ -101,11 +129,21 @@ class Workspace:
             )
         return held
 
-    def chunks(self) -> list[Chunk]:
-        """Every held file's chunks, most recently touched file first."""
-        return [c for held in self._files.values() for c in held.chunks(self._chunk_max_lines)]
+    def chunks(self, stale_ok: bool = False) -> list[Chunk]:
+        """Every held file's chunks, most recently touched file first.
 
-    def _edited(self, held: WorkspaceFile | None, change: FileChange) -> str:
+        With stale_ok, a file being edited contributes the chunks of the version it was last
+        chunked at (a few keystrokes old), so typing never waits for a re-parse; `refresh`
+        catches up once the request is on its way to the engine."""
+        max_lines = self._chunk_max_lines
+        return [c for held in self._files.values() for c in held.chunks(max_lines, stale_ok)]
+
+    def refresh(self) -> None:
+        """Chunk every file version that has no chunks of its own yet."""
+        for held in self._files.values():
+            held.chunks(self._chunk_max_lines)
+
+    def _edited(self, held: WorkspaceFile | None, change: FileChange) -> WorkspaceFile:
         if held is None:
             raise UnknownFile(
                 f"edits for {change.path!r}, which the session does not hold; send its full text"
@@ -120,15 +158,7 @@ class Workspace:
                 f"{len(change.edits)} edits in one update; the limit is "
                 f"max_edits_per_update={self._limits.max_edits_per_update}"
             )
-        text = held.text
-        for edit in change.edits:
-            if not 0 <= edit.start <= edit.end <= len(text):
-                raise InvalidInput(
-                    f"edit range {edit.start}..{edit.end} is outside {change.path!r} "
-                    f"({len(text)} code points)"
-                )
-            text = text[: edit.start] + edit.text + text[edit.end :]
-        return text
+        return held.edited(change.version, change.edits)
 
 
 class ChunkCache:
@@ -143,7 +173,7 @@ class ChunkCache:
         key = (path, language, hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest())
         found = self._entries.get(key)
         if found is None:
-            found = chunk_file(path, language, text, self._chunk_max_lines)
+            found = chunk_file(path, language, text, self._chunk_max_lines).chunks
             self._entries[key] = found
             if len(self._entries) > self._capacity:
                 self._entries.popitem(last=False)

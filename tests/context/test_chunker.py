@@ -1,6 +1,6 @@
 import pytest
 
-from context.chunker import chunk_file
+from context.chunker import ChunkedFile, chunk_file, edit_tree
 
 PYTHON = '''import os
 
@@ -108,7 +108,7 @@ CASES = {
 @pytest.mark.parametrize("language", sorted(CASES))
 def test_chunks_follow_syntax_and_cover_the_file(language: str) -> None:
     text, first_unit, nested_unit = CASES[language]
-    chunks = chunk_file(f"f.{language}", language, text, max_lines=4)
+    chunks = chunk_file(f"f.{language}", language, text, max_lines=4).chunks
     lines = text.split("\n")
     # No chunk starts inside a function's signature line: units begin at their first line.
     starts = {lines[c.start_line].strip() for c in chunks}
@@ -123,7 +123,7 @@ def test_chunks_follow_syntax_and_cover_the_file(language: str) -> None:
 
 
 def test_a_unit_that_fits_is_never_split() -> None:
-    chunks = chunk_file("f.py", "python", PYTHON, max_lines=24)
+    chunks = chunk_file("f.py", "python", PYTHON, max_lines=24).chunks
     method = next(c for c in chunks if "def method" in c.text)
     assert "return os.getcwd()" in method.text
 
@@ -131,16 +131,31 @@ def test_a_unit_that_fits_is_never_split() -> None:
 def test_long_units_are_split_into_windows_no_longer_than_the_limit() -> None:
     body = "\n".join(f"    x{i} = {i}" for i in range(100))
     text = f"def big():\n{body}\n"
-    chunks = chunk_file("big.py", "python", text, max_lines=10)
+    chunks = chunk_file("big.py", "python", text, max_lines=10).chunks
     assert max(c.end_line - c.start_line for c in chunks) <= 10
     assert sum(c.text.count("x") for c in chunks) == 100
 
 
 def test_unknown_language_falls_back_to_line_windows() -> None:
     text = "\n".join(f"line {i}" for i in range(25))
-    chunks = chunk_file("notes.txt", "", text, max_lines=10)
+    chunks = chunk_file("notes.txt", "", text, max_lines=10).chunks
     assert [(c.start_line, c.end_line) for c in chunks] == [(0, 10), (10, 20), (20, 25)]
 
 
 def test_blank_only_windows_are_dropped() -> None:
-    assert chunk_file("empty.txt", "", "\n\n\n", max_lines=2) == ()
+    assert chunk_file("empty.txt", "", "\n\n\n", max_lines=2).chunks == ()
+
+
+def test_incremental_reparse_gives_the_same_chunks_as_a_fresh_parse() -> None:
+    first = chunk_file("f.py", "python", PYTHON, max_lines=4)
+    tree = first.tree.copy()
+    edits = [(PYTHON.index("return 1"), PYTHON.index("return 1") + 8, "return compute(1)\n    # é")]
+    text = PYTHON
+    for start, end, new in edits:
+        edit_tree(tree, text, start, end, new)
+        text = text[:start] + new + text[end:]
+    incremental = chunk_file("f.py", "python", text, 4, ChunkedFile(first.chunks, tree))
+    fresh = chunk_file("f.py", "python", text, 4)
+    assert incremental.chunks == fresh.chunks
+    unchanged = next(c for c in incremental.chunks if "def other" in c.text)
+    assert any(unchanged.tokens is c.tokens for c in first.chunks)  # reused, not re-encoded

@@ -17,7 +17,7 @@ def numbered_file(lines: int) -> str:
 
 
 def test_fim_layout_puts_stable_text_first() -> None:
-    other = Chunk("util.py", 0, 2, "def compute(x):\n    return x * 2")
+    other = Chunk.of("util.py", 0, 2, "def compute(x):\n    return x * 2")
     doc = Document("main.py", "python", "a = compute(1)\nb = \nprint(b)\n", cursor=19)
     prompt = build_prompt("demo", doc, [other], QWEN, SETTINGS)
     assert prompt.text == (
@@ -34,7 +34,7 @@ def test_budgets_are_respected_in_estimated_tokens() -> None:
     )
     text = numbered_file(400)
     cursor = text.index("value_300")
-    chunks = list(chunk_file("other.py", "python", numbered_file(300), 3))
+    chunks = list(chunk_file("other.py", "python", numbered_file(300), 3).chunks)
     prompt = build_prompt("r", Document("f.py", "python", text, cursor), chunks, QWEN, settings)
     prefix = prompt.text.split("<|fim_prefix|>")[1].split("<|fim_suffix|>")[0]
     suffix = prompt.text.split("<|fim_suffix|>")[1].split("<|fim_middle|>")[0]
@@ -67,13 +67,13 @@ def test_prefix_window_start_is_anchored_so_keystrokes_share_the_prompt_start() 
 def test_chunks_overlapping_the_prompt_window_are_not_repeated_as_context() -> None:
     text = numbered_file(30)
     doc = Document("f.py", "python", text, text.index("value_15"))
-    chunks = chunk_file("f.py", "python", text, 8)
+    chunks = chunk_file("f.py", "python", text, 8).chunks
     prompt = build_prompt("r", doc, chunks, QWEN, SETTINGS)
     assert prompt.context == ()  # the whole file fits in the window already
 
 
 def test_braces_and_placeholders_in_code_are_kept_verbatim() -> None:
-    other = Chunk("t.py", 0, 1, "fmt = '{prefix} {path} {}'")
+    other = Chunk.of("t.py", 0, 1, "fmt = '{prefix} {path} {}'")
     doc = Document("m.py", "python", "x = '{suffix}'\nfmt = '{", 23)
     prompt = build_prompt("r", doc, [other], QWEN, SETTINGS)
     assert "fmt = '{prefix} {path} {}'" in prompt.text
@@ -82,7 +82,7 @@ def test_braces_and_placeholders_in_code_are_kept_verbatim() -> None:
 
 def test_generic_template_has_no_fim_tokens_and_labels_context() -> None:
     template = load_template("generic-prefix")
-    other = Chunk("lib.rs", 0, 1, "fn helper() {}")
+    other = Chunk.of("lib.rs", 0, 1, "fn helper() {}")
     doc = Document("main.rs", "rust", "fn main() {\n    hel\n}\n", 19)
     prompt = build_prompt("r", doc, [other], template, SETTINGS)
     assert (

@@ -5,7 +5,7 @@ NOWHERE = Exclusion("", 0, 0)
 
 
 def chunk(path: str, start: int, text: str) -> Chunk:
-    return Chunk(path, start, start + text.count("\n") + 1, text)
+    return Chunk.of(path, start, start + text.count("\n") + 1, text)
 
 
 def test_the_most_similar_chunk_ranks_first() -> None:
@@ -22,7 +22,7 @@ def test_the_most_similar_chunk_ranks_first() -> None:
     ranked = rank_chunks(query, chunks, NOWHERE, top_k=3)
     assert ranked[0].chunk.path == "b.py"
     assert [r.score for r in ranked] == sorted((r.score for r in ranked), reverse=True)
-    assert 0 < ranked[-1].score < ranked[0].score <= 1
+    assert 0 <= ranked[-1].score < ranked[0].score <= 1
 
 
 def test_top_k_limits_the_result() -> None:

@@ -95,3 +95,26 @@ def test_chunk_cache_reuses_chunks_of_the_same_content() -> None:
     assert cache.chunks("a.py", "python", "x = 1\n") is first
     cache.chunks("b.py", "python", "y = 1\n")
     assert cache.chunks("a.py", "python", "x = 1\n") is not first
+
+
+def test_edited_versions_chunk_like_a_fresh_file() -> None:
+    ws = Workspace(LimitSettings(), chunk_max_lines=4)
+    text = "def a():\n    return 1\n\n\ndef b():\n    return 2\n"
+    ws.apply(FileChange("a.py", "", 1, text=text))
+    ws.chunks()
+    ws.apply(FileChange("a.py", "", 2, edits=(TextEdit(21, 21, "0"),), base_version=1))
+    ws.apply(FileChange("a.py", "", 3, edits=(TextEdit(0, 0, "import os\n"),), base_version=2))
+    fresh = Workspace(LimitSettings(), chunk_max_lines=4)
+    fresh.apply(FileChange("a.py", "", 1, text=ws.get("a.py", 3).text))
+    assert ws.chunks() == fresh.chunks()
+    assert "return 10" in ws.get("a.py", 3).text
+
+
+def test_typing_uses_the_last_chunks_until_refreshed() -> None:
+    ws = Workspace(LimitSettings(), chunk_max_lines=4)
+    ws.apply(FileChange("a.py", "", 1, text="x = 1\n"))
+    before = ws.chunks()
+    ws.apply(FileChange("a.py", "", 2, edits=(TextEdit(4, 5, "2"),), base_version=1))
+    assert ws.chunks(stale_ok=True) == before
+    ws.refresh()
+    assert ws.chunks(stale_ok=True)[0].text.strip() == "x = 2"

@@ -1,0 +1,1 @@
+"""Benchmarks: what they measure and the numbers they gave are in RESULTS.md."""
