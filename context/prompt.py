@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from context.chunker import Chunk
 from context.languages import line_comment
-from context.ranker import Exclusion, RankedChunk, query_text, rank_chunks
+from context.ranker import Exclusion, RankedChunk, query_text, rank_chunks, score_chunks
 from context.settings import ContextSettings
 from context.template import Template
 
@@ -49,16 +49,27 @@ def build_prompt(
     chunks: Sequence[Chunk],
     template: Template,
     settings: ContextSettings,
+    previous: Sequence[Chunk] = (),
 ) -> Prompt:
     """Stable text first (repository, context files in file order, the prefix window anchored on a
-    fixed line) so that consecutive keystrokes share the longest possible prompt prefix."""
+    fixed line) so that consecutive keystrokes share the longest possible prompt prefix.
+
+    `previous`: the context of the session's last prompt. Those chunks keep their place unless
+    another beats them by `context_stickiness`: a changed context costs a full prompt re-read in
+    the engine, which on a CPU is seconds, while near-ties in similarity are noise."""
     prefix, prefix_start = _prefix_window(document.prefix, settings)
     suffix = _suffix_window(document.suffix, settings)
     cursor_line = document.prefix.count("\n")
     exclusion = Exclusion(document.path, prefix_start, cursor_line + suffix.count("\n") + 1)
-    ranked = rank_chunks(
-        query_text(document.prefix, settings.query_lines), chunks, exclusion, settings.top_k
-    )
+    query = query_text(document.prefix, settings.query_lines)
+    ranked = rank_chunks(query, chunks, exclusion, settings.top_k)
+    incumbents = _still_present(previous, chunks, exclusion, ranked)
+    if incumbents:
+        ranked = sorted(
+            [*ranked, *score_chunks(query, incumbents)],
+            key=lambda r: r.score + (settings.context_stickiness if r.chunk in previous else 0.0),
+            reverse=True,
+        )
     chosen = _fill_budget(ranked, settings)
     comment = line_comment(document.language)
     parts = [_fill(template.repo_header, repo=repo)]
@@ -89,9 +100,8 @@ def _prefix_window(prefix: str, settings: ContextSettings) -> tuple[str, int]:
             break
         start -= 1
         used += cost
-    # Coarse anchors for long windows, finer ones for short: never give up over half the window.
-    anchor = max(1, min(settings.prefix_anchor_lines, (len(lines) - 1 - start) // 2))
-    anchored = math.ceil(start / anchor) * anchor
+    anchor = max(1, settings.prefix_anchor_lines)
+    anchored = min(math.ceil(start / anchor) * anchor, len(lines) - 1)
     text = "\n".join(lines[anchored:])
     max_chars = int(budget * settings.chars_per_token)
     return (text[-max_chars:] if len(text) > max_chars else text), anchored
@@ -105,9 +115,25 @@ def _suffix_window(suffix: str, settings: ContextSettings) -> str:
     return suffix[: cut if cut > 0 else max_chars]
 
 
+def _still_present(
+    previous: Sequence[Chunk],
+    chunks: Sequence[Chunk],
+    exclusion: Exclusion,
+    ranked: list[RankedChunk],
+) -> list[Chunk]:
+    """Previous context chunks that can still be chosen and were not ranked again already."""
+    if not previous:
+        return []
+    available = set(chunks)
+    already = {r.chunk for r in ranked}
+    return [c for c in previous if c in available and c not in already and not exclusion.covers(c)]
+
+
 def _fill_budget(ranked: list[RankedChunk], settings: ContextSettings) -> list[RankedChunk]:
     chosen, used = [], 0
     for item in ranked:
+        if len(chosen) == settings.top_k:
+            break
         cost = settings.tokens(item.chunk.text) + 8  # the file separator and path
         if used + cost <= settings.context_token_budget:
             chosen.append(item)

@@ -37,8 +37,13 @@ class Exclusion:
 
 
 def query_text(prefix: str, query_lines: int) -> str:
-    """The last query_lines lines behind the cursor: what the developer is writing now."""
-    return "\n".join(prefix.split("\n")[-query_lines:])
+    """The last query_lines complete lines behind the cursor: what the developer is writing now.
+
+    The line being typed is left out so the query, and with it the chosen context and the
+    engine's prefix cache, stays the same for every keystroke on a line."""
+    lines = prefix.split("\n")
+    complete = lines[:-1] or lines
+    return "\n".join(complete[-query_lines:])
 
 
 def rank_chunks(
@@ -56,3 +61,12 @@ def rank_chunks(
         limit=top_k,
     )
     return [RankedChunk(candidates[index], score) for _, score, index in matches]
+
+
+def score_chunks(query: str, chunks: Sequence[Chunk]) -> list[RankedChunk]:
+    """The similarity of each of a few chunks, in their order."""
+    tokens = encode_tokens(query)
+    return [
+        RankedChunk(chunk, Levenshtein.normalized_similarity(tokens, chunk.tokens))
+        for chunk in chunks
+    ]

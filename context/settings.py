@@ -11,9 +11,10 @@ class ContextSettings:
     chunk_max_lines: int = 24
     query_lines: int = 12  # lines behind the cursor that rank the other files' chunks
     top_k: int = 8
+    context_stickiness: float = 0.1  # similarity bonus that keeps the last prompt's context chunks
     chars_per_token: float = 3.0  # budget estimate; conservative for code
     prefix_token_budget: int = 640
-    suffix_token_budget: int = 128
+    suffix_token_budget: int = 48  # re-read on every keystroke (it follows the cursor): keep small
     context_token_budget: int = 512
     prefix_anchor_lines: int = 32  # the prefix window starts on a multiple of this, for cache reuse
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from context.chunker import Chunk
 from context.postprocess import CursorSurroundings, Finish, Mode, Truncator
-from context.prompt import Document, build_prompt
+from context.prompt import Document, Prompt, build_prompt
 from context.settings import ContextSettings
 from context.template import Template
 from server.engines.base import Engine, EngineDelta, EngineRequest
@@ -26,12 +26,12 @@ from server.settings import LimitSettings
 class CompletionJob:
     request_id: str
     completion_id: str
-    repo: str
     document: Document
-    chunks: Sequence[Chunk]
+    prompt: Prompt
     mode: Mode
     max_tokens: int  # 0: the default for the mode
     received: float  # time.monotonic() at arrival
+    prompted: float  # time.monotonic() once the prompt was built
     deadline: float  # time.monotonic() past which the request is dropped
 
 
@@ -75,14 +75,18 @@ class Completer:
         self._limits = limits
         self._metrics = metrics
 
+    def prompt(
+        self, repo: str, document: Document, chunks: Sequence[Chunk], previous: Sequence[Chunk] = ()
+    ) -> Prompt:
+        return build_prompt(repo, document, chunks, self.template, self._context, previous)
+
     async def run(self, job: CompletionJob) -> AsyncIterator[CompletionEvent]:
         """Stream the completion. Cancelling the consumer aborts the engine request; a passed
         deadline raises DeadlinePassed after aborting it."""
-        prompt = build_prompt(job.repo, job.document, job.chunks, self.template, self._context)
         cursor = CursorSurroundings.around(
             job.document.prefix, job.document.suffix, job.mode, self.template.stop
         )
-        context_done = time.monotonic()
+        engine_start = time.monotonic()
         max_tokens = job.max_tokens or (
             self._limits.default_max_tokens_single_line
             if cursor.mode is Mode.SINGLE_LINE
@@ -90,8 +94,8 @@ class Completer:
         )
         truncator = Truncator(cursor)
         finish, first_token_at, last = Finish.STOP, 0.0, None
-        request = EngineRequest(job.request_id, prompt.text, max_tokens)
-        engine_done = context_done
+        request = EngineRequest(job.request_id, job.prompt.text, max_tokens)
+        engine_done = engine_start
         try:
             async with asyncio.timeout_at(_loop_time(job.deadline)):
                 async with aclosing(self.engine.generate(request)) as deltas:
@@ -116,11 +120,11 @@ class Completer:
         rest, finish = truncator.close(finish)
         done = time.monotonic()
         timings = Timings(
-            context_s=context_done - job.received,
+            context_s=job.prompted - job.received,
             queue_s=last.queue_s if last else 0.0,
             first_token_s=(first_token_at or done) - job.received,
             total_s=done - job.received,
-            engine_s=engine_done - context_done,
+            engine_s=engine_done - engine_start,
         )
         tokens = last.completion_tokens if last else 0
         self._metrics.observe(

@@ -170,14 +170,12 @@ def convert(gguf: Path, out_dir: Path) -> Path:
 
     directory, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=name, torch_dtype=torch.bfloat16
-    )
+    loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.bfloat16)
     config = AutoConfig.from_pretrained(directory, gguf_file=name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.torch_dtype = torch.bfloat16
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.load_state_dict(loaded.state_dict())
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)

@@ -165,15 +165,17 @@ class CompletionService(pb_grpc.CompletionServicer):
         grpc_left = context.time_remaining()
         if grpc_left is not None:
             left = min(left, grpc_left)
+        document = Document(request.path, language, prefix + suffix, len(prefix))
+        prompt = self._completer.prompt(request.workspace, document, chunks)
         return CompletionJob(
             request_id=request.request_id,
             completion_id=uuid.uuid4().hex,
-            repo=request.workspace,
-            document=Document(request.path, language, prefix + suffix, len(prefix)),
-            chunks=chunks,
+            document=document,
+            prompt=prompt,
             mode=_MODES.get(request.mode, Mode.AUTO),
             max_tokens=request.max_tokens,
             received=received,
+            prompted=time.monotonic(),
             deadline=received + left,
         )
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from context.chunker import Chunk
 from context.postprocess import Finish, Mode
 from context.prompt import Document
 from server.completion import Completer, CompletionEvent, CompletionJob
@@ -65,6 +67,7 @@ class Session:
         self.workspace = Workspace(settings.limits, settings.context.chunk_max_lines)
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._cancel_reasons: dict[str, str] = {}
+        self._last_context: tuple[Chunk, ...] = ()
 
     def update(self, change: FileChange) -> FileAck:
         evicted = self.workspace.apply(change)
@@ -78,15 +81,20 @@ class Session:
         check_cursor(spec.path, held.text, spec.cursor)
         for request_id in list(self._inflight):
             self._stop(request_id, "superseded")
+        document = Document(held.path, held.language, held.text, spec.cursor)
+        prompt = self._completer.prompt(
+            self.repo, document, self.workspace.chunks(stale_ok=True), self._last_context
+        )
+        self._last_context = tuple(ranked.chunk for ranked in prompt.context)
         job = CompletionJob(
             request_id=spec.request_id,
             completion_id=uuid.uuid4().hex,
-            repo=self.repo,
-            document=Document(held.path, held.language, held.text, spec.cursor),
-            chunks=self.workspace.chunks(stale_ok=True),
+            document=document,
+            prompt=prompt,
             mode=spec.mode,
             max_tokens=spec.max_tokens,
             received=spec.received,
+            prompted=time.monotonic(),
             deadline=spec.received + spec.deadline_s,
         )
         self._inflight[spec.request_id] = asyncio.create_task(self._serve(job))

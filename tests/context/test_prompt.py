@@ -65,8 +65,8 @@ def test_prefix_window_start_is_anchored_so_keystrokes_share_the_prompt_start() 
 
 
 def test_chunks_overlapping_the_prompt_window_are_not_repeated_as_context() -> None:
-    text = numbered_file(30)
-    doc = Document("f.py", "python", text, text.index("value_15"))
+    text = numbered_file(20)
+    doc = Document("f.py", "python", text, text.index("value_18"))
     chunks = chunk_file("f.py", "python", text, 8).chunks
     prompt = build_prompt("r", doc, chunks, QWEN, SETTINGS)
     assert prompt.context == ()  # the whole file fits in the window already
@@ -105,3 +105,18 @@ def test_template_ids_and_hashes_are_stable_and_distinct() -> None:
 def test_unknown_template_names_the_ones_there_are() -> None:
     with pytest.raises(ValueError, match="generic-prefix"):
         load_template("nope")
+
+
+def test_last_context_stays_unless_clearly_beaten() -> None:
+    settings = dataclasses.replace(SETTINGS, top_k=1, context_stickiness=0.2)
+    held = Chunk.of("a.py", 0, 1, "def load_user(user_id): return db.get(user_id)")
+    close = Chunk.of("b.py", 0, 1, "def load_users(user_id): return db.get(user_id)")
+    text = "def load_users(user_id):"
+    doc = Document("m.py", "python", text, len(text))
+    fresh = build_prompt("r", doc, [held, close], QWEN, settings)
+    assert [r.chunk for r in fresh.context] == [close]
+    sticky = build_prompt("r", doc, [held, close], QWEN, settings, previous=[held])
+    assert [r.chunk for r in sticky.context] == [held]
+    unrelated = Chunk.of("c.py", 0, 1, "SELECT 1")
+    beaten = build_prompt("r", doc, [unrelated, close], QWEN, settings, previous=[unrelated])
+    assert [r.chunk for r in beaten.context] == [close]

@@ -47,6 +47,7 @@ def test_nothing_to_rank_gives_nothing() -> None:
     assert rank_chunks("x = 1", [], NOWHERE, 3) == []
 
 
-def test_query_is_the_last_lines_behind_the_cursor() -> None:
-    assert query_text("a\nb\nc\nd", 2) == "c\nd"
+def test_query_is_the_last_complete_lines_behind_the_cursor() -> None:
+    assert query_text("a\nb\nc\nd", 2) == "b\nc"
+    assert query_text("a\nb\nc\nd", 2) == query_text("a\nb\nc\ndef f", 2)
     assert query_text("only", 5) == "only"
