@@ -152,12 +152,20 @@ def finalize(text: str, cursor: CursorSurroundings) -> tuple[str, bool]:
     return text, False
 
 
+def _partial_stop(text: str, stop: tuple[str, ...]) -> int:
+    """Length of the longest end of text that may be the start of a stop string."""
+    return max(
+        (k for s in stop for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+        default=0,
+    )
+
+
 class Truncator:
     """Feeds streamed deltas through the filters; says what may be shown now and when to stop."""
 
     def __init__(self, cursor: CursorSurroundings) -> None:
         self._cursor = cursor
-        self._holdback = max([len(s) for s in cursor.stop] + [len(cursor.line_suffix.strip())])
+        self._suffix_holdback = len(cursor.line_suffix.strip())
         self._raw = ""
         self._released = 0
         self.finish: Finish | None = None
@@ -172,10 +180,12 @@ class Truncator:
             self._raw = self._raw[: cut.length]
             self.finish = cut.finish
             return ""
-        stable = len(self._raw.rstrip()) - self._holdback
+        holdback = max(self._suffix_holdback, _partial_stop(self._raw, self._cursor.stop))
+        stable = len(self._raw.rstrip()) - holdback
         last_newline = self._raw.rfind("\n")
         if self._cursor.mode is Mode.MULTI_LINE and last_newline >= 0:
             stable = min(stable, last_newline)  # the unfinished line may still be cut
+        stable = len(self._raw[: max(stable, 0)].rstrip())  # trailing blanks may yet be trimmed
         return self._release(stable)
 
     def close(self, finish: Finish) -> tuple[str, Finish]:

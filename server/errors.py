@@ -9,7 +9,8 @@ GhostpenError
 ├── CursorOutOfRange    OUT_OF_RANGE        the cursor is outside the file
 ├── DeadlinePassed      DEADLINE_EXCEEDED   the request's deadline passed before it was served
 ├── DuplicateRequest    ALREADY_EXISTS      a request id already in flight
-└── EngineFailure       INTERNAL            the inference engine failed
+├── EngineFailure       INTERNAL            the inference engine failed
+└── InternalError       INTERNAL            a bug of ours, logged with its traceback
 
 ModelError is separate: it stops the server from starting (a model file missing or not matching).
 """
@@ -58,6 +59,10 @@ class DuplicateRequest(GhostpenError):
 
 
 class EngineFailure(GhostpenError):
+    status = grpc.StatusCode.INTERNAL
+
+
+class InternalError(GhostpenError):
     status = grpc.StatusCode.INTERNAL
 
 

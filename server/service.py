@@ -20,7 +20,7 @@ from context.prompt import Document
 from proto import ghostpen_pb2 as pb
 from proto import ghostpen_pb2_grpc as pb_grpc
 from server.completion import Completer, CompletionEvent, CompletionJob, remaining_s
-from server.errors import GhostpenError, InvalidInput, LimitExceeded
+from server.errors import GhostpenError, InternalError, InvalidInput, LimitExceeded
 from server.metrics import Metrics
 from server.session import FileAck, Outbound, RequestError, RequestSpec, Session
 from server.settings import Settings
@@ -81,12 +81,13 @@ class CompletionService(pb_grpc.CompletionServicer):
                 received = time.monotonic()
                 try:
                     reply = self._handle(session, message, received)
-                except GhostpenError as error:
+                except Exception as exc:
+                    if not isinstance(exc, GhostpenError):
+                        log.exception("session message failed")
+                        exc = InternalError(f"internal error: {exc}")
                     request_id = message.completion_request.request_id or message.cancel.request_id
                     outbound.put_nowait(
-                        self._error_message(
-                            RequestError(request_id, message.file_update.path, error)
-                        )
+                        self._error_message(RequestError(request_id, message.file_update.path, exc))
                     )
                 else:
                     if reply is not None:

@@ -104,3 +104,11 @@ def test_truncator_ignores_text_after_a_cut() -> None:
 def test_auto_mode(line_prefix: str, line_suffix: str, expected: Mode) -> None:
     assert resolve_mode(Mode.AUTO, line_prefix, line_suffix) is expected
     assert resolve_mode(Mode.SINGLE_LINE, line_prefix, line_suffix) is Mode.SINGLE_LINE
+
+
+def test_only_a_possible_stop_string_start_is_held_back() -> None:
+    truncator = Truncator(CursorSurroundings.around("x = ", "\n", Mode.SINGLE_LINE, STOP))
+    assert truncator.feed("compute(") == "compute("
+    assert truncator.feed("1)<|end") == "1)"
+    assert truncator.feed("oftext|>") == ""
+    assert truncator.close(Finish.STOP) == ("", Finish.STOP)
