@@ -13,11 +13,9 @@ cache is reused from one pause to the next.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sysconfig
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -26,30 +24,11 @@ import uvloop
 from benchmarks.corpus import percentiles
 from benchmarks.server_process import running_server
 from context.postprocess import Mode, resolve_mode
+from editor_client.session_stream import SessionStream
 from proto import ghostpen_pb2 as pb
 from proto import ghostpen_pb2_grpc as pb_grpc
 
 DEFAULT_FILE = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"
-
-
-class Editor:
-    def __init__(self, stub: pb_grpc.CompletionStub) -> None:
-        self._outgoing: asyncio.Queue[pb.ClientMessage | None] = asyncio.Queue()
-        self.call = stub.Session(self._messages())
-
-    async def _messages(self) -> AsyncIterator[pb.ClientMessage]:
-        while (message := await self._outgoing.get()) is not None:
-            yield message
-
-    async def send(self, message: pb.ClientMessage) -> pb.ServerMessage | None:
-        self._outgoing.put_nowait(message)
-        return None
-
-    async def read(self) -> pb.ServerMessage:
-        return await self.call.read()
-
-    def close(self) -> None:
-        self._outgoing.put_nowait(None)
 
 
 async def type_through(target: str, path: Path, start_line: int, lines: int) -> list[dict]:
@@ -61,23 +40,23 @@ async def type_through(target: str, path: Path, start_line: int, lines: int) -> 
     others = [p for p in sorted(path.parent.glob("*.py")) if p != path][:11]
     records = []
     async with grpc.aio.insecure_channel(target) as channel:
-        editor = Editor(pb_grpc.CompletionStub(channel))
-        await editor.send(pb.ClientMessage(hello=pb.Hello(client="bench", workspace="stdlib")))
+        editor = SessionStream(pb_grpc.CompletionStub(channel))
+        editor.send(pb.ClientMessage(hello=pb.Hello(client="bench", workspace="stdlib")))
         await editor.read()
         for other in others:
             body = other.read_bytes()
             if len(body) > 1024 * 1024:
                 continue
-            await editor.send(_full(other.name, body, 1))
+            editor.send(_full(other.name, body, 1))
             await editor.read()
         version = 1
-        await editor.send(_full(path.name, current.encode(), version))
+        editor.send(_full(path.name, current.encode(), version))
         await editor.read()
         for index, char in enumerate(typed):
             offset = begin + index
             version += 1
             edit = pb.Edit(start=offset, end=offset, text=char.encode())
-            await editor.send(
+            editor.send(
                 pb.ClientMessage(
                     file_update=pb.FileUpdate(
                         path=path.name,
@@ -99,10 +78,10 @@ async def type_through(target: str, path: Path, start_line: int, lines: int) -> 
     return records
 
 
-async def _complete(editor: Editor, path: str, version: int, cursor: int, text: str) -> dict:
+async def _complete(editor: SessionStream, path: str, version: int, cursor: int, text: str) -> dict:
     request_id = f"r{version}"
     sent = time.perf_counter()
-    await editor.send(
+    editor.send(
         pb.ClientMessage(
             completion_request=pb.CompletionRequest(
                 request_id=request_id,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -10,6 +9,7 @@ import pytest
 import pytest_asyncio
 import uvloop
 
+import editor_client.session_stream
 from proto import ghostpen_pb2 as pb
 from proto import ghostpen_pb2_grpc as pb_grpc
 from server.app import RunningServer, start_server
@@ -47,22 +47,14 @@ def stub(channel: grpc.aio.Channel) -> pb_grpc.CompletionStub:
     return pb_grpc.CompletionStub(channel)
 
 
-class SessionStream:
-    """A Session stream driven one message at a time, as an editor would."""
+class SessionStream(editor_client.session_stream.SessionStream):
+    """The editor's stream, with shortcuts for tests."""
 
-    def __init__(self, stub: pb_grpc.CompletionStub) -> None:
-        self._outgoing: asyncio.Queue[pb.ClientMessage | None] = asyncio.Queue()
-        self.call = stub.Session(self._messages())
+    def send(self, message: pb.ClientMessage | None = None, **kind: object) -> None:
+        super().send(message or pb.ClientMessage(**kind))
 
-    async def _messages(self) -> AsyncIterator[pb.ClientMessage]:
-        while (message := await self._outgoing.get()) is not None:
-            yield message
-
-    def send(self, **kind: object) -> None:
-        self._outgoing.put_nowait(pb.ClientMessage(**kind))
-
-    async def read(self, timeout: float = 60) -> pb.ServerMessage:
-        return await asyncio.wait_for(self.call.read(), timeout)
+    async def read(self, timeout: float | None = 60) -> pb.ServerMessage:
+        return await super().read(timeout)
 
     async def open_file(self, path: str, text: str | bytes, version: int = 1) -> pb.ServerMessage:
         data = text.encode() if isinstance(text, str) else text
@@ -84,6 +76,3 @@ class SessionStream:
                     return text, message
             elif message.HasField("error") and message.error.request_id == request_id:
                 return text, message
-
-    def close(self) -> None:
-        self._outgoing.put_nowait(None)

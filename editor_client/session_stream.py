@@ -1,0 +1,29 @@
+"""A Session stream driven one message at a time: queue a message to send, await the next reply."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from proto import ghostpen_pb2 as pb
+from proto import ghostpen_pb2_grpc as pb_grpc
+
+
+class SessionStream:
+    def __init__(self, stub: pb_grpc.CompletionStub) -> None:
+        self._outgoing: asyncio.Queue[pb.ClientMessage | None] = asyncio.Queue()
+        self.call = stub.Session(self._messages())
+
+    async def _messages(self) -> AsyncIterator[pb.ClientMessage]:
+        while (message := await self._outgoing.get()) is not None:
+            yield message
+
+    def send(self, message: pb.ClientMessage) -> None:
+        self._outgoing.put_nowait(message)
+
+    async def read(self, timeout: float | None = None) -> pb.ServerMessage:
+        return await asyncio.wait_for(self.call.read(), timeout)
+
+    def close(self) -> None:
+        """Half-close: the server finishes what is in flight, then ends the stream."""
+        self._outgoing.put_nowait(None)
