@@ -20,6 +20,9 @@ from server.engines.factory import start_engine
 from server.metrics import Metrics
 from server.service import CompletionService
 from server.settings import Settings
+from server.telemetry.ingest import Telemetry
+from server.telemetry.store import Store
+from server.telemetry.writer import TelemetryWriter
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Completion"].full_name
@@ -30,10 +33,12 @@ class RunningServer:
     server: grpc.aio.Server
     engine: Engine
     metrics: Metrics
+    writer: TelemetryWriter
     port: int
 
     async def stop(self, grace_s: float) -> None:
         await self.server.stop(grace_s)
+        await self.writer.close()
         await self.engine.close()
 
 
@@ -46,11 +51,22 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
             ("grpc.max_send_message_length", limit),
         ]
     )
+    store = await asyncio.to_thread(Store.open, settings.telemetry.database, settings.cache_dir)
+    writer = TelemetryWriter(
+        store, settings.telemetry.write_batch_max, settings.telemetry.known_completions
+    )
+    writer.start()
+    telemetry = Telemetry(writer, metrics, settings.limits.max_request_id_chars)
     completer = Completer(
-        engine, load_template(settings.context.template), settings.context, settings.limits, metrics
+        engine,
+        load_template(settings.context.template),
+        settings.context,
+        settings.limits,
+        metrics,
+        telemetry.record,
     )
     pb_grpc.add_CompletionServicer_to_server(
-        CompletionService(completer, settings, metrics), server
+        CompletionService(completer, telemetry, settings, metrics), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -66,7 +82,7 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, engine, metrics, port)
+    return RunningServer(server, engine, metrics, writer, port)
 
 
 async def serve(settings: Settings) -> None:

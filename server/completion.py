@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -20,6 +20,7 @@ from server.engines.base import Engine, EngineDelta, EngineRequest
 from server.errors import DeadlinePassed
 from server.metrics import Metrics, Timings
 from server.settings import LimitSettings
+from server.telemetry.records import CompletionRecord
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,10 @@ class Completer:
         context: ContextSettings,
         limits: LimitSettings,
         metrics: Metrics,
+        record: Callable[[CompletionRecord], None],
     ) -> None:
         self.engine = engine
+        self._record = record
         self.template = template
         self._context = context
         self._limits = limits
@@ -127,6 +130,24 @@ class Completer:
             engine_s=engine_done - engine_start,
         )
         tokens = last.completion_tokens if last else 0
+        self._record(
+            CompletionRecord(
+                completion_id=job.completion_id,
+                created_ms=int(time.time() * 1000),
+                model=self.engine.model_id,
+                template_id=self.template.template_id,
+                template_hash=self.template.content_hash,
+                engine=self.engine.name,
+                language=job.document.language or "unknown",
+                mode=cursor.mode.value,
+                prompt_tokens=last.prompt_tokens if last else 0,
+                completion_tokens=tokens,
+                first_token_ms=timings.first_token_s * 1000,
+                total_ms=timings.total_s * 1000,
+                finish=finish.value,
+                chars=len(truncator.text),
+            )
+        )
         self._metrics.observe(
             self.engine.name,
             self.engine.model_id,

@@ -66,6 +66,26 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        event_labels = ("model", "template", "language", "engine")
+        self.completion_events = Counter(
+            "ghostpen_completion_events",
+            "Editor events on served completions: shown, accepted, partially_accepted, rejected.",
+            [*event_labels, "kind"],
+            registry=self.registry,
+        )
+        self.accepted_chars = Counter(
+            "ghostpen_accepted_chars",
+            "Characters accepted, wholly or partly.",
+            event_labels,
+            registry=self.registry,
+        )
+        self.retention = Histogram(
+            "ghostpen_retention_fraction",
+            "Fraction of accepted text still in the file, by seconds after acceptance.",
+            [*event_labels, "after_s"],
+            buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0),
+            registry=self.registry,
+        )
         self.completion_tokens = Counter(
             "ghostpen_completion_tokens",
             "Tokens generated for completions that finished.",

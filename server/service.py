@@ -24,6 +24,8 @@ from server.errors import GhostpenError, InternalError, InvalidInput, LimitExcee
 from server.metrics import Metrics
 from server.session import FileAck, Outbound, RequestError, RequestSpec, Session
 from server.settings import Settings
+from server.telemetry.ingest import Telemetry
+from server.telemetry.records import TelemetryEvent
 from server.workspace import ChunkCache, FileChange, TextEdit, check_size
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,12 @@ _FINISH = {
 
 
 class CompletionService(pb_grpc.CompletionServicer):
-    def __init__(self, completer: Completer, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self, completer: Completer, telemetry: Telemetry, settings: Settings, metrics: Metrics
+    ) -> None:
         self._completer = completer
+        self._telemetry = telemetry
+        self._max_events = settings.telemetry.max_events_per_report
         self._settings = settings
         self._limits = settings.limits
         self._metrics = metrics
@@ -76,9 +82,15 @@ class CompletionService(pb_grpc.CompletionServicer):
         request_iterator: AsyncIterator[pb.ClientMessage],
         outbound: asyncio.Queue[pb.ServerMessage | None],
     ) -> None:
+        acks: set[asyncio.Task[None]] = set()
         try:
             async for message in request_iterator:
                 received = time.monotonic()
+                if message.WhichOneof("kind") == "event":
+                    task = asyncio.create_task(self._ack_event(message.event, outbound))
+                    acks.add(task)
+                    task.add_done_callback(acks.discard)
+                    continue
                 try:
                     reply = self._handle(session, message, received)
                 except Exception as exc:
@@ -92,9 +104,44 @@ class CompletionService(pb_grpc.CompletionServicer):
                 else:
                     if reply is not None:
                         outbound.put_nowait(reply)
+            await asyncio.gather(*acks)
             await session.drain()
         finally:
             outbound.put_nowait(None)
+
+    async def _ack_event(
+        self, message: pb.TelemetryEvent, outbound: asyncio.Queue[pb.ServerMessage | None]
+    ) -> None:
+        try:
+            duplicates = await self._telemetry.report([_event(message)])
+        except GhostpenError as error:
+            reply = self._error_message(RequestError("", "", error))
+            reply.error.event_id = message.event_id
+        else:
+            duplicate = message.event_id in duplicates
+            reply = pb.ServerMessage(
+                event_ack=pb.EventAck(event_id=message.event_id, duplicate=duplicate)
+            )
+        outbound.put_nowait(reply)
+
+    async def Report(
+        self, request: pb.ReportRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReportResponse:
+        try:
+            if len(request.events) > self._max_events:
+                raise LimitExceeded(
+                    f"{len(request.events)} events in one report; the limit is "
+                    f"max_events_per_report={self._max_events}"
+                )
+            duplicates = await self._telemetry.report([_event(e) for e in request.events])
+        except GhostpenError as error:
+            await self._abort(context, "Report", error)
+        return pb.ReportResponse(
+            acks=[
+                pb.EventAck(event_id=e.event_id, duplicate=e.event_id in duplicates)
+                for e in request.events
+            ]
+        )
 
     def _handle(
         self, session: Session, message: pb.ClientMessage, received: float
@@ -121,7 +168,7 @@ class CompletionService(pb_grpc.CompletionServicer):
             session.cancel(message.cancel.request_id)
             return None
         raise InvalidInput(
-            "empty ClientMessage: set one of hello, file_update, completion_request, cancel"
+            "empty ClientMessage: set one of hello, file_update, completion_request, cancel, event"
         )
 
     async def Complete(
@@ -314,3 +361,49 @@ def _decode(data: bytes, what: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidInput(f"{what} is not valid UTF-8 (byte {exc.start}: {exc.reason})") from None
+
+
+_UNITS = {pb.PartiallyAccepted.UNIT_WORD: "word", pb.PartiallyAccepted.UNIT_LINE: "line"}
+_REASONS = {pb.Rejected.REASON_DISMISSED: "dismissed", pb.Rejected.REASON_TYPED_OVER: "typed_over"}
+
+
+def _event(message: pb.TelemetryEvent) -> TelemetryEvent:
+    """Protobuf to domain; an event without a kind becomes kind "" and fails its check."""
+    kind = message.WhichOneof("kind") or ""
+    common = {
+        "event_id": message.event_id,
+        "completion_id": message.completion_id,
+        "kind": kind,
+        "client_ms": message.client_time_unix_ms,
+        "received_ms": int(time.time() * 1000),
+    }
+    if kind == "accepted":
+        body = message.accepted
+        return TelemetryEvent(
+            **common, ms_since_shown=body.ms_since_shown, accepted_chars=body.accepted_chars
+        )
+    if kind == "partially_accepted":
+        body = message.partially_accepted
+        return TelemetryEvent(
+            **common,
+            ms_since_shown=body.ms_since_shown,
+            accepted_chars=body.accepted_chars,
+            unit=_UNITS.get(body.unit, "unspecified"),
+        )
+    if kind == "rejected":
+        body = message.rejected
+        return TelemetryEvent(
+            **common,
+            ms_since_shown=body.ms_since_shown,
+            reason=_REASONS.get(body.reason, "unspecified"),
+        )
+    if kind == "retention":
+        body = message.retention
+        return TelemetryEvent(
+            **common,
+            after_s=body.after_s,
+            fraction=body.retained_fraction,
+            present=body.present,
+            file_closed=body.file_closed,
+        )
+    return TelemetryEvent(**common)

@@ -56,12 +56,21 @@ class EngineSettings:
 
 
 @dataclass(frozen=True)
+class TelemetrySettings:
+    database: str = ""  # "": SQLite in cache_dir/telemetry.db; or a file path; or postgresql://
+    max_events_per_report: int = 1000
+    write_batch_max: int = 5000  # queued items written per transaction
+    known_completions: int = 100_000  # completions kept in memory to join events without a query
+
+
+@dataclass(frozen=True)
 class Settings:
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "ghostpen")
     server: ServerSettings = field(default_factory=ServerSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     context: ContextSettings = field(default_factory=ContextSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
 
     @classmethod
     def load(

@@ -24,8 +24,11 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
 
 
 @pytest.fixture(scope="session")
-def settings() -> Settings:
-    return Settings.load({"port": "0", "metrics_port": "0", "engine": "llama.cpp"})
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    database = tmp_path_factory.mktemp("telemetry") / "telemetry.db"
+    return Settings.load(
+        {"port": "0", "metrics_port": "0", "engine": "llama.cpp", "database": str(database)}
+    )
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

@@ -44,20 +44,22 @@ class ScriptedEngine(Engine):
         pass
 
 
-def make_session(engine: Engine) -> tuple[Session, list[object], Metrics]:
+def make_session(engine: Engine) -> tuple[Session, list[object], Metrics, list[object]]:
     settings = Settings.load(environ={})
     metrics = Metrics()
+    recorded: list[object] = []
     completer = Completer(
         engine,
         load_template(settings.context.template),
         settings.context,
         settings.limits,
         metrics,
+        recorded.append,
     )
     sent: list[object] = []
     session = Session(completer, settings, metrics, sent.append)
     session.update(FileChange("a.py", "python", 1, text="x = "))
-    return session, sent, metrics
+    return session, sent, metrics, recorded
 
 
 def spec(request_id: str, deadline_s: float = 5.0) -> RequestSpec:
@@ -66,7 +68,7 @@ def spec(request_id: str, deadline_s: float = 5.0) -> RequestSpec:
 
 async def test_latest_wins_and_the_superseded_stream_is_closed() -> None:
     engine = ScriptedEngine("compute_total()\n", delay=0.01)
-    session, sent, metrics = make_session(engine)
+    session, sent, metrics, recorded = make_session(engine)
     session.start(spec("first"))
     await asyncio.sleep(0.03)
     session.start(spec("second"))
@@ -78,6 +80,12 @@ async def test_latest_wins_and_the_superseded_stream_is_closed() -> None:
     ]
     assert "".join(e.text for e in sent if e.request_id == "second") == "compute_total()"
     assert engine.closed == ["first", "second"]
+    [record] = recorded  # only the completion that finished is recorded for telemetry
+    assert (record.completion_id, record.finish, record.chars) == (
+        finals[1].completion_id,
+        "line_end",
+        15,
+    )
     assert (
         metrics.registry.get_sample_value(
             "ghostpen_cancellations_total", {"engine": "scripted", "reason": "superseded"}
@@ -88,7 +96,7 @@ async def test_latest_wins_and_the_superseded_stream_is_closed() -> None:
 
 async def test_an_engine_failure_is_reported_on_the_request_and_the_session_goes_on() -> None:
     engine = ScriptedEngine("1\n", fail=True)
-    session, sent, _ = make_session(engine)
+    session, sent, _, _ = make_session(engine)
     session.start(spec("boom"))
     await session.drain()
     [error] = sent
@@ -102,7 +110,7 @@ async def test_an_engine_failure_is_reported_on_the_request_and_the_session_goes
 
 async def test_closing_the_session_stops_everything_without_replies() -> None:
     engine = ScriptedEngine("x" * 1000, delay=0.01)
-    session, sent, metrics = make_session(engine)
+    session, sent, metrics, _ = make_session(engine)
     session.start(spec("running"))
     await asyncio.sleep(0.05)
     await session.close()

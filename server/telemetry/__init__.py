@@ -1,0 +1,1 @@
+"""Acceptance and retention: events from editors, joined to completions, stored for real."""

@@ -1,0 +1,39 @@
+"""Take editor events: check them, join them to their completions, store, then count them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from server.metrics import Metrics
+from server.telemetry.records import CompletionRecord, TelemetryEvent
+from server.telemetry.writer import TelemetryWriter
+
+
+class Telemetry:
+    def __init__(self, writer: TelemetryWriter, metrics: Metrics, max_id_chars: int) -> None:
+        self._writer = writer
+        self._metrics = metrics
+        self._max_id_chars = max_id_chars
+
+    def record(self, completion: CompletionRecord) -> None:
+        self._writer.record(completion)
+
+    async def report(self, events: Sequence[TelemetryEvent]) -> set[str]:
+        """Store the events (all or, on a bad one, none); returns the ids stored before."""
+        for event in events:
+            event.check(self._max_id_chars)
+        completions = await self._writer.completions_for(list(events))
+        duplicates = await self._writer.submit(list(events))
+        for event in events:
+            if event.event_id not in duplicates:
+                self._count(event, completions[event.completion_id])
+        return duplicates
+
+    def _count(self, event: TelemetryEvent, completion: CompletionRecord) -> None:
+        labels = (completion.model, completion.template_id, completion.language, completion.engine)
+        if event.kind == "retention":
+            self._metrics.retention.labels(*labels, str(event.after_s)).observe(event.fraction)
+            return
+        self._metrics.completion_events.labels(*labels, event.kind).inc()
+        if event.accepted_chars:
+            self._metrics.accepted_chars.labels(*labels).inc(event.accepted_chars)

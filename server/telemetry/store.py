@@ -1,0 +1,192 @@
+"""The telemetry database: SQLite (WAL) embedded by default, PostgreSQL for teams.
+
+One schema, migrations applied at start, the same SQL on both (written with `?` placeholders,
+turned into `%s` for psycopg). Writes come from one thread, the batched writer.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import astuple, fields
+from pathlib import Path
+from typing import Any
+
+from server.telemetry.records import CompletionRecord, TelemetryEvent
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE completions (
+        completion_id TEXT PRIMARY KEY,
+        created_ms BIGINT NOT NULL,
+        model TEXT NOT NULL,
+        template_id TEXT NOT NULL,
+        template_hash TEXT NOT NULL,
+        engine TEXT NOT NULL,
+        language TEXT NOT NULL,
+        mode TEXT NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        first_token_ms DOUBLE PRECISION NOT NULL,
+        total_ms DOUBLE PRECISION NOT NULL,
+        finish TEXT NOT NULL,
+        chars INTEGER NOT NULL
+    );
+    CREATE INDEX completions_created ON completions (created_ms);
+    CREATE TABLE events (
+        event_id TEXT PRIMARY KEY,
+        completion_id TEXT NOT NULL REFERENCES completions (completion_id),
+        kind TEXT NOT NULL,
+        client_ms BIGINT NOT NULL,
+        received_ms BIGINT NOT NULL,
+        ms_since_shown INTEGER,
+        accepted_chars INTEGER,
+        unit TEXT,
+        reason TEXT,
+        after_s INTEGER,
+        fraction DOUBLE PRECISION,
+        present INTEGER,
+        file_closed INTEGER
+    );
+    CREATE INDEX events_completion ON events (completion_id);
+    """,
+)
+
+_COMPLETION_COLUMNS = [f.name for f in fields(CompletionRecord)]
+_EVENT_COLUMNS = [f.name for f in fields(TelemetryEvent)]
+
+
+class Store:
+    def __init__(self, connection: Any, postgres: bool) -> None:
+        self._db = connection
+        self._postgres = postgres
+
+    @classmethod
+    def open(cls, database: str, cache_dir: Path) -> Store:
+        """`database`: a postgresql:// URL, a SQLite file path, or "" for cache_dir/telemetry.db."""
+        if database.startswith(("postgresql://", "postgres://")):
+            import psycopg
+
+            store = cls(psycopg.connect(database), postgres=True)
+        else:
+            path = Path(database) if database else cache_dir / "telemetry.db"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=FULL")  # committed means on disk
+            store = cls(connection, postgres=False)
+        store.migrate()
+        return store
+
+    def migrate(self) -> None:
+        self._run("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        rows = self.query("SELECT MAX(version) FROM schema_version")
+        current = rows[0][0] or 0
+        for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+            with self._transaction() as cursor:
+                for statement in filter(str.strip, script.split(";")):
+                    cursor.execute(statement)
+                cursor.execute(self._sql("INSERT INTO schema_version VALUES (?)"), (version,))
+
+    def write(
+        self, completions: Sequence[CompletionRecord], events: Sequence[TelemetryEvent]
+    ) -> set[str]:
+        """Commit both in one transaction; returns the ids of events that were already stored."""
+        duplicates = set(self._existing_events([e.event_id for e in events]))
+        seen: set[str] = set()
+        fresh = []
+        for event in events:
+            if event.event_id in duplicates or event.event_id in seen:
+                duplicates.add(event.event_id)
+            else:
+                seen.add(event.event_id)
+                fresh.append(event)
+        with self._transaction() as cursor:
+            if completions:
+                cursor.executemany(
+                    self._insert("completions", _COMPLETION_COLUMNS),
+                    [astuple(c) for c in completions],
+                )
+            if fresh:
+                cursor.executemany(
+                    self._insert("events", _EVENT_COLUMNS), [_event_row(e) for e in fresh]
+                )
+        return duplicates
+
+    def known_completions(self, completion_ids: Iterable[str]) -> dict[str, CompletionRecord]:
+        ids = list(set(completion_ids))
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self.query(
+            f"SELECT {', '.join(_COMPLETION_COLUMNS)} FROM completions "
+            f"WHERE completion_id IN ({marks})",
+            ids,
+        )
+        return {row[0]: CompletionRecord(*row) for row in rows}
+
+    def query(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple]:
+        cursor = self._db.cursor()
+        try:
+            cursor.execute(self._sql(sql), tuple(parameters))
+            rows = cursor.fetchall()
+        finally:
+            cursor.close()
+        if self._postgres:
+            self._db.commit()  # end the read transaction psycopg opened
+        return rows
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _existing_events(self, event_ids: list[str]) -> list[str]:
+        if not event_ids:
+            return []
+        marks = ",".join("?" * len(event_ids))
+        rows = self.query(f"SELECT event_id FROM events WHERE event_id IN ({marks})", event_ids)
+        return [row[0] for row in rows]
+
+    def _insert(self, table: str, columns: list[str]) -> str:
+        marks = ", ".join("?" * len(columns))
+        return self._sql(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks}) ON CONFLICT DO NOTHING"
+        )
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self._postgres else sql
+
+    def _run(self, sql: str) -> None:
+        with self._transaction() as cursor:
+            cursor.execute(sql)
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db, self._postgres)
+
+
+class _Transaction:
+    def __init__(self, connection: Any, postgres: bool) -> None:
+        self._db = connection
+        self._postgres = postgres
+
+    def __enter__(self) -> Any:
+        self._cursor = self._db.cursor()
+        if not self._postgres:
+            self._cursor.execute("BEGIN IMMEDIATE")
+        return self._cursor
+
+    def __exit__(self, kind: object, error: object, trace: object) -> None:
+        try:
+            if error is None:
+                self._db.commit() if self._postgres else self._cursor.execute("COMMIT")
+            else:
+                self._db.rollback() if self._postgres else self._cursor.execute("ROLLBACK")
+        finally:
+            self._cursor.close()
+
+
+def _event_row(event: TelemetryEvent) -> tuple:
+    row = list(astuple(event))
+    for name in ("present", "file_closed"):
+        index = _EVENT_COLUMNS.index(name)
+        row[index] = None if row[index] is None else int(row[index])
+    return tuple(row)
