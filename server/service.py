@@ -113,12 +113,11 @@ class CompletionService(pb_grpc.CompletionServicer):
         self, message: pb.TelemetryEvent, outbound: asyncio.Queue[pb.ServerMessage | None]
     ) -> None:
         try:
-            duplicates = await self._telemetry.report([_event(message)])
+            [duplicate] = await self._telemetry.report([_event(message)])
         except GhostpenError as error:
             reply = self._error_message(RequestError("", "", error))
             reply.error.event_id = message.event_id
         else:
-            duplicate = message.event_id in duplicates
             reply = pb.ServerMessage(
                 event_ack=pb.EventAck(event_id=message.event_id, duplicate=duplicate)
             )
@@ -138,8 +137,8 @@ class CompletionService(pb_grpc.CompletionServicer):
             await self._abort(context, "Report", error)
         return pb.ReportResponse(
             acks=[
-                pb.EventAck(event_id=e.event_id, duplicate=e.event_id in duplicates)
-                for e in request.events
+                pb.EventAck(event_id=e.event_id, duplicate=duplicate)
+                for e, duplicate in zip(request.events, duplicates, strict=True)
             ]
         )
 

@@ -18,16 +18,22 @@ class Telemetry:
     def record(self, completion: CompletionRecord) -> None:
         self._writer.record(completion)
 
-    async def report(self, events: Sequence[TelemetryEvent]) -> set[str]:
-        """Store the events (all or, on a bad one, none); returns the ids stored before."""
+    async def report(self, events: Sequence[TelemetryEvent]) -> list[bool]:
+        """Store the events (all or, on a bad one, none). Returns, per event, whether it is a
+        duplicate: stored before, or repeated earlier in `events`."""
         for event in events:
             event.check(self._max_id_chars)
         completions = await self._writer.completions_for(list(events))
-        duplicates = await self._writer.submit(list(events))
+        before = await self._writer.submit(list(events))
+        seen: set[str] = set()
+        duplicate = []
         for event in events:
-            if event.event_id not in duplicates:
+            repeated = event.event_id in before or event.event_id in seen
+            seen.add(event.event_id)
+            duplicate.append(repeated)
+            if not repeated:
                 self._count(event, completions[event.completion_id])
-        return duplicates
+        return duplicate
 
     def _count(self, event: TelemetryEvent, completion: CompletionRecord) -> None:
         labels = (completion.model, completion.template_id, completion.language, completion.engine)

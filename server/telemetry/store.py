@@ -91,14 +91,13 @@ class Store:
     def write(
         self, completions: Sequence[CompletionRecord], events: Sequence[TelemetryEvent]
     ) -> set[str]:
-        """Commit both in one transaction; returns the ids of events that were already stored."""
-        duplicates = set(self._existing_events([e.event_id for e in events]))
+        """Commit both in one transaction; returns the ids of events that were stored before.
+        An id repeated within `events` is stored once, from its first occurrence."""
+        before = set(self._existing_events([e.event_id for e in events]))
         seen: set[str] = set()
         fresh = []
         for event in events:
-            if event.event_id in duplicates or event.event_id in seen:
-                duplicates.add(event.event_id)
-            else:
+            if event.event_id not in before and event.event_id not in seen:
                 seen.add(event.event_id)
                 fresh.append(event)
         with self._transaction() as cursor:
@@ -111,7 +110,7 @@ class Store:
                 cursor.executemany(
                     self._insert("events", _EVENT_COLUMNS), [_event_row(e) for e in fresh]
                 )
-        return duplicates
+        return before
 
     def known_completions(self, completion_ids: Iterable[str]) -> dict[str, CompletionRecord]:
         ids = list(set(completion_ids))

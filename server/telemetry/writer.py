@@ -68,7 +68,8 @@ class TelemetryWriter:
         return found
 
     async def submit(self, events: list[TelemetryEvent]) -> set[str]:
-        """Wait until the events are committed; returns the ids that were stored before."""
+        """Wait until the events are committed; returns the ids that were stored before
+        (by an earlier submission)."""
         future: asyncio.Future[set[str]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((events, future))
         return await future
@@ -105,9 +106,12 @@ class TelemetryWriter:
                     if not future.done():
                         future.set_exception(exc)
             else:
+                claimed = set(duplicates)  # an id belongs to the first submitter that sent it
                 for events, future in batch.waiters:
+                    ids = {e.event_id for e in events}
                     if not future.done():
-                        future.set_result({e.event_id for e in events} & duplicates)
+                        future.set_result(ids & claimed)
+                    claimed |= ids
             finally:
                 for _ in items:
                     self._queue.task_done()
