@@ -8,6 +8,7 @@ import signal
 from dataclasses import dataclass
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -23,6 +24,7 @@ from server.settings import Settings
 from server.telemetry.ingest import Telemetry
 from server.telemetry.store import Store
 from server.telemetry.writer import TelemetryWriter
+from server.web import start_web
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Completion"].full_name
@@ -35,9 +37,13 @@ class RunningServer:
     metrics: Metrics
     writer: TelemetryWriter
     port: int
+    web: web.AppRunner | None = None
+    web_port: int = 0
 
     async def stop(self, grace_s: float) -> None:
         await self.server.stop(grace_s)
+        if self.web is not None:
+            await self.web.cleanup()
         await self.writer.close()
         await self.engine.close()
 
@@ -82,7 +88,12 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, engine, metrics, writer, port)
+    running = RunningServer(server, engine, metrics, writer, port)
+    if settings.server.metrics_port >= 0:
+        running.web, running.web_port = await start_web(
+            settings.server.host, settings.server.metrics_port, metrics, writer
+        )
+    return running
 
 
 async def serve(settings: Settings) -> None:
@@ -90,16 +101,11 @@ async def serve(settings: Settings) -> None:
     metrics = Metrics()
     engine = await start_engine(settings.engine, settings.cache_dir)
     running = await start_server(settings, engine, metrics)
-    if settings.server.metrics_port:
-        metrics.serve(settings.server.host, settings.server.metrics_port)
+    web_address = f"http://{settings.server.host}:{running.web_port}"
     print(
         f"ghostpen serving {engine.model_id} on {engine.name} at "
         f"{settings.server.host}:{running.port}"
-        + (
-            f"; metrics at http://{settings.server.host}:{settings.server.metrics_port}/metrics"
-            if settings.server.metrics_port
-            else ""
-        ),
+        + (f"; {web_address}/metrics and {web_address}/dashboard" if running.web else ""),
         flush=True,
     )
     stop = asyncio.Event()

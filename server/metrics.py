@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -105,7 +105,3 @@ class Metrics:
             ("total", timings.total_s),
         ):
             self.stage_seconds.labels(engine, model, template, stage).observe(seconds)
-
-    def serve(self, host: str, port: int) -> None:
-        """Expose /metrics over HTTP on its own thread."""
-        start_http_server(port, addr=host, registry=self.registry)

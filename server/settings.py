@@ -23,7 +23,7 @@ ENV_PREFIX = "GHOSTPEN_"
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 50151
-    metrics_port: int = 9464  # 0 turns the /metrics endpoint off
+    metrics_port: int = 9464  # /metrics and /dashboard; 0 picks a free port, -1 turns them off
     shutdown_grace_s: float = 5.0
     max_message_bytes: int = 8 * 1024 * 1024  # a gRPC message larger than this is refused
 

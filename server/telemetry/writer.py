@@ -9,14 +9,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from server.errors import UnknownRequest
 from server.telemetry.records import CompletionRecord, TelemetryEvent
 from server.telemetry.store import Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -66,6 +69,10 @@ class TelemetryWriter:
                     "which this server never served"
                 )
         return found
+
+    async def read(self, query: Callable[[Store], T]) -> T:
+        """Run a read on the store's thread, between writes (a connection is not shared)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, query, self.store)
 
     async def submit(self, events: list[TelemetryEvent]) -> set[str]:
         """Wait until the events are committed; returns the ids that were stored before

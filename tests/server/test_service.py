@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import urllib.request
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -214,16 +213,10 @@ async def test_metrics_count_completions_and_stage_latencies(stub, server) -> No
             registry.get_sample_value("ghostpen_stage_seconds_count", {**labels, "stage": stage})
             == before + 1
         )
-    port = _free_port()
-    server.metrics.serve("127.0.0.1", port)
     body = await asyncio.to_thread(
-        lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        lambda: (
+            urllib.request.urlopen(f"http://127.0.0.1:{server.web_port}/metrics").read().decode()
+        )
     )
     assert 'ghostpen_stage_seconds_bucket{engine="llama.cpp"' in body
     assert "ghostpen_completions_total" in body
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
