@@ -1,10 +1,11 @@
-"""`ghostpen`: serve completions, and manage the models it serves."""
+"""`ghostpen`: serve completions, manage the models it serves, report on how they do."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 from server.errors import ModelError
@@ -39,6 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("name", nargs="?", help="a registry name or a .gguf path")
     convert.add_argument("--out", type=Path)
 
+    report = commands.add_parser("report", help="acceptance and retention from the telemetry store")
+    report.add_argument("--since", help="ISO date or time (UTC), e.g. 2026-11-01")
+    report.add_argument("--until", help="ISO date or time (UTC), exclusive")
+    report.add_argument("--model", default="")
+    report.add_argument(
+        "--template", default="", help="a template id, e.g. qwen25-coder-repo-fim@v1"
+    )
+    report.add_argument("--language", default="")
+    report.add_argument("--format", choices=("html", "json", "csv"), default="html")
+    report.add_argument("--out", type=Path, help="a file to write; default: standard output")
+
     args = parser.parse_args(argv)
     overrides = dict(item.split("=", 1) for item in args.set)
     if args.command == "serve":
@@ -57,10 +69,44 @@ def main(argv: list[str] | None = None) -> int:
 
             uvloop.run(run_server(settings))
             return 0
+        if args.command == "report":
+            return _report(args, settings)
         return _models(args, settings)
     except ModelError as error:
         print(f"ghostpen: {error}", file=sys.stderr)
         return 2
+
+
+def _report(args: argparse.Namespace, settings: Settings) -> int:
+    from server.telemetry.report import ReportFilter, build_report, to_csv, to_html, to_json
+    from server.telemetry.store import Store
+
+    chosen = ReportFilter(
+        since_ms=_unix_ms(args.since) if args.since else 0,
+        until_ms=_unix_ms(args.until) if args.until else ReportFilter.until_ms,
+        model=args.model,
+        template=args.template,
+        language=args.language,
+    )
+    store = Store.open(settings.telemetry.database, settings.cache_dir)
+    try:
+        report = build_report(store, chosen)
+    finally:
+        store.close()
+    text = {"html": to_html, "json": to_json, "csv": to_csv}[args.format](report)
+    if args.out:
+        args.out.write_text(text, encoding="utf-8")
+        print(args.out)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _unix_ms(moment: str) -> int:
+    parsed = datetime.fromisoformat(moment)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return int(parsed.timestamp() * 1000)
 
 
 def _models(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,0 +1,125 @@
+"""Report numbers from a known set of events, identical on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from server.telemetry.records import CompletionRecord, TelemetryEvent
+from server.telemetry.report import ReportFilter, build_report, to_csv, to_html
+from server.telemetry.store import Store
+from tests.postgres import drop_database, start_database
+
+DAY = 86_400_000
+BASE = CompletionRecord(
+    completion_id="",
+    created_ms=1_700_000_000_000,
+    model="qwen",
+    template_id="fim@v1",
+    template_hash="abc",
+    engine="llama.cpp",
+    language="python",
+    mode="single_line",
+    prompt_tokens=500,
+    completion_tokens=8,
+    first_token_ms=200.0,
+    total_ms=300.0,
+    finish="line_end",
+    chars=20,
+)
+COMPLETIONS = [
+    replace(BASE, completion_id="a", total_ms=100.0),
+    replace(BASE, completion_id="b", total_ms=200.0),
+    replace(BASE, completion_id="c", total_ms=300.0, created_ms=BASE.created_ms + 3 * DAY),
+    replace(BASE, completion_id="d", total_ms=400.0, language="rust"),
+    replace(BASE, completion_id="e", model="other"),  # served, never shown
+]
+
+
+def event(event_id: str, completion_id: str, kind: str, **fields: object) -> TelemetryEvent:
+    return TelemetryEvent(event_id, completion_id, kind, 0, 0, **fields)
+
+
+EVENTS = [
+    *(event(f"s{c}", c, "shown") for c in "abcd"),
+    event("acc-a", "a", "accepted", ms_since_shown=500, accepted_chars=20),
+    event("acc-b", "b", "accepted", ms_since_shown=800, accepted_chars=10),
+    event("part-c", "c", "partially_accepted", ms_since_shown=900, accepted_chars=5, unit="word"),
+    event("rej-d", "d", "rejected", ms_since_shown=300, reason="typed_over"),
+    event("r30-a", "a", "retention", after_s=30, fraction=1.0, present=True),
+    event("r30-b", "b", "retention", after_s=30, fraction=0.4, present=False),
+    event("r300-a", "a", "retention", after_s=300, fraction=0.9, present=True),
+]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        opened = Store.open(str(tmp_path / "t.db"), tmp_path)
+        yield opened
+        opened.close()
+        return
+    url, name = start_database()
+    opened = Store.open(url, tmp_path)
+    yield opened
+    opened.close()
+    drop_database(name)
+
+
+def test_report_numbers(store: Store) -> None:
+    assert store.write(COMPLETIONS, EVENTS) == set()
+    report = build_report(store, ReportFilter())
+    overall = report["overall"]
+    assert (overall["served"], overall["shown"], overall["accepted"]) == (5, 4, 2)
+    assert (overall["partially_accepted"], overall["rejected"]) == (1, 1)
+    assert overall["acceptance_rate"] == 0.75  # (2 whole + 1 partial) / 4 shown
+    assert overall["accepted_chars"] == 35
+    assert overall["retention"]["30"] == {"checks": 2, "mean_fraction": 0.7, "present_rate": 0.5}
+    assert overall["retention"]["300"]["mean_fraction"] == 0.9
+    assert overall["retention"]["15"]["checks"] == 0
+    groups = {(g["model"], g["language"]): g for g in report["by_group"]}
+    assert groups[("qwen", "python")]["acceptance_rate"] == 1.0
+    assert groups[("qwen", "rust")]["acceptance_rate"] == 0.0
+    assert groups[("other", "python")]["shown"] == 0
+    assert groups[("qwen", "python")]["latency_ms"]["p50"] == 200.0
+    assert report["bucket"] == "day"
+    assert [p["shown"] for p in report["acceptance_over_time"]] == [3, 1]
+    rust_only = build_report(store, ReportFilter(language="rust"))
+    assert rust_only["overall"]["served"] == 1
+    later = build_report(store, ReportFilter(since_ms=BASE.created_ms + DAY))
+    assert later["overall"]["served"] == 1
+
+
+def test_sqlite_and_postgresql_give_the_same_report(tmp_path: Path) -> None:
+    reports = []
+    url, name = start_database()
+    try:
+        for database in (str(tmp_path / "same.db"), url):
+            opened = Store.open(database, tmp_path)
+            opened.write(COMPLETIONS, EVENTS)
+            reports.append(build_report(opened, ReportFilter()))
+            opened.close()
+    finally:
+        drop_database(name)
+    assert reports[0] == reports[1]
+
+
+def test_duplicates_are_stored_once(store: Store) -> None:
+    store.write(COMPLETIONS, EVENTS[:2])
+    assert store.write([], EVENTS[:3]) == {"sa", "sb"}
+    assert store.query("SELECT COUNT(*) FROM events") == [(3,)]
+
+
+def test_csv_and_html_carry_the_numbers(store: Store) -> None:
+    store.write(COMPLETIONS, EVENTS)
+    report = build_report(store, ReportFilter())
+    rows = to_csv(report).splitlines()
+    assert rows[0].startswith("model,template,language,served,shown,accepted")
+    assert "qwen,fim@v1,python,3,3,2,1,0,1.0,35,,0.7,,0.9,,200.0,300.0,300.0" in rows
+    page = to_html(report)
+    assert '<b id="acceptance">75.0%</b>' in page
+    assert '<b id="retention-300">90.0%</b>' in page
+    assert page.count("<svg") == 2
