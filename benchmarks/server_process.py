@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 
 def free_port() -> int:
@@ -16,9 +17,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class ServerProcess:
+    address: str
+    process: subprocess.Popen[str]
+
+
 @contextlib.contextmanager
-def running_server(*serve_args: str, ready_timeout_s: float = 300) -> Iterator[str]:
-    """Yields the address once the server printed that it serves."""
+def running_server(*serve_args: str, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+    """Yields once the server printed that it serves; terminates it afterwards if still alive."""
     port = free_port()
     command = [
         sys.executable,
@@ -36,7 +43,7 @@ def running_server(*serve_args: str, ready_timeout_s: float = 300) -> Iterator[s
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
     )
     try:
         assert process.stdout is not None
@@ -45,7 +52,8 @@ def running_server(*serve_args: str, ready_timeout_s: float = 300) -> Iterator[s
                 break
         else:
             raise RuntimeError(f"server exited with {process.wait()} before serving")
-        yield f"127.0.0.1:{port}"
+        yield ServerProcess(f"127.0.0.1:{port}", process)
     finally:
-        process.terminate()
+        if process.poll() is None:
+            process.terminate()
         process.wait(timeout=30)

@@ -158,8 +158,8 @@ async def _main(args: argparse.Namespace) -> None:
     if args.target:
         records = await type_through(args.target, args.file, args.start_line, args.lines)
     else:
-        with running_server("--engine", args.engine) as target:
-            records = await type_through(target, args.file, args.start_line, args.lines)
+        with running_server("--engine", args.engine) as server:
+            records = await type_through(server.address, args.file, args.start_line, args.lines)
     summary = summarize(records)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"summary": summary, "records": records}, indent=2))
