@@ -1,0 +1,104 @@
+"""Telemetry ingestion throughput through the batched writer, on SQLite and PostgreSQL.
+
+Many clients submit events concurrently (each awaits its commit, as the gRPC handlers do); the
+writer folds whatever is queued into one transaction.
+
+    python -m benchmarks.telemetry_ingest --events 100000 --postgres postgresql://...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from server.telemetry.records import CompletionRecord, TelemetryEvent
+from server.telemetry.store import Store
+from server.telemetry.writer import TelemetryWriter
+
+
+async def ingest(database: str, events: int, per_submit: int, clients: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as scratch:
+        store = Store.open(database or str(Path(scratch) / "bench.db"), Path(scratch))
+        writer = TelemetryWriter(store, batch_max=5000, known_max=100_000)
+        writer.start()
+        completions = [
+            CompletionRecord(
+                f"c{i}",
+                0,
+                "m",
+                "t@v1",
+                "h",
+                "llama.cpp",
+                "python",
+                "single_line",
+                500,
+                8,
+                200.0,
+                300.0,
+                "line_end",
+                20,
+            )
+            for i in range(1000)
+        ]
+        for completion in completions:
+            writer.record(completion)
+        batches = [
+            [
+                TelemetryEvent(f"e{b}-{i}", f"c{(b * per_submit + i) % 1000}", "shown", 0, 0)
+                for i in range(per_submit)
+            ]
+            for b in range(events // per_submit)
+        ]
+        queue: asyncio.Queue[list[TelemetryEvent]] = asyncio.Queue()
+        for batch in batches:
+            queue.put_nowait(batch)
+
+        async def client() -> None:
+            while not queue.empty():
+                await writer.submit(queue.get_nowait())
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        seconds = time.perf_counter() - start
+        stored = store.query("SELECT COUNT(*) FROM events")[0][0]
+        await writer.close()
+    return {"events": stored, "seconds": seconds, "events_per_s": stored / seconds}
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    results: dict[str, object] = {"per_submit": args.per_submit, "clients": args.clients}
+    results["sqlite"] = await ingest("", args.events, args.per_submit, args.clients)
+    postgres = args.postgres
+    name = None
+    if args.start_postgres:
+        from tests.postgres import start_database
+
+        postgres, name = start_database()
+    if postgres:
+        try:
+            results["postgresql"] = await ingest(
+                postgres, args.events, args.per_submit, args.clients
+            )
+        finally:
+            if name:
+                from tests.postgres import drop_database
+
+                drop_database(name)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--per-submit", type=int, default=20)
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--postgres", default="")
+    print(json.dumps(asyncio.run(run(parser.parse_args())), indent=2))
+
+
+if __name__ == "__main__":
+    main()
