@@ -180,7 +180,8 @@ def to_html(report: dict[str, object], refresh_s: int = 0) -> str:
     overall = report["overall"]
     refresh = f'<meta http-equiv="refresh" content="{refresh_s}">' if refresh_s else ""
     curve = [(s, overall["retention"][str(s)]["mean_fraction"]) for s in RETENTION_INTERVALS_S]
-    over_time = [(p["start"], p["acceptance_rate"]) for p in report["acceptance_over_time"]]
+    cut = slice(5, 10) if report["bucket"] == "day" else slice(11, 16)  # MM-DD or HH:MM
+    over_time = [(p["start"][cut], p["acceptance_rate"]) for p in report["acceptance_over_time"]]
     rows = "".join(_group_row(group) for group in report["by_group"])
     retention_headers = "".join(f"<th>kept {_interval(s)}</th>" for s in RETENTION_INTERVALS_S)
     acceptance = _percent(overall["acceptance_rate"])
@@ -247,7 +248,7 @@ def _line_chart(points: list[tuple[str, float | None]], width: int = 420, height
     )
     labels = "".join(
         f'<text x="{left + i * step:.1f}" y="{height - 10}" font-size="11" '
-        f'text-anchor="middle">{html.escape(label[-5:])}</text>'
+        f'text-anchor="middle">{html.escape(label)}</text>'
         for i, (label, _) in enumerate(points)
     )
     line = " ".join(xy(i, value) for i, value in known)
