@@ -123,3 +123,21 @@ def test_csv_and_html_carry_the_numbers(store: Store) -> None:
     assert '<b id="acceptance">75.0%</b>' in page
     assert '<b id="retention-300">90.0%</b>' in page
     assert page.count("<svg") == 2
+
+
+def test_grafana_dashboard_asks_only_for_series_the_server_exports() -> None:
+    import json
+    import re
+
+    from server.metrics import Metrics
+
+    dashboard = json.loads(
+        (Path(__file__).parents[3] / "server/telemetry/grafana_dashboard.json").read_text()
+    )
+    exported = {metric.name for metric in Metrics().registry.collect()}
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert len(exprs) >= 6
+    for expr in exprs:
+        for series in re.findall(r"ghostpen_[a-z_]+", expr):
+            base = re.sub(r"_(total|sum|count|bucket)$", "", series)
+            assert base in exported, series
