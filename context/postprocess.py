@@ -12,8 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
+from context.languages import parser_for
+
 _BLOCK_OPENERS = (":", "{", "(", "[", "=>", "->", " do", " then")
 _BLOCK_CLOSERS = ("}", ")", "]", "end")
+_SYNTAX_CONTEXT_LINES = 80
 
 
 class Mode(Enum):
@@ -40,17 +43,19 @@ class CursorSurroundings:
     line_suffix: str  # the cursor line after the cursor
     next_line: str  # the first non-blank line after the cursor line, stripped
     stop: tuple[str, ...]
+    language: str = ""
+    prefix_tail: str = ""  # the last lines before the cursor, for a syntax check
 
     @classmethod
     def around(
-        cls, prefix: str, suffix: str, mode: Mode, stop: tuple[str, ...]
+        cls, prefix: str, suffix: str, mode: Mode, stop: tuple[str, ...], language: str = ""
     ) -> CursorSurroundings:
         line_prefix = prefix[prefix.rfind("\n") + 1 :]
         line_suffix, _, rest = suffix.partition("\n")
         next_line = next((line.strip() for line in rest.split("\n") if line.strip()), "")
-        return cls(
-            resolve_mode(mode, line_prefix, line_suffix), line_prefix, line_suffix, next_line, stop
-        )
+        resolved = resolve_mode(mode, line_prefix, line_suffix)
+        tail = "\n".join(prefix.split("\n")[-_SYNTAX_CONTEXT_LINES:])
+        return cls(resolved, line_prefix, line_suffix, next_line, stop, language, tail)
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,28 @@ def cut_at_block_end(text: str, cursor: CursorSurroundings) -> Cut | None:
     return None
 
 
+def cut_at_syntax_block_end(text: str, cursor: CursorSurroundings) -> Cut | None:
+    """Where tree-sitter knows the language: the innermost construct that began before the cursor
+    and ends, at the end of a line, inside the completion is the block being completed; text
+    after it is the model going on to something else."""
+    parser = parser_for(cursor.language) if cursor.mode is Mode.MULTI_LINE else None
+    complete = text[: text.rfind("\n") + 1]
+    if parser is None or not complete[:-1].strip():
+        return None
+    head = cursor.prefix_tail.encode("utf-8")
+    source = head + complete.encode("utf-8")
+    start = len(head)
+    node = parser.parse(source).root_node.named_descendant_for_byte_range(start, start)
+    while node is not None and node.parent is not None:
+        ends_inside = node.start_byte < start < node.end_byte < len(source)
+        if ends_inside and not node.has_error:
+            line_end = source.find(b"\n", node.end_byte)
+            if not source[node.end_byte : line_end].strip() and source[line_end:].strip():
+                return Cut(len(source[start:line_end].decode("utf-8")), Finish.BLOCK_END)
+        node = node.parent
+    return None
+
+
 def cut_at_suffix_repeat(text: str, cursor: CursorSurroundings) -> Cut | None:
     """A completed line that is the first line after the cursor: the model is repeating the file."""
     if len(cursor.next_line) < 3:
@@ -133,6 +160,7 @@ FILTERS: tuple[Filter, ...] = (
     cut_at_line_end,
     cut_at_suffix_repeat,
     cut_at_block_end,
+    cut_at_syntax_block_end,
 )
 
 

@@ -86,8 +86,9 @@ class Completer:
     async def run(self, job: CompletionJob) -> AsyncIterator[CompletionEvent]:
         """Stream the completion. Cancelling the consumer aborts the engine request; a passed
         deadline raises DeadlinePassed after aborting it."""
+        document = job.document
         cursor = CursorSurroundings.around(
-            job.document.prefix, job.document.suffix, job.mode, self.template.stop
+            document.prefix, document.suffix, job.mode, self.template.stop, document.language
         )
         engine_start = time.monotonic()
         max_tokens = job.max_tokens or (

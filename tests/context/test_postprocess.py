@@ -112,3 +112,41 @@ def test_only_a_possible_stop_string_start_is_held_back() -> None:
     assert truncator.feed("1)<|end") == "1)"
     assert truncator.feed("oftext|>") == ""
     assert truncator.close(Finish.STOP) == ("", Finish.STOP)
+
+
+@pytest.mark.parametrize(
+    ("language", "prefix", "generated", "expected"),
+    [
+        # the call the cursor is in closes; indentation alone sees nothing end here
+        ("python", "total = compute(", "a, b)\nprint(total)\n", "a, b)"),
+        # the statement ends with its line, not at the inner closing brace
+        (
+            "javascript",
+            "const ids = items.map((item) => {",
+            "\n  return item.id;\n}).filter(Boolean);\nconsole.log(ids);\n",
+            "\n  return item.id;\n}).filter(Boolean);",
+        ),
+        (
+            "rust",
+            "fn area(w: u32, h: u32) -> u32 {",
+            "\n    w * h\n}\nfn main() {}\n",
+            "\n    w * h\n}",
+        ),
+    ],
+)
+def test_syntax_block_end(language: str, prefix: str, generated: str, expected: str) -> None:
+    cursor = CursorSurroundings.around(prefix, "\n", Mode.MULTI_LINE, STOP, language)
+    for pieces in ([generated], list(generated)):
+        truncator = Truncator(cursor)
+        shown = [truncator.feed(piece) for piece in pieces]
+        rest, finish = truncator.close(Finish.STOP)
+        assert ("".join(shown) + rest, finish) == (expected, Finish.BLOCK_END)
+
+
+def test_no_syntax_cut_while_the_block_goes_on() -> None:
+    prefix = "def f(x):\n    y = 1\n    "
+    cursor = CursorSurroundings.around(prefix, "\n", Mode.MULTI_LINE, STOP, "python")
+    truncator = Truncator(cursor)
+    shown = truncator.feed("z = y + x\n    w = z * 2\n    return w\n")
+    rest, finish = truncator.close(Finish.STOP)
+    assert (shown + rest, finish) == ("z = y + x\n    w = z * 2\n    return w", Finish.STOP)
