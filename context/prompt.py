@@ -9,7 +9,14 @@ from dataclasses import dataclass
 
 from context.chunker import Chunk
 from context.languages import line_comment
-from context.ranker import Exclusion, RankedChunk, query_text, rank_chunks, score_chunks
+from context.ranker import (
+    Exclusion,
+    RankedChunk,
+    Ranker,
+    query_text,
+    rank_chunks,
+    score_chunks,
+)
 from context.settings import ContextSettings
 from context.template import Template
 
@@ -50,19 +57,21 @@ def build_prompt(
     template: Template,
     settings: ContextSettings,
     previous: Sequence[Chunk] = (),
+    rank: Ranker = rank_chunks,
 ) -> Prompt:
     """Stable text first (repository, context files in file order, the prefix window anchored on a
     fixed line) so that consecutive keystrokes share the longest possible prompt prefix.
 
     `previous`: the context of the session's last prompt. Those chunks keep their place unless
     another beats them by `context_stickiness`: a changed context costs a full prompt re-read in
-    the engine, which on a CPU is seconds, while near-ties in similarity are noise."""
+    the engine, which on a CPU is seconds, while near-ties in similarity are noise.
+    `rank`: another retrieval strategy, for evaluations that compare them."""
     prefix, prefix_start = _prefix_window(document.prefix, settings)
     suffix = _suffix_window(document.suffix, settings)
     cursor_line = document.prefix.count("\n")
     exclusion = Exclusion(document.path, prefix_start, cursor_line + suffix.count("\n") + 1)
     query = query_text(document.prefix, settings.query_lines)
-    ranked = rank_chunks(query, chunks, exclusion, settings.top_k)
+    ranked = rank(query, chunks, exclusion, settings.top_k)
     incumbents = _still_present(previous, chunks, exclusion, ranked)
     if incumbents:
         ranked = sorted(

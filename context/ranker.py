@@ -4,7 +4,7 @@ Normalized Levenshtein similarity (rapidfuzz) over token sequences: see context.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from rapidfuzz import process
@@ -34,6 +34,9 @@ class Exclusion:
             and chunk.start_line < self.end_line
             and chunk.end_line > self.start_line
         )
+
+
+Ranker = Callable[[str, Sequence[Chunk], Exclusion, int], list[RankedChunk]]
 
 
 def query_text(prefix: str, query_lines: int) -> str:

@@ -51,6 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--format", choices=("html", "json", "csv"), default="html")
     report.add_argument("--out", type=Path, help="a file to write; default: standard output")
 
+    evaluate = commands.add_parser("eval", help="completion quality on a real source tree")
+    evaluate.add_argument("tree", type=Path, help="a directory of source code")
+    evaluate.add_argument("--tasks", type=int, default=30)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--strategies", default="none,edit-distance,jaccard,bm25")
+    evaluate.add_argument("--engine", choices=("auto", "llama.cpp", "vllm"))
+    evaluate.add_argument("--out", type=Path, help="write every outcome and the summary as JSON")
+
     args = parser.parse_args(argv)
     overrides = dict(item.split("=", 1) for item in args.set)
     if args.command == "serve":
@@ -71,10 +79,66 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "report":
             return _report(args, settings)
+        if args.command == "eval":
+            return _eval(args, settings)
         return _models(args, settings)
     except ModelError as error:
         print(f"ghostpen: {error}", file=sys.stderr)
         return 2
+
+
+def _eval(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+    import dataclasses
+    import json
+
+    from benchmarks.eval.run import evaluate, markdown, summarize
+    from benchmarks.eval.tasks import build_tasks
+    from context.template import load_template
+    from server.completion import Completer
+    from server.engines.factory import start_engine
+    from server.metrics import Metrics
+
+    strategies = args.strategies.split(",")
+    tasks = build_tasks(
+        args.tree, args.tasks, args.seed, settings.limits.max_files, settings.limits.max_file_bytes
+    )
+    engine_settings = settings.engine
+    if args.engine:
+        engine_settings = dataclasses.replace(engine_settings, engine=args.engine)
+
+    async def run() -> list:
+        engine = await start_engine(engine_settings, settings.cache_dir)
+        completer = Completer(
+            engine,
+            load_template(settings.context.template),
+            settings.context,
+            settings.limits,
+            Metrics(),
+            record=lambda _: None,  # an evaluation serves nobody: nothing to store
+        )
+        try:
+            return await evaluate(completer, tasks, strategies, args.tree.name)
+        finally:
+            await engine.close()
+
+    outcomes = asyncio.run(run())
+    rows = summarize(outcomes, strategies)
+    print(f"{len(tasks)} tasks from {args.tree} (seed {args.seed})\n")
+    print(markdown(rows))
+    if args.out:
+        args.out.write_text(
+            json.dumps(
+                {
+                    "tree": str(args.tree),
+                    "seed": args.seed,
+                    "summary": rows,
+                    "outcomes": [dataclasses.asdict(o) for o in outcomes],
+                },
+                indent=2,
+            )
+        )
+    return 0
 
 
 def _report(args: argparse.Namespace, settings: Settings) -> int:

@@ -74,14 +74,14 @@ class Completer:
         self.engine = engine
         self._record = record
         self.template = template
-        self._context = context
+        self.context_settings = context
         self._limits = limits
         self._metrics = metrics
 
     def prompt(
         self, repo: str, document: Document, chunks: Sequence[Chunk], previous: Sequence[Chunk] = ()
     ) -> Prompt:
-        return build_prompt(repo, document, chunks, self.template, self._context, previous)
+        return build_prompt(repo, document, chunks, self.template, self.context_settings, previous)
 
     async def run(self, job: CompletionJob) -> AsyncIterator[CompletionEvent]:
         """Stream the completion. Cancelling the consumer aborts the engine request; a passed

@@ -1,0 +1,139 @@
+"""Run tasks through the real pipeline (the Completer the server uses) for each context strategy.
+
+ghostpen eval SOURCE_TREE [--tasks 30] [--seed 0] [--strategies none,edit-distance,jaccard,bm25]
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from benchmarks.corpus import percentiles
+from benchmarks.eval.metrics import edit_similarity, exact_match, identifier_match
+from benchmarks.eval.strategies import STRATEGIES, identifiers
+from benchmarks.eval.tasks import Task
+from context.chunker import Chunk
+from context.postprocess import Mode
+from context.prompt import Document, build_prompt
+from server.completion import Completer, CompletionJob
+from server.workspace import ChunkCache
+
+
+@dataclass(frozen=True)
+class Outcome:
+    strategy: str
+    kind: str
+    exact: float
+    edit_similarity: float
+    identifier_exact: float
+    identifier_f1: float
+    retrieved_relevant: bool | None  # None: no chunk of another file holds the answer's names
+    context_ms: float
+    total_ms: float
+
+
+async def evaluate(
+    completer: Completer, tasks: Sequence[Task], strategies: Sequence[str], repo: str
+) -> list[Outcome]:
+    cache = ChunkCache(completer.context_settings.chunk_max_lines)
+    outcomes = []
+    for number, task in enumerate(tasks):
+        chunks = [c for f in task.context for c in cache.chunks(f.path, f.language, f.text)]
+        relevant = _relevant(task, chunks)
+        document = Document(task.file.path, task.file.language, task.file.text, task.cursor)
+        for strategy in strategies:
+            received = time.monotonic()
+            prompt = build_prompt(
+                repo,
+                document,
+                chunks,
+                completer.template,
+                completer.context_settings,
+                rank=STRATEGIES[strategy],
+            )
+            job = CompletionJob(
+                request_id=f"eval-{number}-{strategy}",
+                completion_id="",
+                document=document,
+                prompt=prompt,
+                mode=Mode.SINGLE_LINE,
+                max_tokens=0,
+                received=received,
+                prompted=time.monotonic(),
+                deadline=received + 120,
+            )
+            text, final = "", None
+            async for event in completer.run(job):
+                text += event.text
+                final = event
+            exact_ids, f1 = identifier_match(text, task.expected)
+            chosen = {r.chunk for r in prompt.context}
+            outcomes.append(
+                Outcome(
+                    strategy,
+                    task.kind,
+                    exact_match(text, task.expected),
+                    edit_similarity(text, task.expected),
+                    exact_ids,
+                    f1,
+                    bool(chosen & relevant) if relevant else None,
+                    final.timings.context_s * 1000,
+                    final.timings.total_s * 1000,
+                )
+            )
+    return outcomes
+
+
+def _relevant(task: Task, chunks: list[Chunk]) -> set[Chunk]:
+    """Chunks of other files holding a name of the expected completion that the cursor's own
+    file does not define or use before the cursor: what retrieval is for."""
+    known = set(identifiers(task.file.text[: task.cursor]))
+    wanted = {name for name in identifiers(task.expected) if name not in known and len(name) > 2}
+    return {c for c in chunks if wanted & set(identifiers(c.text))} if wanted else set()
+
+
+def summarize(outcomes: list[Outcome], strategies: Sequence[str]) -> list[dict[str, object]]:
+    rows = []
+    for strategy in strategies:
+        mine = [o for o in outcomes if o.strategy == strategy]
+        judged = [o for o in mine if o.retrieved_relevant is not None]
+        rows.append(
+            {
+                "strategy": strategy,
+                "tasks": len(mine),
+                "exact_match": _mean([o.exact for o in mine]),
+                "edit_similarity": _mean([o.edit_similarity for o in mine]),
+                "identifier_exact": _mean([o.identifier_exact for o in mine]),
+                "identifier_f1": _mean([o.identifier_f1 for o in mine]),
+                "recall_at_k": _mean([float(bool(o.retrieved_relevant)) for o in judged]),
+                "recall_tasks": len(judged),
+                "context_ms_p50": percentiles([o.context_ms for o in mine])["p50"],
+                "total_ms_p50": percentiles([o.total_ms for o in mine])["p50"],
+            }
+        )
+    return rows
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def markdown(rows: list[dict[str, object]]) -> str:
+    header = [
+        "strategy",
+        "tasks",
+        "exact_match",
+        "edit_similarity",
+        "identifier_exact",
+        "identifier_f1",
+        "recall_at_k",
+        "recall_tasks",
+        "context_ms_p50",
+        "total_ms_p50",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [f"{row[h]:.3f}" if isinstance(row[h], float) else str(row[h]) for h in header]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
