@@ -41,7 +41,9 @@ async def evaluate(
     for number, task in enumerate(tasks):
         chunks = [c for f in task.context for c in cache.chunks(f.path, f.language, f.text)]
         relevant = _relevant(task, chunks)
-        document = Document(task.file.path, task.file.language, task.file.text, task.cursor)
+        document = Document(
+            task.file.path, task.file.language, task.left + task.right, len(task.left)
+        )
         for strategy in strategies:
             received = time.monotonic()
             prompt = build_prompt(
@@ -88,7 +90,7 @@ async def evaluate(
 def _relevant(task: Task, chunks: list[Chunk]) -> set[Chunk]:
     """Chunks of other files holding a name of the expected completion that the cursor's own
     file does not define or use before the cursor: what retrieval is for."""
-    known = set(identifiers(task.file.text[: task.cursor]))
+    known = set(identifiers(task.left))
     wanted = {name for name in identifiers(task.expected) if name not in known and len(name) > 2}
     return {c for c in chunks if wanted & set(identifiers(c.text))} if wanted else set()
 

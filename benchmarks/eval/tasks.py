@@ -32,6 +32,15 @@ class Task:
     expected: str
     context: tuple[SourceFile, ...]  # other files, most recently modified first
 
+    @property
+    def left(self) -> str:
+        return self.file.text[: self.cursor]
+
+    @property
+    def right(self) -> str:
+        """What follows the expected text: the model must not see the answer."""
+        return self.file.text[self.cursor + len(self.expected) :]
+
 
 def source_files(root: Path, max_bytes: int) -> list[SourceFile]:
     found = []

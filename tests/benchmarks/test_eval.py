@@ -31,6 +31,7 @@ def test_task_building_is_deterministic_and_faithful(tmp_path: Path) -> None:
         text = task.file.text
         assert text[task.cursor :].startswith(task.expected)
         assert task.expected and "\n" not in task.expected
+        assert task.left + task.expected + task.right == text
         assert task.file.path not in {f.path for f in task.context}
     assert build_tasks(tmp_path, 6, seed=4, max_files=12, max_bytes=10_000) != first
 
