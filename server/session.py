@@ -61,7 +61,6 @@ class Session:
         self.session_id = uuid.uuid4().hex
         self.repo = ""
         self._completer = completer
-        self._context = settings.context
         self._metrics = metrics
         self._send = send
         self.workspace = Workspace(settings.limits, settings.context.chunk_max_lines)
