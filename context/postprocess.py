@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from functools import lru_cache
 
 from context.languages import parser_for
 
@@ -122,11 +123,19 @@ def cut_at_syntax_block_end(text: str, cursor: CursorSurroundings) -> Cut | None
     """Where tree-sitter knows the language: the innermost construct that began before the cursor
     and ends, at the end of a line, inside the completion is the block being completed; text
     after it is the model going on to something else."""
-    parser = parser_for(cursor.language) if cursor.mode is Mode.MULTI_LINE else None
-    complete = text[: text.rfind("\n") + 1]
+    if cursor.mode is not Mode.MULTI_LINE:
+        return None
+    length = _syntax_block_end(cursor.language, cursor.prefix_tail, text[: text.rfind("\n") + 1])
+    return None if length is None else Cut(length, Finish.BLOCK_END)
+
+
+@lru_cache(maxsize=32)
+def _syntax_block_end(language: str, prefix_tail: str, complete: str) -> int | None:
+    """Cached: deltas that complete no new line ask the same question again."""
+    parser = parser_for(language)
     if parser is None or not complete[:-1].strip():
         return None
-    head = cursor.prefix_tail.encode("utf-8")
+    head = prefix_tail.encode("utf-8")
     source = head + complete.encode("utf-8")
     start = len(head)
     node = parser.parse(source).root_node.named_descendant_for_byte_range(start, start)
@@ -135,7 +144,7 @@ def cut_at_syntax_block_end(text: str, cursor: CursorSurroundings) -> Cut | None
         if ends_inside and not node.has_error:
             line_end = source.find(b"\n", node.end_byte)
             if not source[node.end_byte : line_end].strip() and source[line_end:].strip():
-                return Cut(len(source[start:line_end].decode("utf-8")), Finish.BLOCK_END)
+                return len(source[start:line_end].decode("utf-8"))
         node = node.parent
     return None
 
