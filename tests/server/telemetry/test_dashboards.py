@@ -49,37 +49,42 @@ async def isolated(server: RunningServer, settings: Settings, tmp_path_factory) 
         settings, telemetry=dataclasses.replace(settings.telemetry, database=str(database))
     )
     running = await start_server(own, server.engine, Metrics())
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        stub = pb_grpc.CompletionStub(channel)
-        events = []
-        for index in range(4):  # 4 shown; 2 accepted, 1 partly, 1 rejected; retention on 2
-            request = pb.CompleteRequest(
-                request_id=f"d{index}", path=f"f{index}.py", prefix=b"x = ", max_tokens=3
-            )
-            completion_id = [c async for c in stub.Complete(request)][-1].completion_id
-            kinds = [("shown", pb.Shown())]
-            outcomes = [
-                ("accepted", pb.Accepted(accepted_chars=4)),
-                ("accepted", pb.Accepted(accepted_chars=4)),
-                ("partially_accepted", pb.PartiallyAccepted(accepted_chars=2)),
-                ("rejected", pb.Rejected()),
-            ]
-            kinds.append(outcomes[index])
-            if index < 2:
-                kinds.append(
-                    ("retention", pb.Retention(after_s=300, retained_fraction=0.5 + index * 0.3))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.CompletionStub(channel)
+            events = []
+            for index in range(4):  # 4 shown; 2 accepted, 1 partly, 1 rejected; retention on 2
+                request = pb.CompleteRequest(
+                    request_id=f"d{index}", path=f"f{index}.py", prefix=b"x = ", max_tokens=3
                 )
-            for kind, body in kinds:
-                events.append(
-                    pb.TelemetryEvent(
-                        event_id=uuid.uuid4().hex, completion_id=completion_id, **{kind: body}
+                completion_id = [c async for c in stub.Complete(request)][-1].completion_id
+                kinds = [("shown", pb.Shown())]
+                outcomes = [
+                    ("accepted", pb.Accepted(accepted_chars=4)),
+                    ("accepted", pb.Accepted(accepted_chars=4)),
+                    ("partially_accepted", pb.PartiallyAccepted(accepted_chars=2)),
+                    ("rejected", pb.Rejected()),
+                ]
+                kinds.append(outcomes[index])
+                if index < 2:
+                    kinds.append(
+                        (
+                            "retention",
+                            pb.Retention(after_s=300, retained_fraction=0.5 + index * 0.3),
+                        )
                     )
-                )
-        await stub.Report(pb.ReportRequest(events=events))
-    yield running, database
-    await running.server.stop(0)
-    await running.web.cleanup()
-    await running.writer.close()
+                for kind, body in kinds:
+                    events.append(
+                        pb.TelemetryEvent(
+                            event_id=uuid.uuid4().hex, completion_id=completion_id, **{kind: body}
+                        )
+                    )
+            await stub.Report(pb.ReportRequest(events=events))
+        yield running, database
+    finally:  # the engine is the session's: stop only ours
+        await running.server.stop(0)
+        await running.web.cleanup()
+        await running.writer.close()
 
 
 def expected(database: Path) -> dict:
