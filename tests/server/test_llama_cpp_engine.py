@@ -28,7 +28,8 @@ async def test_abort_stops_decoding_and_ends_the_stream(server) -> None:
         if len(seen) == 3:
             await engine.abort("a1")
     assert seen[-1].finished and seen[-1].aborted
-    assert engine.tokens_generated - before <= 4  # the token being decoded when abort came
+    # The three seen, at most one queued behind them, and the one being decoded when abort came.
+    assert engine.tokens_generated - before <= 5
     await engine.abort("a1")  # idempotent, quiet for finished ids
     await engine.abort("never-seen")
 
@@ -40,7 +41,7 @@ async def test_closing_the_stream_stops_the_engine(server) -> None:
         async for _ in deltas:
             break
     await asyncio.sleep(0.3)
-    assert engine.tokens_generated - before <= 2
+    assert engine.tokens_generated - before <= 3  # one seen, one queued, one being decoded
 
 
 async def test_a_stale_prompt_stops_between_prefill_batches(server) -> None:

@@ -159,8 +159,9 @@ async def test_a_new_request_supersedes_the_running_one_inside_the_engine(stub, 
     spent = engine.tokens_generated - before
     await asyncio.sleep(0.5)
     assert engine.tokens_generated - before == spent, "the engine went on generating"
-    # The long request got at most one more token after the short one arrived.
-    assert spent <= finals["short"].completion_tokens + 1
+    # Of 400 tokens asked for, the long request got at most the ones being decoded while the
+    # short one was on its way (one finishing, one more started) before it stopped.
+    assert spent <= finals["short"].completion_tokens + 2
     session.close()
 
 
