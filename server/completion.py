@@ -101,19 +101,27 @@ class Completer:
         request = EngineRequest(job.request_id, job.prompt.text, max_tokens)
         engine_done = engine_start
         try:
-            async with asyncio.timeout_at(_loop_time(job.deadline)):
-                async with aclosing(self.engine.generate(request)) as deltas:
-                    async for delta in deltas:
-                        engine_done = time.monotonic()
-                        first_token_at = first_token_at or engine_done
-                        last = delta
-                        text = truncator.feed(delta.text)
-                        if text:
-                            yield CompletionEvent(job.request_id, job.completion_id, text)
-                        if truncator.finish is not None:
-                            break
-                        if delta.finished:
-                            finish = _engine_finish(delta)
+            try:
+                async with asyncio.timeout_at(_loop_time(job.deadline)):
+                    async with aclosing(self.engine.generate(request)) as deltas:
+                        async for delta in deltas:
+                            engine_done = time.monotonic()
+                            first_token_at = first_token_at or engine_done
+                            last = delta
+                            text = truncator.feed(delta.text)
+                            if text:
+                                yield CompletionEvent(job.request_id, job.completion_id, text)
+                            if truncator.finish is not None:
+                                break
+                            if delta.finished:
+                                finish = _engine_finish(delta)
+            except BaseException:  # cancelled, superseded or dropped: its tokens were wasted
+                if last is not None:
+                    wasted = self._metrics.wasted_tokens.labels(
+                        self.engine.name, self.engine.model_id
+                    )
+                    wasted.inc(last.completion_tokens)
+                raise
         except TimeoutError:
             self._metrics.cancellations.labels(self.engine.name, "deadline").inc()
             raise DeadlinePassed(

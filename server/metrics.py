@@ -86,6 +86,12 @@ class Metrics:
             buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0),
             registry=self.registry,
         )
+        self.wasted_tokens = Counter(
+            "ghostpen_wasted_tokens",
+            "Tokens generated for requests that were cancelled, superseded or dropped.",
+            ["engine", "model"],
+            registry=self.registry,
+        )
         self.completion_tokens = Counter(
             "ghostpen_completion_tokens",
             "Tokens generated for completions that finished.",
