@@ -92,6 +92,10 @@ async def test_latest_wins_and_the_superseded_stream_is_closed() -> None:
         )
         == 1
     )
+    wasted = metrics.registry.get_sample_value(
+        "ghostpen_wasted_tokens_total", {"engine": "scripted", "model": "scripted-model"}
+    )
+    assert 0 < wasted < len("compute_total()\n")  # what "first" got before it was superseded
 
 
 async def test_an_engine_failure_is_reported_on_the_request_and_the_session_goes_on() -> None:
