@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -21,6 +23,15 @@ def free_port() -> int:
 class ServerProcess:
     address: str
     process: subprocess.Popen[str]
+    web: str  # http://host:port serving /metrics and /dashboard
+
+    def usage(self) -> tuple[float, int]:
+        """CPU seconds used so far, and peak resident memory in bytes (Linux /proc)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        peak_kib = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
+        return cpu_s, peak_kib * 1024
 
 
 @contextlib.contextmanager
@@ -52,7 +63,8 @@ def running_server(*serve_args: str, env: dict[str, str] | None = None) -> Itera
                 break
         else:
             raise RuntimeError(f"server exited with {process.wait()} before serving")
-        yield ServerProcess(f"127.0.0.1:{port}", process)
+        web = re.search(r"(http://\S+)/metrics", line)
+        yield ServerProcess(f"127.0.0.1:{port}", process, web.group(1) if web else "")
     finally:
         if process.poll() is None:
             process.terminate()

@@ -51,6 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--format", choices=("html", "json", "csv"), default="html")
     report.add_argument("--out", type=Path, help="a file to write; default: standard output")
 
+    bench = commands.add_parser("bench", help="load: simulated developers typing real files")
+    bench.add_argument("--sessions", type=int, default=4)
+    bench.add_argument("--sweep", help="comma-separated session counts, e.g. 1,2,4,8,16,32,64")
+    bench.add_argument("--duration", type=float, default=60.0, help="measured seconds per run")
+    bench.add_argument("--warmup", type=float, default=5.0)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--files", type=Path, help="a directory of .py files to type")
+    bench.add_argument("--engine", choices=("auto", "llama.cpp", "vllm"), default="auto")
+    bench.add_argument("--save-result", type=Path, help="JSON here, a Markdown table beside it")
+
     evaluate = commands.add_parser("eval", help="completion quality on a real source tree")
     evaluate.add_argument("tree", type=Path, help="a directory of source code")
     evaluate.add_argument("--tasks", type=int, default=30)
@@ -81,10 +91,32 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args, settings)
         if args.command == "eval":
             return _eval(args, settings)
+        if args.command == "bench":
+            return _bench(args)
         return _models(args, settings)
     except ModelError as error:
         print(f"ghostpen: {error}", file=sys.stderr)
         return 2
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from benchmarks.load import DEFAULT_FILES, LoadConfig, markdown, run_load, save, source_files
+    from benchmarks.server_process import running_server
+
+    counts = [int(n) for n in args.sweep.split(",")] if args.sweep else [args.sessions]
+    files = source_files(args.files or DEFAULT_FILES)
+    results = []
+    with running_server("--engine", args.engine) as server:
+        for sessions in counts:
+            config = LoadConfig(sessions, args.duration, files, args.seed, args.warmup)
+            results.append(uvloop.run(run_load(server, config)))
+            print(markdown(results[-1:]).splitlines()[-1], flush=True)
+    print(markdown(results))
+    if args.save_result:
+        save(results, args.save_result)
+    return 0
 
 
 def _eval(args: argparse.Namespace, settings: Settings) -> int:
