@@ -34,6 +34,7 @@ class CompletionJob:
     received: float  # time.monotonic() at arrival
     prompted: float  # time.monotonic() once the prompt was built
     deadline: float  # time.monotonic() past which the request is dropped
+    cache_key: str = ""  # the session, so the engine can keep its prompt cache apart
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class Completer:
         )
         truncator = Truncator(cursor)
         finish, first_token_at, last = Finish.STOP, 0.0, None
-        request = EngineRequest(job.request_id, job.prompt.text, max_tokens)
+        request = EngineRequest(job.request_id, job.prompt.text, max_tokens, job.cache_key)
         engine_done = engine_start
         try:
             try:

@@ -95,6 +95,7 @@ class Session:
             received=spec.received,
             prompted=time.monotonic(),
             deadline=spec.received + spec.deadline_s,
+            cache_key=self.session_id,
         )
         self._inflight[spec.request_id] = asyncio.create_task(self._serve(job))
         # Runs once the request waits on the engine: the next keystroke finds fresh chunks.

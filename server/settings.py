@@ -49,6 +49,7 @@ class EngineSettings:
     context_window: int = 2048
     threads: int = 0  # 0: all cores
     batch_tokens: int = 128  # llama.cpp prompt batch; also how often a stale prefill can stop
+    session_states: int = 8  # llama.cpp: KV states kept for sessions waiting their turn; 0: none
     quantization: str = ""  # vllm: fp8 | awq | gptq | compressed-tensors | ""
     enforce_eager: bool = True
     gpu_memory_utilization: float = 0.85

@@ -20,6 +20,7 @@ class EngineRequest:
     request_id: str
     prompt: str
     max_tokens: int  # stop strings and truncation are post-processing's: one place decides
+    cache_key: str = ""  # whose prompts these are (a session): engines may keep a cache per key
 
 
 @dataclass(frozen=True)

@@ -61,3 +61,19 @@ async def test_a_stale_prompt_stops_between_prefill_batches(server) -> None:
 
 async def _drain(stream):
     return [delta async for delta in stream][-1]
+
+
+async def test_sessions_taking_turns_keep_their_own_prompt_cache(server) -> None:
+    engine = server.engine
+    first = "".join(f"alpha_{i} = load_alpha({i})\n" for i in range(40))
+    second = "".join(f"beta_{i} = load_beta({i})\n" for i in range(40))
+
+    async def last(prompt: str, key: str):
+        return [d async for d in engine.generate(EngineRequest(key + "-r", prompt, 2, key))][-1]
+
+    await last(first, "session-a")
+    await last(second, "session-b")
+    again = await last(first + "alpha_40 =", "session-a")
+    assert again.cached_tokens >= 0.9 * again.prompt_tokens
+    without_key = await last(first + "alpha_41 =", "")  # keyless: whatever the cache holds
+    assert without_key.cached_tokens >= 0.9 * without_key.prompt_tokens
