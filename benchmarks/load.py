@@ -29,7 +29,7 @@ import grpc
 
 from benchmarks.corpus import percentiles
 from benchmarks.server_process import ServerProcess
-from editor_client.session_stream import SessionStream
+from editor_client.session_stream import SessionStream, full_text, insertion
 from proto import ghostpen_pb2 as pb
 from proto import ghostpen_pb2_grpc as pb_grpc
 
@@ -77,9 +77,9 @@ async def developer(
     stream = SessionStream(stub)
     stream.send(pb.ClientMessage(hello=pb.Hello(client=f"bench-{index}", workspace="bench")))
     for other in [f for f in config.files if f != target][:11]:
-        stream.send(_full(other.name, other.read_bytes()))
+        stream.send(full_text(other.name, other.read_bytes(), 1))
     version = 1
-    stream.send(_full(target.name, current.encode(), version))
+    stream.send(full_text(target.name, current.encode(), version))
     pending: dict[str, float] = {}  # request id -> sent at
     first_seen: dict[str, float] = {}
 
@@ -138,18 +138,7 @@ async def developer(
             position += 1
             version += 1
             current += char
-            stream.send(
-                pb.ClientMessage(
-                    file_update=pb.FileUpdate(
-                        path=target.name,
-                        version=version,
-                        base_version=version - 1,
-                        edits=pb.EditList(
-                            edits=[pb.Edit(start=offset, end=offset, text=char.encode())]
-                        ),
-                    )
-                )
-            )
+            stream.send(insertion(target.name, version, offset, char))
             stats.keystrokes += 1
             pause = rng.lognormvariate(0, 0.5) * config.keystroke_ms / 1000
             if not char.isalnum() and rng.random() < config.think_rate:
@@ -218,10 +207,6 @@ def _wasted_tokens(web: str) -> float:
         float(v)
         for v in re.findall(r"^ghostpen_wasted_tokens_total\{[^}]*\} (\S+)", body, re.MULTILINE)
     )
-
-
-def _full(path: str, body: bytes, version: int = 1) -> pb.ClientMessage:
-    return pb.ClientMessage(file_update=pb.FileUpdate(path=path, version=version, text=body))
 
 
 def markdown(results: list[dict[str, object]]) -> str:

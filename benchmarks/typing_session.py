@@ -24,7 +24,7 @@ import uvloop
 from benchmarks.corpus import percentiles
 from benchmarks.server_process import running_server
 from context.postprocess import Mode, resolve_mode
-from editor_client.session_stream import SessionStream
+from editor_client.session_stream import SessionStream, full_text, insertion
 from proto import ghostpen_pb2 as pb
 from proto import ghostpen_pb2_grpc as pb_grpc
 
@@ -47,25 +47,15 @@ async def type_through(target: str, path: Path, start_line: int, lines: int) -> 
             body = other.read_bytes()
             if len(body) > 1024 * 1024:
                 continue
-            editor.send(_full(other.name, body, 1))
+            editor.send(full_text(other.name, body, 1))
             await editor.read()
         version = 1
-        editor.send(_full(path.name, current.encode(), version))
+        editor.send(full_text(path.name, current.encode(), version))
         await editor.read()
         for index, char in enumerate(typed):
             offset = begin + index
             version += 1
-            edit = pb.Edit(start=offset, end=offset, text=char.encode())
-            editor.send(
-                pb.ClientMessage(
-                    file_update=pb.FileUpdate(
-                        path=path.name,
-                        version=version,
-                        base_version=version - 1,
-                        edits=pb.EditList(edits=[edit]),
-                    )
-                )
-            )
+            editor.send(insertion(path.name, version, offset, char))
             await editor.read()
             current = current[:offset] + char + current[offset:]
             following = typed[index + 1 : index + 2]
@@ -121,10 +111,6 @@ async def _complete(editor: SessionStream, path: str, version: int, cursor: int,
         "finish": pb.FinishReason.Name(chunk.finish_reason),
         "completion": completion,
     }
-
-
-def _full(path: str, body: bytes, version: int) -> pb.ClientMessage:
-    return pb.ClientMessage(file_update=pb.FileUpdate(path=path, version=version, text=body))
 
 
 def summarize(records: list[dict]) -> dict:

@@ -27,3 +27,18 @@ class SessionStream:
     def close(self) -> None:
         """Half-close: the server finishes what is in flight, then ends the stream."""
         self._outgoing.put_nowait(None)
+
+
+def full_text(path: str, body: bytes, version: int) -> pb.ClientMessage:
+    """A file's whole text, as sent the first time or to resynchronize."""
+    return pb.ClientMessage(file_update=pb.FileUpdate(path=path, version=version, text=body))
+
+
+def insertion(path: str, version: int, offset: int, text: str) -> pb.ClientMessage:
+    """`text` typed at `offset`, turning version - 1 into `version`."""
+    edit = pb.Edit(start=offset, end=offset, text=text.encode())
+    return pb.ClientMessage(
+        file_update=pb.FileUpdate(
+            path=path, version=version, base_version=version - 1, edits=pb.EditList(edits=[edit])
+        )
+    )

@@ -250,11 +250,6 @@ class CompletionService(pb_grpc.CompletionServicer):
             raise InvalidInput(f"file update for {update.path!r} has no version (must be >= 1)")
         content = update.WhichOneof("content")
         if content == "text":
-            if len(update.text) > self._limits.max_file_bytes:
-                raise LimitExceeded(
-                    f"file {update.path!r} is {len(update.text)} bytes; the limit is "
-                    f"max_file_bytes={self._limits.max_file_bytes}"
-                )
             text = _decode(update.text, repr(update.path))
             return FileChange(update.path, update.language, update.version, text=text)
         if content == "edits":
