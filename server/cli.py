@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--engine", choices=("auto", "llama.cpp", "vllm"), default="auto")
     bench.add_argument("--save-result", type=Path, help="JSON here, a Markdown table beside it")
 
+    agent = commands.add_parser("agent", help="the editor agent: a language server (LSP)")
+    agent.add_argument("--stdio", action="store_true", required=True, help="LSP over stdin/stdout")
+
     evaluate = commands.add_parser("eval", help="completion quality on a real source tree")
     evaluate.add_argument("tree", type=Path, help="a directory of source code")
     evaluate.add_argument("--tasks", type=int, default=30)
@@ -75,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         for flag in ("host", "port", "metrics_port", "engine", "model"):
             if getattr(args, flag) is not None:
                 overrides[flag] = str(getattr(args, flag))
+    if args.command == "agent":
+        from editor_client.agent import run_stdio
+
+        run_stdio()
+        return 0
     settings = Settings.load(overrides)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -1,0 +1,113 @@
+"""SessionClient against the real server (llama.cpp, default model)."""
+
+import asyncio
+import dataclasses
+
+from benchmarks.server_process import free_port
+from editor_client.client import SessionClient
+from editor_client.feedback import Feedback
+from editor_client.recent_files import RecentFiles, TextEdit
+from editor_client.settings import ClientSettings
+from server.app import RunningServer, start_server
+from server.engines.factory import start_engine
+from server.metrics import Metrics
+from server.settings import Settings
+
+CODE = "def add(a, b):\n    return a + b\n\n\ndef multiply(a, b):\n    return "
+
+
+async def until(condition, timeout: float = 30.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.02)
+
+
+async def serve_on(settings: Settings, port: int) -> RunningServer:
+    """A server of its own on a chosen port, so that a test can stop and restart it."""
+    serving = dataclasses.replace(
+        settings, server=dataclasses.replace(settings.server, port=port, metrics_port=-1)
+    )
+    engine = await start_engine(settings.engine, settings.cache_dir)
+    return await start_server(serving, engine, Metrics())
+
+
+def new_client(port: int, **options) -> tuple[SessionClient, list[str]]:
+    said: list[str] = []
+    settings = ClientSettings(
+        server=f"127.0.0.1:{port}", reconnect_initial_s=0.05, reconnect_max_s=0.2, **options
+    )
+    files = RecentFiles(settings.max_files, settings.max_file_bytes, said.append)
+    return SessionClient(settings, files, said.append, workspace="mathlib"), said
+
+
+async def test_completes_from_the_files_it_sent_and_a_newer_request_wins(server) -> None:
+    client, said = new_client(server.port)
+    client.files.open("math.py", "python", CODE, 1)
+    client.start()
+    await until(lambda: client.connected)
+    assert client.welcome.max_files == 12 and said == []
+    completion = await client.complete("math.py", len(CODE))
+    assert completion is not None and completion.completion_id
+    assert completion.text.strip().startswith("a * b")
+    assert completion.received_at >= completion.sent_at
+
+    client.files.change("math.py", 2, [TextEdit(len(CODE), len(CODE), "a")])
+    client.sync_files()
+    first = asyncio.create_task(client.complete("math.py", len(CODE) + 1))
+    await asyncio.sleep(0)
+    second = await client.complete("math.py", len(CODE))
+    assert await first is None  # superseded, never shown
+    assert second is not None and second.request_id != completion.request_id
+    await client.close()
+
+
+async def test_an_unreachable_server_costs_nothing_and_is_said_once(settings) -> None:
+    port = free_port()
+    client, said = new_client(port)
+    client.files.open("math.py", "python", CODE, 1)
+    client.start()
+    await asyncio.sleep(1.0)  # several retries
+    assert await client.complete("math.py", len(CODE)) is None
+    assert len(said) == 1 and f"127.0.0.1:{port} unavailable" in said[0]
+
+    # The server comes up: the client reconnects and sends the file again, whole.
+    running = await serve_on(settings, port)
+    try:
+        await until(lambda: client.connected)
+        assert said[-1] == f"ghostpen: reconnected to 127.0.0.1:{port}"
+        completion = await client.complete("math.py", len(CODE))
+        assert completion is not None and completion.text
+
+        # It goes away and comes back: one more notice each way, and the files go again.
+        await running.stop(0.5)
+        await until(lambda: not client.connected)
+        assert await client.complete("math.py", len(CODE)) is None
+        running = await serve_on(settings, port)
+        await until(lambda: client.connected)
+        assert client.sessions == 2 and len(said) == 4
+        assert await client.complete("math.py", len(CODE)) is not None
+    finally:
+        await client.close()
+        await running.stop(0.5)
+
+
+async def test_telemetry_waits_for_the_server_and_is_acknowledged_once_sent(settings) -> None:
+    port = free_port()
+    client, _ = new_client(port)
+    client.files.open("math.py", "python", CODE, 1)
+    client.start()
+    running = await serve_on(settings, port)
+    try:
+        await until(lambda: client.connected)
+        completion = await client.complete("math.py", len(CODE))
+        await running.stop(0.5)
+        await until(lambda: not client.connected)
+        feedback = Feedback(client.report)
+        feedback.shown(completion.completion_id)
+        feedback.accepted(completion.completion_id, "math.py", len(CODE), completion.text)
+        assert client.unacknowledged_events == 2
+        running = await serve_on(settings, port)
+        await until(lambda: client.unacknowledged_events == 0)
+    finally:
+        await client.close()
+        await running.stop(0.5)
