@@ -35,9 +35,11 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def running_server(*serve_args: str, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+def running_server(
+    *serve_args: str, env: dict[str, str] | None = None, port: int = 0
+) -> Iterator[ServerProcess]:
     """Yields once the server printed that it serves; terminates it afterwards if still alive."""
-    port = free_port()
+    port = port or free_port()
     command = [
         sys.executable,
         "-m",
