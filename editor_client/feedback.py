@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 
 from editor_client.retention import RetentionCheck, RetentionTracker
 from proto import ghostpen_pb2 as pb
 
+SHOWN_KEPT = 1000  # completions whose time of showing is remembered
 UNITS = {"word": pb.PartiallyAccepted.UNIT_WORD, "line": pb.PartiallyAccepted.UNIT_LINE}
 REASONS = {
     "dismissed": pb.Rejected.REASON_DISMISSED,
@@ -28,13 +30,15 @@ class Feedback:
     ) -> None:
         self._report = report
         self._clock = clock
-        self._shown_at: dict[str, float] = {}
+        self._shown_at: OrderedDict[str, float] = OrderedDict()
         self.retention = RetentionTracker(clock, self._retention)
 
     def shown(self, completion_id: str) -> None:
         """Once per completion, however often the editor redraws it."""
         if completion_id not in self._shown_at:
             self._shown_at[completion_id] = self._clock()
+            if len(self._shown_at) > SHOWN_KEPT:
+                self._shown_at.popitem(last=False)
             self._send(completion_id, shown=pb.Shown())
 
     def accepted(self, completion_id: str, path: str, offset: int, text: str) -> None:

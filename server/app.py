@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from context.template import load_template
 from proto import ghostpen_pb2 as pb
 from proto import ghostpen_pb2_grpc as pb_grpc
+from server.auth import TokenCheck
 from server.completion import Completer
 from server.engines.base import Engine
 from server.engines.factory import start_engine
@@ -51,11 +52,13 @@ class RunningServer:
 async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> RunningServer:
     """Start serving on settings.server (port 0 picks a free port; the bound one is returned)."""
     limit = settings.server.max_message_bytes
+    token = settings.server.auth_token
     server = grpc.aio.server(
+        interceptors=[TokenCheck(token)] if token else [],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
-        ]
+        ],
     )
     store = await asyncio.to_thread(Store.open, settings.telemetry.database, settings.cache_dir)
     writer = TelemetryWriter(

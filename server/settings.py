@@ -26,6 +26,7 @@ class ServerSettings:
     metrics_port: int = 9464  # /metrics and /dashboard; 0 picks a free port, -1 turns them off
     shutdown_grace_s: float = 5.0
     max_message_bytes: int = 8 * 1024 * 1024  # a gRPC message larger than this is refused
+    auth_token: str = ""  # when set, calls must send `authorization: Bearer <token>`
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,16 @@
 import asyncio
 import dataclasses
 
+import grpc
+import pytest
+
 from benchmarks.server_process import free_port
 from editor_client.client import SessionClient
 from editor_client.feedback import Feedback
 from editor_client.recent_files import RecentFiles, TextEdit
 from editor_client.settings import ClientSettings
+from proto import ghostpen_pb2 as pb
+from proto import ghostpen_pb2_grpc as pb_grpc
 from server.app import RunningServer, start_server
 from server.engines.factory import start_engine
 from server.metrics import Metrics
@@ -22,11 +27,10 @@ async def until(condition, timeout: float = 30.0) -> None:
             await asyncio.sleep(0.02)
 
 
-async def serve_on(settings: Settings, port: int) -> RunningServer:
+async def serve_on(settings: Settings, port: int, token: str = "") -> RunningServer:
     """A server of its own on a chosen port, so that a test can stop and restart it."""
-    serving = dataclasses.replace(
-        settings, server=dataclasses.replace(settings.server, port=port, metrics_port=-1)
-    )
+    server = dataclasses.replace(settings.server, port=port, metrics_port=-1, auth_token=token)
+    serving = dataclasses.replace(settings, server=server)
     engine = await start_engine(settings.engine, settings.cache_dir)
     return await start_server(serving, engine, Metrics())
 
@@ -110,4 +114,32 @@ async def test_telemetry_waits_for_the_server_and_is_acknowledged_once_sent(sett
         await until(lambda: client.unacknowledged_events == 0)
     finally:
         await client.close()
+        await running.stop(0.5)
+
+
+async def test_a_server_with_a_token_turns_away_clients_without_it(settings) -> None:
+    port = free_port()
+    running = await serve_on(settings, port, token="s3cret")
+    without, said = new_client(port)
+    with_token, _ = new_client(port, token="s3cret")
+    for client in (without, with_token):
+        client.files.open("math.py", "python", CODE, 1)
+        client.start()
+    try:
+        await until(lambda: with_token.connected and said)
+        assert "UNAUTHENTICATED: no token: this server has auth_token set" in said[0]
+        assert not without.connected
+        assert await with_token.complete("math.py", len(CODE)) is not None
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.CompletionStub(channel)
+            wrong = (("authorization", "Bearer guess"),)
+            with pytest.raises(grpc.aio.AioRpcError, match="missing or wrong token"):
+                await stub.Report(pb.ReportRequest(), metadata=wrong)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                async for _ in stub.Complete(pb.CompleteRequest(path="a.py"), metadata=wrong):
+                    pass
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await without.close()
+        await with_token.close()
         await running.stop(0.5)
