@@ -218,6 +218,7 @@ async def inline_completion(
         "uri": params.text_document.uri,
         "position": {"line": params.position.line, "character": params.position.character},
         "text": suggestion.text,
+        "source": suggestion.source,
     }
     item = types.InlineCompletionItem(
         insert_text=suggestion.text,

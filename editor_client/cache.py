@@ -32,6 +32,7 @@ class Suggestion:
     completion_id: str
     text: str  # what is left to insert at the cursor
     typed: int  # characters of the completion already typed through (0: as the server sent it)
+    source: str = "cache"  # or "server", or "in-flight" (a request sent before this keystroke)
 
 
 class CompletionCache:

@@ -5,6 +5,7 @@ a new request sent once the adaptive debounce has seen a pause."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -25,7 +26,8 @@ class InlineStats:
     debounced: int = 0  # automatic calls that a further keystroke made unnecessary
     requests: int = 0
     empty: int = 0  # requests that came back with nothing to show
-    before_send_ms: list[float] = field(default_factory=list)  # call to request queued, no wait
+    # Call to request queued, less the debounce and any wait on a request already in flight.
+    before_send_ms: list[float] = field(default_factory=list)
     after_receive_ms: list[float] = field(default_factory=list)  # final chunk to suggestion
 
 
@@ -60,12 +62,14 @@ class InlineCompleter:
             self.stats.from_cache += 1
             return hit
         if (in_flight := self._in_flight) and in_flight.anchor.typed_since(anchor) is not None:
+            waiting = time.monotonic()
             completion = await asyncio.shield(in_flight.task)
+            started += time.monotonic() - waiting  # the server's time, not the agent's
             if completion is not None:
                 self._cache.put(in_flight.anchor, completion.completion_id, completion.text)
                 if hit := self._cache.get(anchor):
                     self.stats.from_in_flight += 1
-                    return hit
+                    return dataclasses.replace(hit, source="in-flight")
         elif in_flight is not None:
             self._client.cancel_current()
         waited = 0.0
@@ -100,4 +104,4 @@ class InlineCompleter:
             return None
         self._cache.put(anchor, completion.completion_id, completion.text)
         self.stats.after_receive_ms.append((time.monotonic() - completion.received_at) * 1000)
-        return Suggestion(completion.completion_id, completion.text, 0)
+        return Suggestion(completion.completion_id, completion.text, 0, "server")
