@@ -3,6 +3,7 @@ server with the default model: what a developer sees and what the server is told
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import sys
 import time
@@ -46,7 +47,8 @@ class Editor:
         self.nvim.command("setlocal noautoindent nosmartindent indentexpr=")  # keys as typed
 
     def type(self, keys: str, pause: float = 0.03) -> None:
-        for key in keys:
+        """One key at a time, as a developer types; `<Esc>` and the like are one key."""
+        for key in re.findall(r"<[^<>]+>|.", keys, re.DOTALL):
             self.nvim.input(key)
             time.sleep(pause)
 
@@ -122,6 +124,16 @@ def test_word_accept_and_dismissal_are_reported(editor, served) -> None:
         )
     )
     assert kinds
+
+
+def test_the_trigger_key_asks_where_no_automatic_request_goes(editor) -> None:
+    editor.type("Go    return  # the product<Esc>")
+    editor.nvim.call("cursor", 6, 11)
+    editor.nvim.input("a")  # insert mode after "return ", real text after the cursor
+    time.sleep(0.5)
+    assert editor.status().get("suggestion") is None
+    editor.nvim.input("<M-Bslash>")
+    assert editor.suggestion_after("    return ")["suggestion"].strip()
 
 
 def test_a_request_superseded_by_typing_never_renders(editor) -> None:

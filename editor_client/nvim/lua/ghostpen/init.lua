@@ -10,7 +10,13 @@ local defaults = {
   server = "127.0.0.1:50151",
   token = "",
   settings = {}, -- any agent setting, e.g. { debounce_max_ms = 200 }
-  keys = { accept = "<Tab>", accept_word = "<M-Right>", accept_line = "<M-Down>", dismiss = "<C-]>" },
+  keys = {
+    accept = "<Tab>",
+    accept_word = "<M-Right>",
+    accept_line = "<M-Down>",
+    dismiss = "<C-]>",
+    trigger = "<M-\\>", -- ask now, without waiting for a pause
+  },
   highlight = "Comment",
 }
 
@@ -21,6 +27,7 @@ local state = {
   suggestion = nil, -- { buf, row, col, before, text, completion_id, uri }
   shown = {}, -- completion ids reported as shown
   renders = {}, -- { requested_tick, rendered_tick } of each suggestion drawn, for tests
+  stale = 0, -- answers that came after the text or cursor moved on, never drawn
   messages = {},
 }
 
@@ -111,10 +118,13 @@ function M.request(manual)
       state.pending = nil
     end
     -- A newer keystroke or a cursor move made this answer stale: it is never drawn.
+    if err or not result then
+      return
+    end
     local now_row, now_col = cursor()
-    if err or not result or api.nvim_get_current_buf() ~= buf
-      or api.nvim_buf_get_changedtick(buf) ~= tick or now_row ~= row or now_col ~= col
-      or api.nvim_get_mode().mode:sub(1, 1) ~= "i" then
+    if api.nvim_get_current_buf() ~= buf or api.nvim_buf_get_changedtick(buf) ~= tick
+      or now_row ~= row or now_col ~= col or api.nvim_get_mode().mode:sub(1, 1) ~= "i" then
+      state.stale = state.stale + 1
       return
     end
     local item = (result.items or result)[1]
@@ -202,6 +212,7 @@ function M.status()
     completion_id = state.suggestion and state.suggestion.completion_id or nil,
     pending = state.pending,
     renders = state.renders,
+    stale = state.stale,
     messages = state.messages,
   }
 end
@@ -276,6 +287,10 @@ function M.setup(opts)
       return true
     end
     return false
+  end)
+  map(config.keys.trigger, function()
+    M.request(true)
+    return true
   end)
   attach(api.nvim_get_current_buf())
 end
