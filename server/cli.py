@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from datetime import UTC, datetime
@@ -60,6 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--files", type=Path, help="a directory of .py files to type")
     bench.add_argument("--engine", choices=("auto", "llama.cpp", "vllm"), default="auto")
     bench.add_argument("--save-result", type=Path, help="JSON here, a Markdown table beside it")
+    loop = bench.add_argument_group(
+        "open loop", "stateless Complete requests at a set rate (as `vllm bench serve`)"
+    )
+    loop.add_argument("--rate", type=float, help="requests per second ('inf': all at once)")
+    loop.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1: Poisson")
+    loop.add_argument("--requests", type=int, default=100)
+    loop.add_argument("--max-tokens", type=int, default=24)
+    loop.add_argument("--deadline-ms", type=int, default=10_000)
+    loop.add_argument("--peers", default="", help="also run, on the same model: llama-cpp,vllm")
+    loop.add_argument("--endpoint", default="", help="an OpenAI-compatible /v1 URL to measure")
+    loop.add_argument("--endpoint-model", default="", help="the model name the endpoint serves")
 
     agent = commands.add_parser("agent", help="the editor agent: a language server (LSP)")
     agent.add_argument("--stdio", action="store_true", required=True, help="LSP over stdin/stdout")
@@ -100,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return _eval(args, settings)
         if args.command == "bench":
+            if args.rate is not None or args.endpoint or args.peers:
+                return _bench_open_loop(args, settings)
             return _bench(args)
         return _models(args, settings)
     except ModelError as error:
@@ -124,6 +138,33 @@ def _bench(args: argparse.Namespace) -> int:
     print(markdown(results))
     if args.save_result:
         save(results, args.save_result)
+    return 0
+
+
+def _bench_open_loop(args: argparse.Namespace, settings: Settings) -> int:
+    from benchmarks.load import DEFAULT_FILES
+    from benchmarks.open_loop import OpenLoopConfig, markdown, run_comparison
+
+    config = OpenLoopConfig(
+        tree=args.files or DEFAULT_FILES,
+        requests=args.requests,
+        rate=args.rate if args.rate is not None else 1.0,
+        burstiness=args.burstiness,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        deadline_s=args.deadline_ms / 1000,
+        engine=args.engine,
+        peers=tuple(peer for peer in args.peers.split(",") if peer),
+        endpoint=args.endpoint,
+        endpoint_model=args.endpoint_model,
+    )
+    results = run_comparison(config, settings)
+    table = markdown(results)
+    print(table)
+    if args.save_result:
+        args.save_result.parent.mkdir(parents=True, exist_ok=True)
+        args.save_result.write_text(json.dumps(results, indent=2))
+        args.save_result.with_suffix(".md").write_text(table + "\n")
     return 0
 
 

@@ -144,3 +144,49 @@ async def test_no_automatic_request_in_the_middle_of_a_word_and_bad_reports_are_
         await client.protocol.send_request_async(
             "ghostpen/didReject", {"completionId": "c", "reason": "bored"}
         )
+
+
+async def test_workspace_configuration_overrides_initialization_options(server, tmp_path):
+    """An editor that keeps settings in its configuration (VS Code, Helix) is asked for them."""
+    client = LanguageClient("ghostpen-tests", "0")
+    asked: list[str] = []
+
+    @client.feature(types.WORKSPACE_CONFIGURATION)
+    def configuration(params: types.ConfigurationParams) -> list[dict]:
+        asked.extend(item.section for item in params.items)
+        return [{"server": f"127.0.0.1:{server.port}"}]
+
+    await client.start_io(sys.executable, "-m", "server.cli", "agent", "--stdio")
+    await client.initialize_async(
+        types.InitializeParams(
+            capabilities=types.ClientCapabilities(
+                workspace=types.WorkspaceClientCapabilities(configuration=True)
+            ),
+            root_uri=tmp_path.as_uri(),
+            initialization_options={"server": "127.0.0.1:1"},  # nothing listens there
+        )
+    )
+    client.initialized(types.InitializedParams())
+
+    async def connected() -> bool:
+        return (await agent_stats(client))["connected"]
+
+    await until_true(connected)
+    assert asked == ["ghostpen"]
+    await client.shutdown_async(None)
+    client.exit(None)
+    await client.stop()
+
+
+async def test_unknown_settings_fail_initialization_with_the_known_names(tmp_path):
+    client = LanguageClient("ghostpen-tests", "0")
+    await client.start_io(sys.executable, "-m", "server.cli", "agent", "--stdio")
+    with pytest.raises(Exception, match="unknown ghostpen setting 'sever'; known: server"):
+        await client.initialize_async(
+            types.InitializeParams(
+                capabilities=types.ClientCapabilities(),
+                initialization_options={"sever": "127.0.0.1:1"},
+            )
+        )
+    client.exit(None)
+    await client.stop()

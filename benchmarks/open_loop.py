@@ -1,0 +1,284 @@
+"""Open-loop load on the stateless path, in the manner of `vllm bench serve`: requests arrive at a
+set rate whatever the server's pace (Poisson, or gamma for burstiness), each with a deadline.
+
+The requests are completion tasks cut from a real source tree (`benchmarks/eval/tasks.py`). Two
+kinds of target take them:
+- ghostpen's `Complete` over gRPC: prefix, suffix and the recently touched files travel inline;
+- any OpenAI-compatible `/v1/completions` endpoint, streaming: how peers (llama-cpp-python's own
+  server, `vllm serve`) and existing deployments are measured. It gets the very prompt ghostpen
+  builds for the same task (same template, same ranked context), so both serve the same tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import aiohttp
+import grpc
+import uvloop
+
+from benchmarks.corpus import percentiles
+from benchmarks.eval.tasks import Task, build_tasks
+from benchmarks.peers import running_peer
+from benchmarks.server_process import running_server
+from context.prompt import Document, build_prompt
+from context.settings import ContextSettings
+from context.template import Template, load_template
+from proto import ghostpen_pb2 as pb
+from proto import ghostpen_pb2_grpc as pb_grpc
+from server.model_store import resolve
+from server.settings import Settings
+from server.workspace import ChunkCache
+
+MAX_CONTEXT_FILES = 11
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ok: bool
+    first_text_ms: float | None  # None: no text came
+    total_ms: float
+    status: str = "OK"  # the gRPC status or HTTP error of a failed request
+
+
+class Target(Protocol):
+    name: str
+
+    async def complete(self, task: Task, max_tokens: int, deadline_s: float) -> Outcome: ...
+
+    async def close(self) -> None: ...
+
+
+class GhostpenTarget:
+    """`Complete` on a ghostpen server; the server builds the prompt."""
+
+    def __init__(self, address: str, name: str = "ghostpen") -> None:
+        self.name = name
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = pb_grpc.CompletionStub(self._channel)
+
+    async def complete(self, task: Task, max_tokens: int, deadline_s: float) -> Outcome:
+        request = pb.CompleteRequest(
+            request_id=f"{task.file.path}:{task.cursor}",
+            path=task.file.path,
+            language=task.file.language,
+            prefix=task.left.encode(),
+            suffix=task.right.encode(),
+            context_files=[
+                pb.ContextFile(path=f.path, language=f.language, text=f.text.encode())
+                for f in task.context[:MAX_CONTEXT_FILES]
+            ],
+            mode=pb.MODE_SINGLE_LINE,
+            max_tokens=max_tokens,
+            deadline_unix_ms=int((time.time() + deadline_s) * 1000),
+        )
+        started = time.perf_counter()
+        first = None
+        try:
+            async for chunk in self._stub.Complete(request):
+                if chunk.text and first is None:
+                    first = (time.perf_counter() - started) * 1000
+        except grpc.aio.AioRpcError as error:
+            return Outcome(False, first, (time.perf_counter() - started) * 1000, error.code().name)
+        return Outcome(True, first, (time.perf_counter() - started) * 1000)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class OpenAITarget:
+    """A `/v1/completions` endpoint, streamed (server-sent events), temperature 0."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        template: Template,
+        context: ContextSettings,
+        name: str = "openai",
+    ) -> None:
+        self.name = name
+        self._url = base_url.rstrip("/") + "/completions"
+        self._model = model
+        self._template = template
+        self._context = context
+        self._chunks = ChunkCache(context.chunk_max_lines)
+        self._session = aiohttp.ClientSession()
+
+    def prompt(self, task: Task) -> str:
+        """The prompt ghostpen's server builds for the same task."""
+        chunks = [
+            chunk
+            for f in task.context[:MAX_CONTEXT_FILES]
+            for chunk in self._chunks.chunks(f.path, f.language, f.text)
+        ]
+        document = Document(
+            task.file.path, task.file.language, task.left + task.right, len(task.left)
+        )
+        return build_prompt("", document, chunks, self._template, self._context).text
+
+    async def complete(self, task: Task, max_tokens: int, deadline_s: float) -> Outcome:
+        body = {
+            "model": self._model,
+            "prompt": self.prompt(task),
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stop": ["\n", *self._template.stop],  # single line, as ghostpen's requests
+        }
+        started = time.perf_counter()
+        first = None
+        try:
+            async with self._session.post(
+                self._url, json=body, timeout=aiohttp.ClientTimeout(total=deadline_s)
+            ) as response:
+                if response.status != 200:
+                    return Outcome(False, None, _ms(started), f"HTTP {response.status}")
+                async for raw in response.content:
+                    line = raw.decode().strip()
+                    if not line.startswith("data:") or line == "data: [DONE]":
+                        continue
+                    choices = json.loads(line[5:]).get("choices") or [{}]
+                    if choices[0].get("text") and first is None:
+                        first = _ms(started)
+        except TimeoutError:
+            return Outcome(False, first, _ms(started), "DEADLINE_EXCEEDED")
+        except aiohttp.ClientError as error:
+            return Outcome(False, first, _ms(started), type(error).__name__)
+        return Outcome(True, first, _ms(started))
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
+
+
+def arrival_gaps(count: int, rate: float, burstiness: float, seed: int) -> list[float]:
+    """Seconds between arrivals: gamma with shape `burstiness` and mean 1/rate (1.0: Poisson;
+    lower: burstier). An infinite rate sends everything at once."""
+    if rate == float("inf"):
+        return [0.0] * count
+    rng = random.Random(seed)
+    scale = 1.0 / (rate * burstiness)
+    return [rng.gammavariate(burstiness, scale) for _ in range(count)]
+
+
+async def run_open_loop(
+    target: Target,
+    tasks: Sequence[Task],
+    rate: float,
+    burstiness: float,
+    seed: int,
+    max_tokens: int,
+    deadline_s: float,
+) -> dict[str, object]:
+    started = time.perf_counter()
+    running = []
+    for task, gap in zip(tasks, arrival_gaps(len(tasks), rate, burstiness, seed), strict=True):
+        running.append(asyncio.create_task(target.complete(task, max_tokens, deadline_s)))
+        await asyncio.sleep(gap)
+    outcomes: list[Outcome] = await asyncio.gather(*running)
+    elapsed = time.perf_counter() - started
+    done = [o for o in outcomes if o.ok]
+    return {
+        "target": target.name,
+        "rate": rate,
+        "burstiness": burstiness,
+        "requests": len(outcomes),
+        "completed": len(done),
+        "completions_per_s": round(len(done) / elapsed, 3),
+        "errors": dict(Counter(o.status for o in outcomes if not o.ok)),
+        "first_text_ms": percentiles([o.first_text_ms for o in done if o.first_text_ms]),
+        "total_ms": percentiles([o.total_ms for o in done]),
+        "seconds": round(elapsed, 1),
+    }
+
+
+@dataclass(frozen=True)
+class OpenLoopConfig:
+    tree: Path  # source tree the tasks are cut from
+    requests: int
+    rate: float
+    burstiness: float = 1.0
+    seed: int = 0
+    max_tokens: int = 24
+    deadline_s: float = 10.0
+    engine: str = "llama.cpp"
+    peers: tuple[str, ...] = ()
+    endpoint: str = ""  # an OpenAI-compatible base URL: measured instead of ghostpen
+    endpoint_model: str = ""
+
+
+def run_comparison(config: OpenLoopConfig, settings: Settings) -> list[dict[str, object]]:
+    """ghostpen (or the given endpoint), then each peer on the same model, one at a time so
+    that each has the machine to itself; the same tasks at the same arrival times."""
+    tasks = build_tasks(
+        config.tree, config.requests, config.seed, MAX_CONTEXT_FILES + 1,
+        settings.limits.max_file_bytes,
+    )  # fmt: skip
+    template = load_template(settings.context.template)
+
+    def measure(target_factory) -> dict[str, object]:
+        async def run() -> dict[str, object]:
+            target = target_factory()
+            try:
+                return await run_open_loop(
+                    target, tasks, config.rate, config.burstiness, config.seed,
+                    config.max_tokens, config.deadline_s,
+                )  # fmt: skip
+            finally:
+                await target.close()
+
+        return uvloop.run(run())
+
+    results = []
+    if config.endpoint:
+        results.append(measure(lambda: OpenAITarget(
+            config.endpoint, config.endpoint_model, template, settings.context, "endpoint"
+        )))  # fmt: skip
+    else:
+        with running_server("--engine", config.engine) as server:
+            results.append(measure(lambda: GhostpenTarget(server.address)))
+    for peer in config.peers:
+        want = "hf" if peer == "vllm" else "gguf"
+        model = resolve(settings.engine.model, settings.cache_dir, want)
+        with running_peer(peer, model.path, settings.engine.context_window) as base:
+            results.append(measure(lambda base=base, model=model, peer=peer: OpenAITarget(
+                base, model.path.name, template, settings.context, peer
+            )))  # fmt: skip
+    return results
+
+
+def markdown(results: list[dict[str, object]]) -> str:
+    """One row a target; ratios against the first (ghostpen), > 1 meaning the first is faster."""
+    base = results[0]
+    lines = [
+        "| target | completed | completions/s | errors | first text p50 / p90 / p99 ms "
+        "| total p50 / p90 / p99 ms | total p50 vs first |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in results:
+        first, total = row["first_text_ms"], row["total_ms"]
+        ratio = total["p50"] / base["total_ms"]["p50"] if total and base["total_ms"] else None
+        lines.append(
+            f"| {row['target']} | {row['completed']}/{row['requests']} "
+            f"| {row['completions_per_s']:.2f} | {row['errors'] or 0} | {_triple(first)} "
+            f"| {_triple(total)} | {'' if ratio is None else f'{ratio:.2f}x'} |"
+        )
+    return "\n".join(lines)
+
+
+def _triple(values: dict[str, float] | None) -> str:
+    if not values:
+        return "-"
+    return " / ".join(f"{values[p]:,.0f}" for p in ("p50", "p90", "p99"))

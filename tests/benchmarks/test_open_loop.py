@@ -1,0 +1,57 @@
+"""The open-loop load generator: arrivals, and both kinds of target on small inputs for real."""
+
+from __future__ import annotations
+
+import statistics
+import sysconfig
+from pathlib import Path
+
+from benchmarks.eval.tasks import build_tasks
+from benchmarks.open_loop import (
+    GhostpenTarget,
+    OpenAITarget,
+    arrival_gaps,
+    markdown,
+    run_open_loop,
+)
+from benchmarks.peers import running_peer
+from context.template import load_template
+from server.model_store import resolve
+
+TREE = Path(sysconfig.get_paths()["stdlib"]) / "json"
+
+
+def test_arrivals_have_the_asked_rate_and_lower_burstiness_clumps_them() -> None:
+    poisson = arrival_gaps(4000, rate=5.0, burstiness=1.0, seed=1)
+    bursty = arrival_gaps(4000, rate=5.0, burstiness=0.25, seed=1)
+    assert arrival_gaps(10, 5.0, 1.0, seed=1) == poisson[:10]  # seeded
+    for gaps in (poisson, bursty):
+        assert abs(statistics.fmean(gaps) - 0.2) < 0.02
+    cv = [statistics.pstdev(g) / statistics.fmean(g) for g in (poisson, bursty)]
+    assert abs(cv[0] - 1.0) < 0.1 and cv[1] > 1.7  # gamma: cv = 1 / sqrt(shape)
+    assert arrival_gaps(3, float("inf"), 1.0, seed=0) == [0.0, 0.0, 0.0]
+
+
+async def test_ghostpen_and_a_llama_cpp_peer_serve_the_same_tasks(server, settings) -> None:
+    tasks = build_tasks(TREE, 3, seed=0, max_files=12, max_bytes=settings.limits.max_file_bytes)
+    ours = GhostpenTarget(f"127.0.0.1:{server.port}")
+    try:
+        mine = await run_open_loop(ours, tasks, 2.0, 1.0, 0, max_tokens=8, deadline_s=30)
+    finally:
+        await ours.close()
+    assert mine["completed"] == 3 and mine["errors"] == {}
+    assert 0 < mine["total_ms"]["p50"] <= mine["total_ms"]["max"]
+
+    model = resolve(settings.engine.model, settings.cache_dir, "gguf")
+    with running_peer("llama-cpp", model.path, settings.engine.context_window) as base:
+        template = load_template(settings.context.template)
+        peer = OpenAITarget(base, model.path.name, template, settings.context, "llama-cpp")
+        try:
+            assert peer.prompt(tasks[0]).startswith("<|repo_name|>")
+            theirs = await run_open_loop(peer, tasks, 2.0, 1.0, 0, max_tokens=8, deadline_s=60)
+        finally:
+            await peer.close()
+    assert theirs["completed"] == 3 and theirs["errors"] == {}, theirs["errors"]
+    assert theirs["first_text_ms"]["n"] >= 1
+    table = markdown([mine, theirs])
+    assert "| ghostpen | 3/3 |" in table and "| llama-cpp | 3/3 |" in table
