@@ -28,6 +28,7 @@ from pathlib import Path
 import grpc
 
 from benchmarks.corpus import percentiles
+from benchmarks.plot import latency_chart
 from benchmarks.server_process import ServerProcess
 from editor_client.session_stream import SessionStream, full_text, insertion
 from proto import ghostpen_pb2 as pb
@@ -236,6 +237,12 @@ def source_files(directory: Path) -> tuple[Path, ...]:
 
 
 def save(results: list[dict[str, object]], path: Path) -> None:
+    """JSON, a Markdown table and an SVG plot of each latency's percentiles per concurrency."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2))
     path.with_suffix(".md").write_text(markdown(results) + "\n")
+    sessions = [int(r["sessions"]) for r in results]
+    for key, title in (("total_ms", "to the final chunk"), ("first_text_ms", "to first text")):
+        series = {p: [(r[key] or {}).get(p) for r in results] for p in ("p50", "p90", "p99")}
+        chart = latency_chart(f"Completion latency {title}, ms", sessions, series)
+        path.with_name(f"{path.stem}_{key.removesuffix('_ms')}.svg").write_text(chart)

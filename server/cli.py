@@ -81,6 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--tasks", type=int, default=30)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--strategies", default="none,edit-distance,jaccard,bm25")
+    evaluate.add_argument(
+        "--templates", default="", help="also run these templates (with edit-distance context)"
+    )
+    evaluate.add_argument(
+        "--ablate-truncation", action="store_true", help="also score the raw engine output"
+    )
+    evaluate.add_argument(
+        "--kinds", default="line,rest_of_line", help="task kinds: line,rest_of_line,block"
+    )
     evaluate.add_argument("--engine", choices=("auto", "llama.cpp", "vllm"))
     evaluate.add_argument("--out", type=Path, help="write every outcome and the summary as JSON")
 
@@ -173,16 +182,25 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
     import dataclasses
     import json
 
-    from benchmarks.eval.run import evaluate, markdown, summarize
+    from benchmarks.eval.run import evaluate, markdown, summarize, variants
     from benchmarks.eval.tasks import build_tasks
     from context.template import load_template
     from server.completion import Completer
     from server.engines.factory import start_engine
     from server.metrics import Metrics
 
-    strategies = args.strategies.split(",")
+    chosen = variants(
+        [name for name in args.strategies.split(",") if name],
+        [load_template(name) for name in args.templates.split(",") if name],
+        args.ablate_truncation,
+    )
     tasks = build_tasks(
-        args.tree, args.tasks, args.seed, settings.limits.max_files, settings.limits.max_file_bytes
+        args.tree,
+        args.tasks,
+        args.seed,
+        settings.limits.max_files,
+        settings.limits.max_file_bytes,
+        tuple(args.kinds.split(",")),
     )
     engine_settings = settings.engine
     if args.engine:
@@ -199,12 +217,12 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
             record=lambda _: None,  # an evaluation serves nobody: nothing to store
         )
         try:
-            return await evaluate(completer, tasks, strategies, args.tree.name)
+            return await evaluate(completer, tasks, chosen, args.tree.name)
         finally:
             await engine.close()
 
     outcomes = asyncio.run(run())
-    rows = summarize(outcomes, strategies)
+    rows = summarize(outcomes, chosen)
     print(f"{len(tasks)} tasks from {args.tree} (seed {args.seed})\n")
     print(markdown(rows))
     if args.out:

@@ -84,6 +84,18 @@ class Completer:
     ) -> Prompt:
         return build_prompt(repo, document, chunks, self.template, self.context_settings, previous)
 
+    def with_template(self, template: Template) -> Completer:
+        """The same engine and settings behind another prompt template (for ablations)."""
+        return Completer(
+            self.engine, template, self.context_settings, self._limits, self._metrics, self._record
+        )
+
+    def max_tokens(self, mode: Mode) -> int:
+        """The token budget of a request that names none."""
+        if mode is Mode.SINGLE_LINE:
+            return self._limits.default_max_tokens_single_line
+        return self._limits.default_max_tokens_multi_line
+
     async def run(self, job: CompletionJob) -> AsyncIterator[CompletionEvent]:
         """Stream the completion. Cancelling the consumer aborts the engine request; a passed
         deadline raises DeadlinePassed after aborting it."""
@@ -92,11 +104,7 @@ class Completer:
             document.prefix, document.suffix, job.mode, self.template.stop, document.language
         )
         engine_start = time.monotonic()
-        max_tokens = job.max_tokens or (
-            self._limits.default_max_tokens_single_line
-            if cursor.mode is Mode.SINGLE_LINE
-            else self._limits.default_max_tokens_multi_line
-        )
+        max_tokens = job.max_tokens or self.max_tokens(cursor.mode)
         truncator = Truncator(cursor)
         finish, first_token_at, last = Finish.STOP, 0.0, None
         request = EngineRequest(job.request_id, job.prompt.text, max_tokens, job.cache_key)

@@ -1,6 +1,9 @@
-"""Run tasks through the real pipeline (the Completer the server uses) for each context strategy.
+"""Run tasks through the real pipeline (the Completer the server uses) for each variant: a
+context strategy, a prompt template, with or without post-processing's truncation. Each
+variant changes one component and keeps the others as the server runs them.
 
 ghostpen eval SOURCE_TREE [--tasks 30] [--seed 0] [--strategies none,edit-distance,jaccard,bm25]
+    [--templates generic-prefix@v1] [--ablate-truncation] [--kinds line,rest_of_line,block]
 """
 
 from __future__ import annotations
@@ -16,13 +19,35 @@ from benchmarks.eval.tasks import Task
 from context.chunker import Chunk
 from context.postprocess import Mode
 from context.prompt import Document, build_prompt
+from context.template import Template
 from server.completion import Completer, CompletionJob
+from server.engines.base import EngineRequest
 from server.workspace import ChunkCache
+
+DESIGN_STRATEGY = "edit-distance"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    strategy: str = DESIGN_STRATEGY
+    template: Template | None = None  # None: the server's
+    truncate: bool = True  # False: the engine's raw text, up to the mode's token budget
+
+
+def variants(
+    strategies: Sequence[str], templates: Sequence[Template] = (), ablate_truncation: bool = False
+) -> list[Variant]:
+    chosen = [Variant(strategy, strategy) for strategy in strategies]
+    chosen += [Variant(f"template {t.template_id}", template=t) for t in templates]
+    if ablate_truncation:
+        chosen.append(Variant("no truncation", truncate=False))
+    return chosen
 
 
 @dataclass(frozen=True)
 class Outcome:
-    strategy: str
+    variant: str
     kind: str
     exact: float
     edit_similarity: float
@@ -34,7 +59,7 @@ class Outcome:
 
 
 async def evaluate(
-    completer: Completer, tasks: Sequence[Task], strategies: Sequence[str], repo: str
+    completer: Completer, tasks: Sequence[Task], chosen: Sequence[Variant], repo: str
 ) -> list[Outcome]:
     cache = ChunkCache(completer.context_settings.chunk_max_lines)
     outcomes = []
@@ -44,47 +69,62 @@ async def evaluate(
         document = Document(
             task.file.path, task.file.language, task.left + task.right, len(task.left)
         )
-        for strategy in strategies:
+        mode = Mode.MULTI_LINE if task.kind == "block" else Mode.SINGLE_LINE
+        for variant in chosen:
+            runner = completer.with_template(variant.template) if variant.template else completer
             received = time.monotonic()
             prompt = build_prompt(
                 repo,
                 document,
                 chunks,
-                completer.template,
-                completer.context_settings,
-                rank=STRATEGIES[strategy],
+                runner.template,
+                runner.context_settings,
+                rank=STRATEGIES[variant.strategy],
             )
             job = CompletionJob(
-                request_id=f"eval-{number}-{strategy}",
+                request_id=f"eval-{number}-{variant.name}",
                 completion_id="",
                 document=document,
                 prompt=prompt,
-                mode=Mode.SINGLE_LINE,
+                mode=mode,
                 max_tokens=0,
                 received=received,
                 prompted=time.monotonic(),
                 deadline=received + 120,
             )
-            text, final = "", None
-            async for event in completer.run(job):
-                text += event.text
-                final = event
+            if variant.truncate:
+                text = ""
+                async for event in runner.run(job):
+                    text += event.text
+                context_ms, total_ms = event.timings.context_s, event.timings.total_s
+            else:
+                text = await _raw(runner, job)
+                context_ms, total_ms = job.prompted - received, time.monotonic() - received
             exact_ids, f1 = identifier_match(text, task.expected)
-            chosen = {r.chunk for r in prompt.context}
+            picked = {r.chunk for r in prompt.context}
             outcomes.append(
                 Outcome(
-                    strategy,
+                    variant.name,
                     task.kind,
                     exact_match(text, task.expected),
                     edit_similarity(text, task.expected),
                     exact_ids,
                     f1,
-                    bool(chosen & relevant) if relevant else None,
-                    final.timings.context_s * 1000,
-                    final.timings.total_s * 1000,
+                    bool(picked & relevant) if relevant else None,
+                    context_ms * 1000,
+                    total_ms * 1000,
                 )
             )
     return outcomes
+
+
+async def _raw(completer: Completer, job: CompletionJob) -> str:
+    """What the engine says for the prompt, with no post-processing at all."""
+    request = EngineRequest(job.request_id, job.prompt.text, completer.max_tokens(job.mode))
+    text = ""
+    async for delta in completer.engine.generate(request):
+        text += delta.text
+    return text
 
 
 def _relevant(task: Task, chunks: list[Chunk]) -> set[Chunk]:
@@ -95,14 +135,14 @@ def _relevant(task: Task, chunks: list[Chunk]) -> set[Chunk]:
     return {c for c in chunks if wanted & set(identifiers(c.text))} if wanted else set()
 
 
-def summarize(outcomes: list[Outcome], strategies: Sequence[str]) -> list[dict[str, object]]:
+def summarize(outcomes: list[Outcome], chosen: Sequence[Variant]) -> list[dict[str, object]]:
     rows = []
-    for strategy in strategies:
-        mine = [o for o in outcomes if o.strategy == strategy]
+    for variant in chosen:
+        mine = [o for o in outcomes if o.variant == variant.name]
         judged = [o for o in mine if o.retrieved_relevant is not None]
         rows.append(
             {
-                "strategy": strategy,
+                "variant": variant.name,
                 "tasks": len(mine),
                 "exact_match": _mean([o.exact for o in mine]),
                 "edit_similarity": _mean([o.edit_similarity for o in mine]),
@@ -123,7 +163,7 @@ def _mean(values: list[float]) -> float | None:
 
 def markdown(rows: list[dict[str, object]]) -> str:
     header = [
-        "strategy",
+        "variant",
         "tasks",
         "exact_match",
         "edit_similarity",

@@ -1,20 +1,25 @@
 """Completion tasks cut from a real source tree, deterministically from a seed.
 
 In the manner of RepoEval and CrossCodeEval: pick a line, keep everything before the cursor and
-after it, and hand over the tree's other files, most recently modified first, as the recently
-touched files. Two kinds: the whole next line (cursor after its indentation) and the rest of a
-line (cursor after its first token).
+after it, and hand over the tree's other files as the recently touched files, most recently
+changed first (by git history in a git repository, by modification time elsewhere). Three
+kinds: the whole next line (cursor after its indentation), the rest of a line (cursor after its
+first token), and the next block (cursor at the start of the body after a line that opens one,
+`:` or `{`; the expected text is the body, up to BLOCK_MAX_LINES lines).
 """
 
 from __future__ import annotations
 
 import random
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from context.languages import language_of
 
 _SKIP_DIRS = {".git", "__pycache__", "node_modules", ".venv", "venv", "build", "dist"}
+KINDS = ("line", "rest_of_line", "block")
+BLOCK_MAX_LINES = 8
 
 
 @dataclass(frozen=True)
@@ -26,7 +31,7 @@ class SourceFile:
 
 @dataclass(frozen=True)
 class Task:
-    kind: str  # "line" | "rest_of_line"
+    kind: str  # one of KINDS
     file: SourceFile
     cursor: int
     expected: str
@@ -43,6 +48,8 @@ class Task:
 
 
 def source_files(root: Path, max_bytes: int) -> list[SourceFile]:
+    """The tree's readable source files, most recently changed first."""
+    committed = last_commit_times(root)
     found = []
     for path in sorted(root.rglob("*")):
         if not path.is_file() or _SKIP_DIRS & set(path.relative_to(root).parts):
@@ -54,17 +61,61 @@ def source_files(root: Path, max_bytes: int) -> list[SourceFile]:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             continue
-        found.append(
-            (path.stat().st_mtime, SourceFile(str(path.relative_to(root)), language, text))
-        )
+        changed = committed.get(path.resolve(), path.stat().st_mtime)
+        found.append((changed, SourceFile(str(path.relative_to(root)), language, text)))
     found.sort(key=lambda item: (-item[0], item[1].path))
     return [source for _, source in found]
 
 
-def build_tasks(root: Path, count: int, seed: int, max_files: int, max_bytes: int) -> list[Task]:
+def last_commit_times(root: Path) -> dict[Path, float]:
+    """Each file's last commit time, when `root` is in a git repository; {} otherwise."""
+    try:
+        top = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--show-toplevel"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        log = subprocess.run(
+            ["git", "-C", str(root), "log", "--format=@%ct", "--name-only", "--no-renames",
+             "--", "."],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    times: dict[Path, float] = {}
+    when = 0.0
+    for line in log.splitlines():
+        if line.startswith("@"):
+            when = float(line[1:])
+        elif line:
+            times.setdefault((Path(top) / line).resolve(), when)  # newest commit comes first
+    return times
+
+
+def build_tasks(
+    root: Path,
+    count: int,
+    seed: int,
+    max_files: int,
+    max_bytes: int,
+    kinds: tuple[str, ...] = ("line", "rest_of_line"),
+) -> list[Task]:
+    """`count` tasks; line and rest-of-line tasks drawn as one pool, block tasks as another,
+    in proportion to the kinds asked for."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown or not kinds:
+        raise ValueError(f"task kinds must be among {', '.join(KINDS)}: {', '.join(kinds)}")
     files = source_files(root, max_bytes)
     if not files:
         raise ValueError(f"no source files of a known language under {root}")
+    blocks = round(count * kinds.count("block") / len(kinds))
+    line_kinds = tuple(kind for kind in kinds if kind != "block")
+    tasks = _line_tasks(files, count - blocks, seed, max_files, line_kinds) if line_kinds else []
+    return tasks + _block_tasks(files, blocks, seed, max_files)
+
+
+def _line_tasks(
+    files: list[SourceFile], count: int, seed: int, max_files: int, kinds: tuple[str, ...]
+) -> list[Task]:
     rng = random.Random(seed)
     tasks: list[Task] = []
     attempts = 0
@@ -79,7 +130,8 @@ def build_tasks(root: Path, count: int, seed: int, max_files: int, max_bytes: in
             continue
         start = sum(len(previous) + 1 for previous in lines[:index])
         indent = len(line) - len(line.lstrip())
-        if rng.random() < 0.5:
+        whole_line = rng.random() < 0.5 if len(kinds) == 2 else kinds == ("line",)
+        if whole_line:
             cursor, kind = start + indent, "line"
         else:
             first_space = line.find(" ", indent)
@@ -90,3 +142,37 @@ def build_tasks(root: Path, count: int, seed: int, max_files: int, max_bytes: in
         others = tuple(f for f in files if f.path != chosen.path)[: max_files - 1]
         tasks.append(Task(kind, chosen, cursor, expected, others))
     return tasks
+
+
+def _block_tasks(files: list[SourceFile], count: int, seed: int, max_files: int) -> list[Task]:
+    rng = random.Random(seed)
+    tasks: list[Task] = []
+    attempts = 0
+    while len(tasks) < count and attempts < count * 200:
+        attempts += 1
+        chosen = rng.choice(files)
+        lines = chosen.text.split("\n")
+        index = rng.randrange(len(lines) - 1) if len(lines) > 1 else 0
+        opener = lines[index].rstrip()
+        if not opener.endswith((":", "{")) or opener.lstrip().startswith(("#", "//")):
+            continue
+        depth = _indent(opener)
+        body = []
+        for line in lines[index + 1 :]:
+            if line.strip() and _indent(line) <= depth:
+                break
+            body.append(line)
+        while body and not body[-1].strip():
+            body.pop()
+        if not body or len(body) > BLOCK_MAX_LINES or len("".join(body).strip()) < 8:
+            continue
+        start = sum(len(previous) + 1 for previous in lines[: index + 1])
+        cursor = start + _indent(body[0])
+        expected = "\n".join(body)[_indent(body[0]) :]
+        others = tuple(f for f in files if f.path != chosen.path)[: max_files - 1]
+        tasks.append(Task("block", chosen, cursor, expected, others))
+    return tasks
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())

@@ -1,12 +1,15 @@
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from benchmarks.eval.metrics import edit_similarity, exact_match, identifier_match
 from benchmarks.eval.strategies import STRATEGIES
-from benchmarks.eval.tasks import build_tasks
+from benchmarks.eval.tasks import build_tasks, source_files
 from context.chunker import Chunk
 from context.ranker import Exclusion
+from context.template import load_template
 
 
 def write_tree(root: Path) -> None:
@@ -36,6 +39,38 @@ def test_task_building_is_deterministic_and_faithful(tmp_path: Path) -> None:
     assert build_tasks(tmp_path, 6, seed=4, max_files=12, max_bytes=10_000) != first
 
 
+def test_block_tasks_take_the_body_after_an_opener(tmp_path: Path) -> None:
+    write_tree(tmp_path)
+    tasks = build_tasks(tmp_path, 3, seed=0, max_files=12, max_bytes=10_000, kinds=("block",))
+    assert len(tasks) == 3
+    for task in tasks:
+        assert task.kind == "block"
+        assert task.left + task.expected + task.right == task.file.text
+        assert task.left.rstrip(" ").endswith(":\n")
+        assert task.expected.startswith(("return", "total"))
+    mixed = build_tasks(
+        tmp_path, 6, seed=0, max_files=12, max_bytes=10_000, kinds=("line", "block")
+    )
+    assert sorted(task.kind for task in mixed) == ["block"] * 3 + ["line"] * 3
+    with pytest.raises(ValueError, match="task kinds must be among line, rest_of_line, block"):
+        build_tasks(tmp_path, 1, seed=0, max_files=12, max_bytes=10_000, kinds=("blocks",))
+
+
+def test_in_a_git_repository_recency_is_the_last_commit(tmp_path: Path) -> None:
+    write_tree(tmp_path)
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    for path, day in (("pkg/cart.py", "2024-01-01"), ("pkg/money.py", "2024-06-01")):
+        subprocess.run([*git, "add", path], check=True)
+        when = {"GIT_AUTHOR_DATE": f"{day}T12:00:00", "GIT_COMMITTER_DATE": f"{day}T12:00:00"}
+        subprocess.run([*git, "commit", "-q", "-m", path], check=True, env={**os.environ, **when})
+    os.utime(tmp_path / "pkg" / "cart.py")  # touched now, but committed long before money.py
+    assert [f.path for f in source_files(tmp_path, 10_000)] == ["pkg/money.py", "pkg/cart.py"]
+    os.utime(tmp_path / "pkg" / "money.py", (0, 0))
+    (tmp_path / "pkg" / "new.py").write_text("x = 1\n")  # never committed: its mtime counts
+    assert next(f.path for f in source_files(tmp_path, 10_000)) == "pkg/new.py"
+
+
 def test_metrics_match_hand_computed_values() -> None:
     assert exact_match(" total)", "total)") == 1.0
     assert edit_similarity("abcd", "abce") == 0.75
@@ -58,8 +93,7 @@ def test_every_strategy_finds_the_chunk_that_shares_the_names(name: str) -> None
 
 
 async def test_the_harness_runs_tasks_through_the_real_pipeline(server, settings, tmp_path) -> None:
-    from benchmarks.eval.run import evaluate, markdown, summarize
-    from context.template import load_template
+    from benchmarks.eval.run import evaluate, markdown, summarize, variants
     from server.completion import Completer
     from server.metrics import Metrics
 
@@ -73,14 +107,19 @@ async def test_the_harness_runs_tasks_through_the_real_pipeline(server, settings
         Metrics(),
         record=lambda _: None,
     )
-    strategies = ["none", "edit-distance"]
-    outcomes = await evaluate(completer, tasks, strategies, "shop")
-    assert [(o.strategy, o.kind) for o in outcomes] == [
-        (s, t.kind) for t in tasks for s in strategies
-    ]
-    rows = summarize(outcomes, strategies)
+    chosen = variants(
+        ["none", "edit-distance"], [load_template("generic-prefix")], ablate_truncation=True
+    )
+    names = ["none", "edit-distance", "template generic-prefix@v1", "no truncation"]
+    assert [v.name for v in chosen] == names
+    outcomes = await evaluate(completer, tasks, chosen, "shop")
+    assert [(o.variant, o.kind) for o in outcomes] == [(n, t.kind) for t in tasks for n in names]
+    rows = summarize(outcomes, chosen)
     for row in rows:
         assert row["tasks"] == 2
         assert 0 <= row["edit_similarity"] <= 1 and 0 <= row["identifier_f1"] <= 1
         assert row["total_ms_p50"] > row["context_ms_p50"] > 0
-    assert markdown(rows).count("\n") == 3
+    assert markdown(rows).count("\n") == 5
+    # Single-line tasks: the raw output runs on past the line, the truncated one does not.
+    by_variant = {o.variant: o for o in outcomes if o.kind == tasks[0].kind}
+    assert by_variant["no truncation"].exact <= by_variant["edit-distance"].exact

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from benchmarks.load import DEFAULT_FILES, LoadConfig, markdown, run_load, source_files
+import json
+from xml.etree import ElementTree
+
+from benchmarks.load import DEFAULT_FILES, LoadConfig, markdown, run_load, save, source_files
 from benchmarks.server_process import running_server
 
 
@@ -22,3 +25,28 @@ async def test_two_sessions_produce_a_sane_report() -> None:
     assert result["wasted_tokens"] >= 0
     assert result["server_cpu_s"] > 0 and result["server_peak_rss_mib"] > 100
     assert markdown([result]).count("\n") == 2
+
+
+def test_a_sweep_is_saved_as_json_markdown_and_latency_plots(tmp_path) -> None:
+    def point(sessions: int, p50: float) -> dict:
+        latency = {"p50": p50, "p90": p50 * 2, "p99": p50 * 4, "max": p50 * 5, "n": 10}
+        return {
+            "sessions": sessions,
+            "completions_per_s": 0.5,
+            "first_text_ms": latency,
+            "total_ms": latency,
+            "cancelled_fraction": 0.5,
+            "errors": {},
+            "wasted_tokens": 0,
+            "server_cpu_s": 1.0,
+            "server_peak_rss_mib": 500,
+        }
+
+    save([point(1, 150), point(8, 900), point(64, 4000)], tmp_path / "sweep.json")
+    assert json.loads((tmp_path / "sweep.json").read_text())[2]["sessions"] == 64
+    assert (tmp_path / "sweep.md").read_text().count("\n") == 5
+    for name in ("sweep_total.svg", "sweep_first_text.svg"):
+        svg = ElementTree.parse(tmp_path / name).getroot()
+        lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
+        assert len(lines) == 3  # p50, p90, p99
+        assert all(len(line.get("points").split()) == 3 for line in lines)
