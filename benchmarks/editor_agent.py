@@ -78,17 +78,7 @@ async def type_through(
     through_suggestion = 0
     for char in typed:
         version += 1
-        at = types.Position(line=line, character=column)
-        client.text_document_did_change(
-            types.DidChangeTextDocumentParams(
-                text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
-                content_changes=[
-                    types.TextDocumentContentChangePartial(
-                        range=types.Range(start=at, end=at), text=char
-                    )
-                ],
-            )
-        )
+        client.text_document_did_change(insertion(uri, version, line, column, char))
         through_suggestion += bool(shown) and shown.startswith(char)
         line, column = (line + 1, 0) if char == "\n" else (line, column + 1)
         # As an editor does, only the newest answer is shown; older ones are ignored.
@@ -128,6 +118,18 @@ async def type_through(
         "agent_final_chunk_to_answer_ms": percentiles(stats["after_receive_ms"]),
         "lsp_round_trip_from_cache_ms": percentiles(round_trips_cached),
     }
+
+
+def insertion(
+    uri: str, version: int, line: int, column: int, text: str
+) -> types.DidChangeTextDocumentParams:
+    """`text` typed at line:column, as an editor reports it (incremental sync)."""
+    at = types.Position(line=line, character=column)
+    change = types.TextDocumentContentChangePartial(range=types.Range(start=at, end=at), text=text)
+    return types.DidChangeTextDocumentParams(
+        text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
+        content_changes=[change],
+    )
 
 
 async def _ask(client: LanguageClient, uri: str, line: int, column: int) -> tuple[str, float, bool]:

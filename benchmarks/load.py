@@ -2,10 +2,11 @@
 size a deployment.
 
 Each developer is an open Session stream. It types a real source file back a character at a
-time (intervals drawn from a log-normal around 180 ms, with 1-3 s pauses after some words), sends an
-edit per keystroke, asks for a completion once it pauses for `--debounce-ms`, cancels its request
-in flight when it types on (as the editor client does), and accepts some completions (shown and
-accepted events, so the telemetry path is loaded too).
+time (intervals drawn from a log-normal around 180 ms, with 1-3 s pauses after some words, a typo
+deleted at once now and then, and now and then a jump to an earlier line to add a note there),
+sends an edit per keystroke, asks for a completion once it pauses for `--debounce-ms`, cancels
+its request in flight when it types on (as the editor client does), and accepts some completions
+(shown and accepted events, so the telemetry path is loaded too).
 
     ghostpen bench --sessions 4 --duration 60 --files path/to/dir
     ghostpen bench --sweep 1,2,4,8,16,32,64 --duration 60 --save-result out.json
@@ -30,11 +31,12 @@ import grpc
 from benchmarks.corpus import percentiles
 from benchmarks.plot import latency_chart
 from benchmarks.server_process import ServerProcess
-from editor_client.session_stream import SessionStream, full_text, insertion
+from editor_client.session_stream import SessionStream, deletion, full_text, insertion
 from proto import ghostpen_pb2 as pb
 from proto import ghostpen_pb2_grpc as pb_grpc
 
 DEFAULT_FILES = Path(sysconfig.get_paths()["stdlib"]) / "json"
+JUMP_NOTE = "  # checked"
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class LoadConfig:
     debounce_ms: float = 250.0
     accept_rate: float = 0.3
     think_rate: float = 0.25  # chance of a 1-3 s pause after a non-word character
+    typo_rate: float = 0.03  # chance a keystroke is a wrong character, deleted at once
+    jump_rate: float = 0.02  # chance, after a line, of a short edit at an earlier line end
 
 
 @dataclass
@@ -134,8 +138,20 @@ async def developer(
                 stream.send(pb.ClientMessage(cancel=pb.Cancel(request_id=request_id)))
                 pending.pop(request_id)
                 stats.cancelled += time.monotonic() >= measure_from
-            offset = len(current)
             char = typed[position]
+            if char == "\n" and rng.random() < config.jump_rate:
+                # The cursor jumps to an earlier line end, adds a note there, and comes back.
+                at = rng.choice([i for i, c in enumerate(current) if c == "\n"] or [0])
+                version += 1
+                stream.send(insertion(target.name, version, at, JUMP_NOTE))
+                current = current[:at] + JUMP_NOTE + current[at:]
+                stats.keystrokes += len(JUMP_NOTE)
+            offset = len(current)
+            if char.isalnum() and rng.random() < config.typo_rate:
+                version += 2  # a wrong key, then backspace
+                stream.send(insertion(target.name, version - 1, offset, "x"))
+                stream.send(deletion(target.name, version, offset, 1))
+                stats.keystrokes += 2
             position += 1
             version += 1
             current += char
@@ -185,6 +201,7 @@ async def run_load(server: ServerProcess, config: LoadConfig) -> dict[str, objec
         )
     measured_s = max(1e-9, time.monotonic() - measure_from)
     cpu_after, peak_rss = server.usage()
+    wasted = _wasted_tokens(server.web) - wasted_before
     return {
         "sessions": config.sessions,
         "duration_s": round(measured_s, 1),
@@ -195,7 +212,9 @@ async def run_load(server: ServerProcess, config: LoadConfig) -> dict[str, objec
         "errors": dict(stats.errors),
         "first_text_ms": percentiles(stats.first_text_ms) if stats.first_text_ms else None,
         "total_ms": percentiles(stats.total_ms) if stats.total_ms else None,
-        "wasted_tokens": _wasted_tokens(server.web) - wasted_before,
+        "wasted_tokens": wasted,
+        # An upper bound on the decode steps a cancel costs: tokens before it count too.
+        "wasted_tokens_per_cancelled": wasted / max(1, stats.cancelled),
         "server_cpu_s": cpu_after - cpu_before,
         "server_peak_rss_mib": peak_rss / 2**20,
         "config": {k: (str(v) if k == "files" else v) for k, v in asdict(config).items()},
@@ -212,21 +231,25 @@ def _wasted_tokens(web: str) -> float:
 
 def markdown(results: list[dict[str, object]]) -> str:
     lines = [
-        "| sessions | completions/s | first text p50 / p99 ms | total p50 / p99 ms "
-        "| cancelled | errors | wasted tokens | server CPU s | peak RSS MiB |",
+        "| sessions | completions/s | first text p50 / p90 / p99 ms | total p50 / p90 / p99 ms "
+        "| cancelled | errors | wasted tokens (per cancelled) | server CPU s | peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         first, total = r["first_text_ms"] or {}, r["total_ms"] or {}
         lines.append(
             f"| {r['sessions']} | {r['completions_per_s']:.2f} "
-            f"| {first.get('p50', 0):.0f} / {first.get('p99', 0):.0f} "
-            f"| {total.get('p50', 0):.0f} / {total.get('p99', 0):.0f} "
+            f"| {_triple(first)} | {_triple(total)} "
             f"| {r['cancelled_fraction']:.0%} | {sum(r['errors'].values())} "
-            f"| {r['wasted_tokens']:.0f} | {r['server_cpu_s']:.1f} "
+            f"| {r['wasted_tokens']:.0f} ({r.get('wasted_tokens_per_cancelled', 0):.2f}) "
+            f"| {r['server_cpu_s']:.1f} "
             f"| {r['server_peak_rss_mib']:.0f} |"
         )
     return "\n".join(lines)
+
+
+def _triple(values: dict[str, float]) -> str:
+    return " / ".join(f"{values.get(p, 0):,.0f}" for p in ("p50", "p90", "p99"))
 
 
 def source_files(directory: Path) -> tuple[Path, ...]:

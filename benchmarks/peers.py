@@ -27,6 +27,8 @@ def peer_command(peer: str, model: Path, port: int, context_window: int) -> list
             # Its default lets each new request cut off the stream in flight: under open-loop
             # load that answers most requests with a broken stream. Queue them instead.
             "--interrupt_requests", "False",
+            # Its default is half the cores for decoding; ghostpen uses them all.
+            "--n_threads", "-1", "--n_threads_batch", "-1",
         ]  # fmt: skip
     if peer == "vllm":
         return [

@@ -36,7 +36,15 @@ def full_text(path: str, body: bytes, version: int) -> pb.ClientMessage:
 
 def insertion(path: str, version: int, offset: int, text: str) -> pb.ClientMessage:
     """`text` typed at `offset`, turning version - 1 into `version`."""
-    edit = pb.Edit(start=offset, end=offset, text=text.encode())
+    return _edit(path, version, pb.Edit(start=offset, end=offset, text=text.encode()))
+
+
+def deletion(path: str, version: int, offset: int, length: int) -> pb.ClientMessage:
+    """`length` characters deleted from `offset` on, turning version - 1 into `version`."""
+    return _edit(path, version, pb.Edit(start=offset, end=offset + length))
+
+
+def _edit(path: str, version: int, edit: pb.Edit) -> pb.ClientMessage:
     return pb.ClientMessage(
         file_update=pb.FileUpdate(
             path=path, version=version, base_version=version - 1, edits=pb.EditList(edits=[edit])

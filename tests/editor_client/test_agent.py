@@ -12,6 +12,7 @@ import pytest_asyncio
 from lsprotocol import types
 from pygls.lsp.client import LanguageClient
 
+from benchmarks.editor_agent import insertion
 from server.telemetry.store import Store
 
 CODE = "def add(a, b):\n    return a + b\n\n\ndef multiply(a, b):\n    return "
@@ -86,17 +87,7 @@ def inline(uri: str, line: int, character: int, automatic: bool) -> types.Inline
 
 
 def type_text(client: LanguageClient, uri: str, version: int, line: int, col: int, text: str):
-    at = types.Position(line=line, character=col)
-    client.text_document_did_change(
-        types.DidChangeTextDocumentParams(
-            text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
-            content_changes=[
-                types.TextDocumentContentChangePartial(
-                    range=types.Range(start=at, end=at), text=text
-                )
-            ],
-        )
-    )
+    client.text_document_did_change(insertion(uri, version, line, col, text))
 
 
 async def test_inline_completion_then_shown_and_accepted_reach_the_server(agent, settings):
