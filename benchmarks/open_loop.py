@@ -28,7 +28,7 @@ import uvloop
 from benchmarks.corpus import percentiles
 from benchmarks.eval.tasks import Task, build_tasks
 from benchmarks.peers import running_peer
-from benchmarks.server_process import running_server
+from benchmarks.server_process import process_usage, running_server
 from context.prompt import Document, build_prompt
 from context.settings import ContextSettings
 from context.template import Template, load_template
@@ -228,7 +228,7 @@ def run_comparison(config: OpenLoopConfig, settings: Settings) -> list[dict[str,
     )  # fmt: skip
     template = load_template(settings.context.template)
 
-    def measure(target_factory) -> dict[str, object]:
+    def measure(target_factory, pid: int | None = None) -> dict[str, object]:
         async def run() -> dict[str, object]:
             target = target_factory()
             try:
@@ -239,7 +239,13 @@ def run_comparison(config: OpenLoopConfig, settings: Settings) -> list[dict[str,
             finally:
                 await target.close()
 
-        return uvloop.run(run())
+        cpu_before = process_usage(pid)[0] if pid else 0.0
+        result = uvloop.run(run())
+        if pid:  # the server's own process (vllm serve's engine runs in a child: not counted)
+            cpu_after, peak_rss = process_usage(pid)
+            result["server_cpu_s"] = round(cpu_after - cpu_before, 1)
+            result["server_peak_rss_mib"] = round(peak_rss / 2**20)
+        return result
 
     results = []
     if config.endpoint:
@@ -248,14 +254,14 @@ def run_comparison(config: OpenLoopConfig, settings: Settings) -> list[dict[str,
         )))  # fmt: skip
     else:
         with running_server("--engine", config.engine) as server:
-            results.append(measure(lambda: GhostpenTarget(server.address)))
+            results.append(measure(lambda: GhostpenTarget(server.address), server.process.pid))
     for peer in config.peers:
         want = "hf" if peer == "vllm" else "gguf"
         model = resolve(settings.engine.model, settings.cache_dir, want)
-        with running_peer(peer, model.path, settings.engine.context_window) as base:
+        with running_peer(peer, model.path, settings.engine.context_window) as (base, process):
             results.append(measure(lambda base=base, model=model, peer=peer: OpenAITarget(
                 base, model.path.name, template, settings.context, peer
-            )))  # fmt: skip
+            ), process.pid))  # fmt: skip
     return results
 
 
@@ -264,8 +270,8 @@ def markdown(results: list[dict[str, object]]) -> str:
     base = results[0]
     lines = [
         "| target | completed | completions/s | errors | first text p50 / p90 / p99 ms "
-        "| total p50 / p90 / p99 ms | total p50 vs first |",
-        "|---|---|---|---|---|---|---|",
+        "| total p50 / p90 / p99 ms | total p50 vs first | server CPU s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results:
         first, total = row["first_text_ms"], row["total_ms"]
@@ -273,7 +279,8 @@ def markdown(results: list[dict[str, object]]) -> str:
         lines.append(
             f"| {row['target']} | {row['completed']}/{row['requests']} "
             f"| {row['completions_per_s']:.2f} | {row['errors'] or 0} | {_triple(first)} "
-            f"| {_triple(total)} | {'' if ratio is None else f'{ratio:.2f}x'} |"
+            f"| {_triple(total)} | {'' if ratio is None else f'{ratio:.2f}x'} "
+            f"| {row.get('server_cpu_s', '-')} | {row.get('server_peak_rss_mib', '-')} |"
         )
     return "\n".join(lines)
 

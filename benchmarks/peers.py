@@ -1,5 +1,6 @@
 """Peer servers started on the same model for a side-by-side run: llama-cpp-python's own
-OpenAI-compatible server, and `vllm serve`. Each yields its `/v1` base URL once it answers."""
+OpenAI-compatible server, and `vllm serve`. Each yields its `/v1` base URL and its process once
+it answers."""
 
 from __future__ import annotations
 
@@ -40,7 +41,9 @@ def peer_command(peer: str, model: Path, port: int, context_window: int) -> list
 
 
 @contextlib.contextmanager
-def running_peer(peer: str, model: Path, context_window: int) -> Iterator[str]:
+def running_peer(
+    peer: str, model: Path, context_window: int
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
     process = subprocess.Popen(
         peer_command(peer, model, port, context_window),
@@ -59,7 +62,7 @@ def running_peer(peer: str, model: Path, context_window: int) -> Iterator[str]:
                 urllib.request.urlopen(f"{base}/models", timeout=2).read()
                 break
             time.sleep(0.5)
-        yield base
+        yield base, process
     finally:
         if process.poll() is None:
             process.terminate()

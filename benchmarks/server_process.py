@@ -26,12 +26,16 @@ class ServerProcess:
     web: str  # http://host:port serving /metrics and /dashboard
 
     def usage(self) -> tuple[float, int]:
-        """CPU seconds used so far, and peak resident memory in bytes (Linux /proc)."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        peak_kib = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
-        return cpu_s, peak_kib * 1024
+        return process_usage(self.process.pid)
+
+
+def process_usage(pid: int) -> tuple[float, int]:
+    """CPU seconds a process used so far, and its peak resident memory in bytes (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    status = Path(f"/proc/{pid}/status").read_text()
+    peak_kib = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
+    return cpu_s, peak_kib * 1024
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from server.metrics import Metrics
 from server.settings import Settings
 from server.workspace import FileChange, Workspace, check_cursor
 
+FINISHED_KEPT = 64  # recently finished request ids, so that a late cancel is not an error
 log = logging.getLogger(__name__)
 
 
@@ -66,6 +68,7 @@ class Session:
         self.workspace = Workspace(settings.limits, settings.context.chunk_max_lines)
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._cancel_reasons: dict[str, str] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()
         self._last_context: tuple[Chunk, ...] = ()
 
     def update(self, change: FileChange) -> FileAck:
@@ -102,7 +105,10 @@ class Session:
         asyncio.get_running_loop().call_soon(self.workspace.refresh)
 
     def cancel(self, request_id: str) -> None:
+        """Idempotent for requests that were started: a cancel racing the final chunk is moot."""
         if request_id not in self._inflight:
+            if request_id in self._finished:
+                return
             raise UnknownRequest(f"no request {request_id!r} is in flight (it may have finished)")
         self._stop(request_id, "client")
 
@@ -149,3 +155,6 @@ class Session:
         finally:
             self._inflight.pop(job.request_id, None)
             self._cancel_reasons.pop(job.request_id, None)
+            self._finished[job.request_id] = None
+            if len(self._finished) > FINISHED_KEPT:
+                self._finished.popitem(last=False)

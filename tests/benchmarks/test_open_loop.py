@@ -43,7 +43,7 @@ async def test_ghostpen_and_a_llama_cpp_peer_serve_the_same_tasks(server, settin
     assert 0 < mine["total_ms"]["p50"] <= mine["total_ms"]["max"]
 
     model = resolve(settings.engine.model, settings.cache_dir, "gguf")
-    with running_peer("llama-cpp", model.path, settings.engine.context_window) as base:
+    with running_peer("llama-cpp", model.path, settings.engine.context_window) as (base, _):
         template = load_template(settings.context.template)
         peer = OpenAITarget(base, model.path.name, template, settings.context, "llama-cpp")
         try:
@@ -55,3 +55,4 @@ async def test_ghostpen_and_a_llama_cpp_peer_serve_the_same_tasks(server, settin
     assert theirs["first_text_ms"]["n"] >= 1
     table = markdown([mine, theirs])
     assert "| ghostpen | 3/3 |" in table and "| llama-cpp | 3/3 |" in table
+    assert table.splitlines()[2].endswith("| - | - |")  # no process of its own to measure

@@ -155,6 +155,17 @@ async def test_cancel_of_an_unknown_request(session) -> None:
     await still_usable(session)
 
 
+async def test_a_cancel_that_races_the_final_chunk_is_not_an_error(session) -> None:
+    await session.open_file("done.py", SMALL)
+    _text, final = await session.complete(
+        request_id="done", path="done.py", version=1, cursor_offset=len(SMALL), max_tokens=2
+    )
+    assert final.chunk.final
+    session.send(cancel=pb.Cancel(request_id="done"))
+    reply = await session.open_file("done.py", SMALL, 2)  # the next message is this file's ack
+    assert reply.HasField("file_ack"), reply
+
+
 async def test_cancel_stops_a_request(session) -> None:
     await session.open_file("long.py", LONG)
     session.send(
