@@ -17,6 +17,7 @@ from typing import Any
 from context.settings import ContextSettings
 
 ENV_PREFIX = "GHOSTPEN_"
+QUEUE_ORDERS = ("newest", "oldest")
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,17 @@ class EngineSettings:
     threads: int = 0  # 0: all cores
     batch_tokens: int = 128  # llama.cpp prompt batch; also how often a stale prefill can stop
     session_states: int = 8  # llama.cpp: KV states kept for sessions waiting their turn; 0: none
+    queue_order: str = "newest"  # llama.cpp: which waiting request runs next: newest | oldest
     quantization: str = ""  # vllm: fp8 | awq | gptq | compressed-tensors | ""
     enforce_eager: bool = True
     gpu_memory_utilization: float = 0.85
     kv_cache_gib: float = 0.0  # vllm KV cache; 0: vLLM's default (CPU 4 GiB, GPU by utilization)
+
+    def __post_init__(self) -> None:
+        if self.queue_order not in QUEUE_ORDERS:
+            raise ValueError(
+                f"queue_order must be one of {', '.join(QUEUE_ORDERS)}: {self.queue_order!r}"
+            )
 
 
 @dataclass(frozen=True)

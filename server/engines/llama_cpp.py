@@ -3,6 +3,10 @@
 Its calls block, so one worker thread owns the model and runs requests one at a time, handing
 tokens to the event loop as they come. A stale request stops at the next token, or at the next
 prompt batch while the prompt is still being read, so no compute goes to text nobody will see.
+
+Waiting requests are taken newest first by default (`queue_order`): under overload the newest
+request is the one whose developer has just paused, the likeliest still to want it; the older
+ones are mostly superseded or cancelled by then, and a deadline drops the rest.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class LlamaCppEngine(Engine):
         self._settings = settings
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-cpp")
         self._jobs: dict[str, _Job] = {}
+        self._waiting: list[_Job] = []  # submitted, not yet taken by the worker
+        self._waiting_lock = threading.Lock()
         # llama.cpp has one KV cache: sessions taking turns would each find another's prompt in
         # it and read theirs cold (~3 s for 600 tokens here). The cache of the sessions not on
         # the engine is saved instead (a save and a load cost ~0.5 s for 500 tokens).
@@ -78,7 +84,10 @@ class LlamaCppEngine(Engine):
         loop = asyncio.get_running_loop()
         job = _Job(request, loop, asyncio.Queue(), time.monotonic())
         self._jobs[request.request_id] = job
-        loop.run_in_executor(self._executor, self._run, job)
+        with self._waiting_lock:
+            self._waiting.append(job)
+        # One turn of the worker per job submitted, so each is taken exactly once.
+        loop.run_in_executor(self._executor, self._run_next)
         try:
             while True:
                 item = await job.deltas.get()
@@ -104,7 +113,10 @@ class LlamaCppEngine(Engine):
         self._executor.shutdown(wait=True)
         self._llm.close()
 
-    def _run(self, job: _Job) -> None:
+    def _run_next(self) -> None:
+        newest_first = self._settings.queue_order == "newest"
+        with self._waiting_lock:
+            job = self._waiting.pop() if newest_first else self._waiting.pop(0)
         try:
             self._generate(job)
         except Exception as exc:  # handed to the awaiting coroutine, which raises it there

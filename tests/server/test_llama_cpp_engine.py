@@ -77,3 +77,26 @@ async def test_sessions_taking_turns_keep_their_own_prompt_cache(server) -> None
     assert again.cached_tokens >= 0.9 * again.prompt_tokens
     without_key = await last(first + "alpha_41 =", "")  # keyless: whatever the cache holds
     assert without_key.cached_tokens >= 0.9 * without_key.prompt_tokens
+
+
+async def test_waiting_requests_are_taken_newest_first(server) -> None:
+    """While the engine is busy, the request that came last is served before older ones."""
+    engine = server.engine
+    assert engine._settings.queue_order == "newest"
+    started: list[str] = []
+
+    async def run(request_id: str, max_tokens: int) -> None:
+        async for delta in engine.generate(EngineRequest(request_id, COUNT_PROMPT, max_tokens)):
+            if not started or started[-1] != request_id:
+                started.append(request_id)
+            if delta.finished:
+                return
+
+    busy = asyncio.create_task(run("busy", 40))
+    while not started:
+        await asyncio.sleep(0.01)
+    older = asyncio.create_task(run("older", 2))
+    await asyncio.sleep(0.05)
+    newer = asyncio.create_task(run("newer", 2))
+    await asyncio.gather(busy, older, newer)
+    assert started == ["busy", "newer", "older"]

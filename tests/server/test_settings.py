@@ -32,3 +32,9 @@ def test_environment_then_overrides_win() -> None:
 def test_bad_settings_are_named(values: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Settings.load(values, environ={})
+
+
+def test_queue_order_is_checked() -> None:
+    assert Settings.load({"queue_order": "oldest"}, environ={}).engine.queue_order == "oldest"
+    with pytest.raises(ValueError, match="queue_order must be one of newest, oldest: 'random'"):
+        Settings.load({"queue_order": "random"}, environ={})
