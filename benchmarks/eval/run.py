@@ -136,13 +136,19 @@ def _relevant(task: Task, chunks: list[Chunk]) -> set[Chunk]:
 
 
 def summarize(outcomes: list[Outcome], chosen: Sequence[Variant]) -> list[dict[str, object]]:
+    """A row a variant over all tasks; with more than one kind of task, a row a variant and kind
+    after them (named "variant [kind]")."""
+    groups = [(variant.name, variant.name, None) for variant in chosen]
+    kinds = sorted({o.kind for o in outcomes})
+    if len(kinds) > 1:
+        groups += [(f"{v.name} [{kind}]", v.name, kind) for kind in kinds for v in chosen]
     rows = []
-    for variant in chosen:
-        mine = [o for o in outcomes if o.variant == variant.name]
+    for label, name, kind in groups:
+        mine = [o for o in outcomes if o.variant == name and kind in (None, o.kind)]
         judged = [o for o in mine if o.retrieved_relevant is not None]
         rows.append(
             {
-                "variant": variant.name,
+                "variant": label,
                 "tasks": len(mine),
                 "exact_match": _mean([o.exact for o in mine]),
                 "edit_similarity": _mean([o.edit_similarity for o in mine]),

@@ -115,11 +115,14 @@ async def test_the_harness_runs_tasks_through_the_real_pipeline(server, settings
     outcomes = await evaluate(completer, tasks, chosen, "shop")
     assert [(o.variant, o.kind) for o in outcomes] == [(n, t.kind) for t in tasks for n in names]
     rows = summarize(outcomes, chosen)
-    for row in rows:
+    for row in rows[: len(names)]:
         assert row["tasks"] == 2
         assert 0 <= row["edit_similarity"] <= 1 and 0 <= row["identifier_f1"] <= 1
         assert row["total_ms_p50"] > row["context_ms_p50"] > 0
-    assert markdown(rows).count("\n") == 5
+    kinds = sorted({t.kind for t in tasks})
+    per_kind = [f"{n} [{k}]" for k in kinds for n in names] if len(kinds) > 1 else []
+    assert [row["variant"] for row in rows] == names + per_kind
+    assert markdown(rows).count("\n") == len(rows) + 1
     # Single-line tasks: the raw output runs on past the line, the truncated one does not.
     by_variant = {o.variant: o for o in outcomes if o.kind == tasks[0].kind}
     assert by_variant["no truncation"].exact <= by_variant["edit-distance"].exact

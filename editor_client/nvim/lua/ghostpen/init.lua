@@ -110,7 +110,7 @@ function M.request(manual)
   local buf = api.nvim_get_current_buf()
   local tick = api.nvim_buf_get_changedtick(buf)
   local row, col = cursor()
-  local params = vim.lsp.util.make_position_params()
+  local params = vim.lsp.util.make_position_params(0, lsp.offset_encoding)
   params.context = { triggerKind = manual and 1 or 2 }
   local id
   _, id = lsp.request("textDocument/inlineCompletion", params, function(err, result)
@@ -238,6 +238,10 @@ local function attach(buf)
 end
 
 function M.setup(opts)
+  if state.client_id then
+    vim.lsp.stop_client(state.client_id) -- set up again: the new options take over
+    state.client_id = nil
+  end
   config = vim.tbl_deep_extend("force", defaults, opts or {})
   local init_options = vim.tbl_extend("force", config.settings, { server = config.server })
   if config.token ~= "" then
