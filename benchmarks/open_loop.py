@@ -39,6 +39,7 @@ from server.settings import Settings
 from server.workspace import ChunkCache
 
 MAX_CONTEXT_FILES = 11
+MAX_STOP_STRINGS = 4
 
 
 @dataclass(frozen=True)
@@ -125,15 +126,19 @@ class OpenAITarget:
         )
         return build_prompt("", document, chunks, self._template, self._context).text
 
-    async def complete(self, task: Task, max_tokens: int, deadline_s: float) -> Outcome:
-        body = {
+    def body(self, task: Task, max_tokens: int) -> dict[str, object]:
+        return {
             "model": self._model,
             "prompt": self.prompt(task),
             "max_tokens": max_tokens,
             "temperature": 0,
             "stream": True,
-            "stop": ["\n", *self._template.stop],  # single line, as ghostpen's requests
+            # Single line, as ghostpen's requests; the OpenAI API takes at most 4 stop strings.
+            "stop": ["\n", *self._template.stop][:MAX_STOP_STRINGS],
         }
+
+    async def complete(self, task: Task, max_tokens: int, deadline_s: float) -> Outcome:
+        body = self.body(task, max_tokens)
         started = time.perf_counter()
         first = None
         try:
@@ -161,6 +166,10 @@ class OpenAITarget:
 
 def _ms(started: float) -> float:
     return (time.perf_counter() - started) * 1000
+
+
+def _percentiles(values: list[float]) -> dict[str, float] | None:
+    return percentiles(values) if values else None
 
 
 def arrival_gaps(count: int, rate: float, burstiness: float, seed: int) -> list[float]:
@@ -198,8 +207,8 @@ async def run_open_loop(
         "completed": len(done),
         "completions_per_s": round(len(done) / elapsed, 3),
         "errors": dict(Counter(o.status for o in outcomes if not o.ok)),
-        "first_text_ms": percentiles([o.first_text_ms for o in done if o.first_text_ms]),
-        "total_ms": percentiles([o.total_ms for o in done]),
+        "first_text_ms": _percentiles([o.first_text_ms for o in done if o.first_text_ms]),
+        "total_ms": _percentiles([o.total_ms for o in done]),
         "seconds": round(elapsed, 1),
     }
 

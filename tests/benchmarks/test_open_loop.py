@@ -47,7 +47,9 @@ async def test_ghostpen_and_a_llama_cpp_peer_serve_the_same_tasks(server, settin
         template = load_template(settings.context.template)
         peer = OpenAITarget(base, model.path.name, template, settings.context, "llama-cpp")
         try:
-            assert peer.prompt(tasks[0]).startswith("<|repo_name|>")
+            body = peer.body(tasks[0], 8)
+            assert body["prompt"].startswith("<|repo_name|>")
+            assert body["stop"][:2] == ["\n", "<|endoftext|>"] and len(body["stop"]) == 4
             theirs = await run_open_loop(peer, tasks, 2.0, 1.0, 0, max_tokens=8, deadline_s=60)
         finally:
             await peer.close()
