@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -277,7 +278,10 @@ def did_reject(ls: GhostpenLanguageServer, params: Any) -> None:
 def stats(ls: GhostpenLanguageServer, params: Any) -> dict[str, Any]:
     agent = _agent()
     return {
-        **vars(agent.completer.stats),
+        **{
+            name: list(value) if isinstance(value, deque) else value
+            for name, value in vars(agent.completer.stats).items()
+        },
         "connected": agent.client.connected,
         "sessions": agent.client.sessions,
         "unacknowledged_events": agent.client.unacknowledged_events,

@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from editor_client.cache import Anchor, CompletionCache, Suggestion
 from editor_client.client import Completion, SessionClient
 from editor_client.debounce import AdaptiveDebounce, automatic_request_allowed
 from editor_client.settings import ClientSettings
+
+LATENCY_SAMPLES = 1000  # the most recent kept: an editing day must not grow the agent
 
 
 @dataclass
@@ -27,8 +30,9 @@ class InlineStats:
     requests: int = 0
     empty: int = 0  # requests that came back with nothing to show
     # Call to request queued, less the debounce and any wait on a request already in flight.
-    before_send_ms: list[float] = field(default_factory=list)
-    after_receive_ms: list[float] = field(default_factory=list)  # final chunk to suggestion
+    before_send_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+    # Final chunk to suggestion.
+    after_receive_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
 
 
 @dataclass
