@@ -27,3 +27,10 @@ def percentiles(values: list[float], points: tuple[int, ...] = (50, 90, 99)) -> 
     result["max"] = ordered[-1]
     result["n"] = len(ordered)
     return result
+
+
+def percentile_cells(values: dict[str, float] | None) -> str:
+    """p50 / p90 / p99 for a Markdown cell; "-" when nothing was measured."""
+    if not values:
+        return "-"
+    return " / ".join(f"{values[p]:,.0f}" for p in ("p50", "p90", "p99"))

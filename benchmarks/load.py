@@ -28,7 +28,7 @@ from pathlib import Path
 
 import grpc
 
-from benchmarks.corpus import percentiles
+from benchmarks.corpus import percentile_cells, percentiles
 from benchmarks.plot import latency_chart
 from benchmarks.server_process import ServerProcess
 from editor_client.session_stream import SessionStream, deletion, full_text, insertion
@@ -236,20 +236,15 @@ def markdown(results: list[dict[str, object]]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        first, total = r["first_text_ms"] or {}, r["total_ms"] or {}
         lines.append(
             f"| {r['sessions']} | {r['completions_per_s']:.2f} "
-            f"| {_triple(first)} | {_triple(total)} "
+            f"| {percentile_cells(r['first_text_ms'])} | {percentile_cells(r['total_ms'])} "
             f"| {r['cancelled_fraction']:.0%} | {sum(r['errors'].values())} "
             f"| {r['wasted_tokens']:.0f} ({r.get('wasted_tokens_per_cancelled', 0):.2f}) "
             f"| {r['server_cpu_s']:.1f} "
             f"| {r['server_peak_rss_mib']:.0f} |"
         )
     return "\n".join(lines)
-
-
-def _triple(values: dict[str, float]) -> str:
-    return " / ".join(f"{values.get(p, 0):,.0f}" for p in ("p50", "p90", "p99"))
 
 
 def source_files(directory: Path) -> tuple[Path, ...]:

@@ -25,7 +25,7 @@ import aiohttp
 import grpc
 import uvloop
 
-from benchmarks.corpus import percentiles
+from benchmarks.corpus import percentile_cells, percentiles
 from benchmarks.eval.tasks import Task, build_tasks
 from benchmarks.peers import running_peer
 from benchmarks.server_process import process_usage, running_server
@@ -287,14 +287,8 @@ def markdown(results: list[dict[str, object]]) -> str:
         ratio = total["p50"] / base["total_ms"]["p50"] if total and base["total_ms"] else None
         lines.append(
             f"| {row['target']} | {row['completed']}/{row['requests']} "
-            f"| {row['completions_per_s']:.2f} | {row['errors'] or 0} | {_triple(first)} "
-            f"| {_triple(total)} | {'' if ratio is None else f'{ratio:.2f}x'} "
+            f"| {row['completions_per_s']:.2f} | {row['errors'] or 0} | {percentile_cells(first)} "
+            f"| {percentile_cells(total)} | {'' if ratio is None else f'{ratio:.2f}x'} "
             f"| {row.get('server_cpu_s', '-')} | {row.get('server_peak_rss_mib', '-')} |"
         )
     return "\n".join(lines)
-
-
-def _triple(values: dict[str, float] | None) -> str:
-    if not values:
-        return "-"
-    return " / ".join(f"{values[p]:,.0f}" for p in ("p50", "p90", "p99"))

@@ -31,7 +31,6 @@ class Anchor:
 class Suggestion:
     completion_id: str
     text: str  # what is left to insert at the cursor
-    typed: int  # characters of the completion already typed through (0: as the server sent it)
     source: str = "cache"  # or "server", or "in-flight" (a request sent before this keystroke)
 
 
@@ -54,9 +53,5 @@ class CompletionCache:
             completion_id, text = self._entries[anchor]
             typed = anchor.typed_since(position)
             if typed is not None and len(typed) < len(text) and text.startswith(typed):
-                return Suggestion(completion_id, text[len(typed) :], len(typed))
+                return Suggestion(completion_id, text[len(typed) :])
         return None
-
-    def clear(self, path: str) -> None:
-        for anchor in [anchor for anchor in self._entries if anchor.path == path]:
-            del self._entries[anchor]

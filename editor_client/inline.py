@@ -108,4 +108,4 @@ class InlineCompleter:
             return None
         self._cache.put(anchor, completion.completion_id, completion.text)
         self.stats.after_receive_ms.append((time.monotonic() - completion.received_at) * 1000)
-        return Suggestion(completion.completion_id, completion.text, 0, "server")
+        return Suggestion(completion.completion_id, completion.text, "server")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,49 +114,63 @@ def build_tasks(
     return tasks + _block_tasks(files, blocks, seed, max_files)
 
 
-def _line_tasks(
-    files: list[SourceFile], count: int, seed: int, max_files: int, kinds: tuple[str, ...]
+def _draw(
+    files: list[SourceFile],
+    count: int,
+    seed: int,
+    max_files: int,
+    tries: int,
+    cut: Callable[[random.Random, SourceFile, list[str]], tuple[str, int, str] | None],
 ) -> list[Task]:
+    """Up to `count` tasks, `cut` choosing (kind, cursor, expected) in a random file, or None to
+    try another; at most `tries` attempts a task."""
     rng = random.Random(seed)
     tasks: list[Task] = []
     attempts = 0
-    while len(tasks) < count and attempts < count * 50:
+    while len(tasks) < count and attempts < count * tries:
         attempts += 1
         chosen = rng.choice(files)
-        lines = chosen.text.split("\n")
+        if (found := cut(rng, chosen, chosen.text.split("\n"))) is None:
+            continue
+        others = tuple(f for f in files if f.path != chosen.path)[: max_files - 1]
+        tasks.append(Task(found[0], chosen, found[1], found[2], others))
+    return tasks
+
+
+def _line_tasks(
+    files: list[SourceFile], count: int, seed: int, max_files: int, kinds: tuple[str, ...]
+) -> list[Task]:
+    def cut(
+        rng: random.Random, chosen: SourceFile, lines: list[str]
+    ) -> tuple[str, int, str] | None:
         index = rng.randrange(len(lines))
         line = lines[index]
         stripped = line.strip()
         if len(stripped) < 8 or stripped.startswith(("#", "//", '"""', "'''", "*")):
-            continue
+            return None
         start = sum(len(previous) + 1 for previous in lines[:index])
-        indent = len(line) - len(line.lstrip())
+        indent = _indent(line)
         whole_line = rng.random() < 0.5 if len(kinds) == 2 else kinds == ("line",)
         if whole_line:
             cursor, kind = start + indent, "line"
         else:
             first_space = line.find(" ", indent)
             if first_space < 0:
-                continue
+                return None
             cursor, kind = start + first_space, "rest_of_line"
-        expected = chosen.text[cursor : start + len(line)].rstrip()
-        others = tuple(f for f in files if f.path != chosen.path)[: max_files - 1]
-        tasks.append(Task(kind, chosen, cursor, expected, others))
-    return tasks
+        return kind, cursor, chosen.text[cursor : start + len(line)].rstrip()
+
+    return _draw(files, count, seed, max_files, 50, cut)
 
 
 def _block_tasks(files: list[SourceFile], count: int, seed: int, max_files: int) -> list[Task]:
-    rng = random.Random(seed)
-    tasks: list[Task] = []
-    attempts = 0
-    while len(tasks) < count and attempts < count * 200:
-        attempts += 1
-        chosen = rng.choice(files)
-        lines = chosen.text.split("\n")
+    def cut(
+        rng: random.Random, chosen: SourceFile, lines: list[str]
+    ) -> tuple[str, int, str] | None:
         index = rng.randrange(len(lines) - 1) if len(lines) > 1 else 0
         opener = lines[index].rstrip()
         if not opener.endswith((":", "{")) or opener.lstrip().startswith(("#", "//")):
-            continue
+            return None
         depth = _indent(opener)
         body = []
         for line in lines[index + 1 :]:
@@ -165,13 +180,11 @@ def _block_tasks(files: list[SourceFile], count: int, seed: int, max_files: int)
         while body and not body[-1].strip():
             body.pop()
         if not body or len(body) > BLOCK_MAX_LINES or len("".join(body).strip()) < 8:
-            continue
+            return None
         start = sum(len(previous) + 1 for previous in lines[: index + 1])
-        cursor = start + _indent(body[0])
-        expected = "\n".join(body)[_indent(body[0]) :]
-        others = tuple(f for f in files if f.path != chosen.path)[: max_files - 1]
-        tasks.append(Task("block", chosen, cursor, expected, others))
-    return tasks
+        return "block", start + _indent(body[0]), "\n".join(body)[_indent(body[0]) :]
+
+    return _draw(files, count, seed, max_files, 200, cut)
 
 
 def _indent(line: str) -> int:
