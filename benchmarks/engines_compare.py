@@ -23,7 +23,7 @@ from benchmarks.corpus import percentiles, stdlib_files
 from context.prompt import Document, build_prompt
 from context.template import load_template
 from server.engines.base import Engine, EngineRequest
-from server.engines.factory import start_engine
+from server.engines.factory import start_in_process
 from server.settings import Settings
 from server.workspace import FileChange, Workspace
 
@@ -89,7 +89,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     for name in ("llama.cpp", "vllm"):
         engine_settings = dataclasses.replace(settings.engine, engine=name)
         started = time.perf_counter()
-        engine = await start_engine(engine_settings, settings.cache_dir)
+        engine = await start_in_process(engine_settings, settings.cache_dir)
         startup_s = time.perf_counter() - started
         results[name] = {"startup_s": startup_s, **await measure(engine, prompts, args.max_tokens)}
         await engine.close()

@@ -89,8 +89,26 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
     )
     port = server.add_insecure_port(f"{settings.server.host}:{settings.server.port}")
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def set_health(serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, status)
+
+    await set_health(True)
+    health_updates: set[asyncio.Task[None]] = set()
+
+    def on_engine(serving: bool) -> None:
+        task = asyncio.get_running_loop().create_task(set_health(serving))
+        health_updates.add(task)
+        task.add_done_callback(health_updates.discard)
+
+    engine.watch(on_engine)
+    metrics.watch_engine(engine.stats)
     running = RunningServer(server, engine, metrics, writer, port)
     if settings.server.metrics_port >= 0:
         running.web, running.web_port = await start_web(
@@ -102,7 +120,7 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
 async def serve(settings: Settings) -> None:
     """Run until SIGINT or SIGTERM."""
     metrics = Metrics()
-    engine = await start_engine(settings.engine, settings.cache_dir)
+    engine = await start_engine(settings.engine, settings.cache_dir, metrics)
     running = await start_server(settings, engine, metrics)
     web_address = f"http://{settings.server.host}:{running.web_port}"
     print(

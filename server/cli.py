@@ -186,7 +186,7 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
     from benchmarks.eval.tasks import build_tasks
     from context.template import load_template
     from server.completion import Completer
-    from server.engines.factory import start_engine
+    from server.engines.factory import start_in_process
     from server.metrics import Metrics
 
     chosen = variants(
@@ -207,7 +207,7 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
         engine_settings = dataclasses.replace(engine_settings, engine=args.engine)
 
     async def run() -> list:
-        engine = await start_engine(engine_settings, settings.cache_dir)
+        engine = await start_in_process(engine_settings, settings.cache_dir)
         completer = Completer(
             engine,
             load_template(settings.context.template),

@@ -107,7 +107,9 @@ class Completer:
         max_tokens = job.max_tokens or self.max_tokens(cursor.mode)
         truncator = Truncator(cursor)
         finish, first_token_at, last = Finish.STOP, 0.0, None
-        request = EngineRequest(job.request_id, job.prompt.text, max_tokens, job.cache_key)
+        request = EngineRequest(
+            job.request_id, job.prompt.text, max_tokens, job.cache_key, deadline=job.deadline
+        )
         engine_done = engine_start
         try:
             try:

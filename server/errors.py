@@ -10,6 +10,7 @@ GhostpenError
 ├── DeadlinePassed      DEADLINE_EXCEEDED   the request's deadline passed before it was served
 ├── DuplicateRequest    ALREADY_EXISTS      a request id already in flight
 ├── EngineFailure       INTERNAL            the inference engine failed
+├── EngineUnavailable   UNAVAILABLE         the engine process died or is restarting: retry
 └── InternalError       INTERNAL            a bug of ours, logged with its traceback
 
 ModelError is separate: it stops the server from starting (a model file missing or not matching).
@@ -60,6 +61,10 @@ class DuplicateRequest(GhostpenError):
 
 class EngineFailure(GhostpenError):
     status = grpc.StatusCode.INTERNAL
+
+
+class EngineUnavailable(GhostpenError):
+    status = grpc.StatusCode.UNAVAILABLE
 
 
 class InternalError(GhostpenError):

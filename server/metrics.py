@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from server.engines.base import STEP_BUCKETS, EngineStats
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -99,6 +104,17 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.engine_ipc_seconds = Histogram(
+            "ghostpen_engine_ipc_seconds",
+            "Time a token delta takes from the engine process to the server's event loop.",
+            buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
+            registry=self.registry,
+        )
+
+    def watch_engine(self, stats: Callable[[], EngineStats]) -> None:
+        """Export the engine's scheduler state, read at each scrape."""
+        self.registry.register(_EngineCollector(stats))
+
     def observe(
         self, engine: str, model: str, template: str, finish: str, timings: Timings, tokens: int
     ) -> None:
@@ -111,3 +127,51 @@ class Metrics:
             ("total", timings.total_s),
         ):
             self.stage_seconds.labels(engine, model, template, stage).observe(seconds)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+        stats = self._stats()
+        gauges = (
+            ("queue_depth", "Requests waiting for a KV sequence.", stats.waiting),
+            ("running", "Requests being read or decoded.", stats.running),
+            (
+                "sequences_resident",
+                "Sessions whose KV cache is resident.",
+                stats.sequences_resident,
+            ),
+        )
+        for name, text, value in gauges:
+            yield GaugeMetricFamily(f"ghostpen_engine_{name}", text, value=value)
+        kv = GaugeMetricFamily(
+            "ghostpen_engine_kv_tokens", "KV cache tokens, used and free.", labels=["state"]
+        )
+        kv.add_metric(["used"], stats.kv_tokens_used)
+        kv.add_metric(["free"], stats.kv_tokens_capacity - stats.kv_tokens_used)
+        yield kv
+        counters = (
+            ("evictions", "Sessions' KV sequences evicted to make room.", stats.evictions),
+            (
+                "prompt_tokens_read",
+                "Prompt tokens read, cancelled ones too.",
+                stats.tokens_prefilled,
+            ),
+            ("tokens_generated", "Tokens generated, cancelled ones too.", stats.tokens_generated),
+            ("restarts", "Engine process restarts after a crash.", stats.restarts),
+        )
+        for name, text, value in counters:
+            yield CounterMetricFamily(f"ghostpen_engine_{name}", text, value=value)
+        if stats.step_buckets:
+            cumulative, buckets = 0, []
+            for bound, count in zip((*STEP_BUCKETS, float("inf")), stats.step_buckets, strict=True):
+                cumulative += count
+                buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
+            yield HistogramMetricFamily(
+                "ghostpen_engine_step_tokens",
+                "Tokens per engine step (one llama_decode): batch size.",
+                buckets=buckets,
+                sum_value=stats.step_tokens,
+            )

@@ -48,17 +48,35 @@ class LimitSettings:
 class EngineSettings:
     engine: str = "auto"  # auto | llama.cpp | vllm
     model: str = "qwen2.5-coder-0.5b-instruct-q4_k_m"  # a registry name or a path
-    context_window: int = 2048
-    threads: int = 0  # 0: all cores
-    batch_tokens: int = 128  # llama.cpp prompt batch; also how often a stale prefill can stop
-    session_states: int = 8  # llama.cpp: KV states kept for sessions waiting their turn; 0: none
+    context_window: int = 2048  # tokens of one request: prompt and completion
+    # llama.cpp: compute threads; 0: every core this process may use but one (engines/llama_cpp.py)
+    threads: int = 0
+    batch_tokens: int = 128  # llama.cpp prompt tokens per step; also how often a stale read stops
+    kv_cache_tokens: int = 16 * 2048  # llama.cpp KV cache: kv_cache_tokens // context_window
+    #                                   sessions stay resident; the least recently used is evicted
     queue_order: str = "newest"  # llama.cpp: which waiting request runs next: newest | oldest
+    flash_attention: bool = False  # llama.cpp: measured slower on our CPUs
+    extra_buffer_types: bool = False  # llama.cpp weight repacking (AMX...): crashed on a Xeon
+    lora_adapters: str = ""  # name=path.gguf[,name=path] (llama.cpp) or name=hf-dir (vllm)
+    # The engine runs in a supervised child process (engines/supervisor.py).
+    engine_process: bool = True  # false: in the server's own process (a crash takes it down)
+    engine_start_timeout_s: float = 600.0
+    engine_stop_timeout_s: float = 10.0
+    restart_backoff_s: float = 0.5  # doubles with each crash in the window
+    restart_backoff_max_s: float = 10.0
+    crash_loop_restarts: int = 5  # this many crashes within crash_loop_window_s: stop restarting
+    crash_loop_window_s: float = 60.0
     quantization: str = ""  # vllm: fp8 | awq | gptq | compressed-tensors | ""
     enforce_eager: bool = True
     gpu_memory_utilization: float = 0.85
     kv_cache_gib: float = 0.0  # vllm KV cache; 0: vLLM's default (CPU 4 GiB, GPU by utilization)
 
     def __post_init__(self) -> None:
+        if self.kv_cache_tokens < self.context_window:
+            raise ValueError(
+                f"kv_cache_tokens={self.kv_cache_tokens} must hold at least one sequence of "
+                f"context_window={self.context_window} tokens"
+            )
         if self.queue_order not in QUEUE_ORDERS:
             raise ValueError(
                 f"queue_order must be one of {', '.join(QUEUE_ORDERS)}: {self.queue_order!r}"

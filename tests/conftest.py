@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -13,6 +14,7 @@ import editor_client.session_stream
 from proto import ghostpen_pb2 as pb
 from proto import ghostpen_pb2_grpc as pb_grpc
 from server.app import RunningServer, start_server
+from server.engines.base import EngineStats
 from server.engines.factory import start_engine
 from server.metrics import Metrics
 from server.settings import Settings
@@ -33,8 +35,9 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def server(settings: Settings) -> AsyncIterator[RunningServer]:
-    engine = await start_engine(settings.engine, settings.cache_dir)
-    running = await start_server(settings, engine, Metrics())
+    metrics = Metrics()
+    engine = await start_engine(settings.engine, settings.cache_dir, metrics)
+    running = await start_server(settings, engine, metrics)
     yield running
     await running.stop(1.0)
 
@@ -48,6 +51,16 @@ async def channel(server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
 @pytest.fixture
 def stub(channel: grpc.aio.Channel) -> pb_grpc.CompletionStub:
     return pb_grpc.CompletionStub(channel)
+
+
+async def engine_idle(engine, timeout_s: float = 30) -> EngineStats:
+    """The engine's counters once it runs and holds nothing (asked of its process, not cached)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            stats = await engine.fresh_stats()
+            if not stats.running and not stats.waiting:
+                return stats
+            await asyncio.sleep(0.01)
 
 
 class SessionStream(editor_client.session_stream.SessionStream):

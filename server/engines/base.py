@@ -11,7 +11,7 @@ not only the stream; abort is idempotent and quiet for finished or unknown ids.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 
@@ -21,6 +21,8 @@ class EngineRequest:
     prompt: str
     max_tokens: int  # stop strings and truncation are post-processing's: one place decides
     cache_key: str = ""  # whose prompts these are (a session): engines may keep a cache per key
+    adapter: str = ""  # a LoRA adapter the engine has loaded, by name; "" for the base model
+    deadline: float = 0.0  # time.monotonic() (system-wide) past which work is dropped; 0: none
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,27 @@ class EngineDelta:
     cached_tokens: int = 0  # prompt tokens reused from the engine's prefix cache
 
 
+STEP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the engine's scheduler is doing, for metrics; counters are cumulative."""
+
+    waiting: int = 0
+    running: int = 0
+    kv_tokens_used: int = 0
+    kv_tokens_capacity: int = 0
+    sequences_resident: int = 0
+    evictions: int = 0
+    tokens_prefilled: int = 0
+    tokens_generated: int = 0
+    steps: int = 0
+    step_tokens: int = 0
+    step_buckets: tuple[int, ...] = ()  # steps by tokens per step, counted in STEP_BUCKETS (+inf)
+    restarts: int = 0  # of the engine process
+
+
 class Engine(abc.ABC):
     name: str
     model_id: str
@@ -46,6 +69,15 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None:
         """Stop the request inside the engine, wherever it is (queued, prefilling, decoding)."""
+
+    def watch(self, listener: Callable[[bool], None]) -> None:
+        """Call `listener(serving)` when the engine goes down or comes back; in-process engines
+        never do (their crash is the server's)."""
+        return None
+
+    def stats(self) -> EngineStats:
+        """The scheduler's state; engines that do not know it say nothing."""
+        return EngineStats()
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -1,4 +1,4 @@
-"""Pick and start the engine the settings ask for."""
+"""Pick and start the engine the settings ask for: in a supervised child process by default."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from server.engines.base import Engine
+from server.metrics import Metrics
 from server.model_store import resolve
 from server.settings import EngineSettings
 
@@ -21,7 +22,17 @@ def choose_engine(requested: str) -> str:
     return "vllm" if shutil.which("nvidia-smi") and Path("/dev/nvidia0").exists() else "llama.cpp"
 
 
-async def start_engine(settings: EngineSettings, cache_dir: Path) -> Engine:
+async def start_engine(settings: EngineSettings, cache_dir: Path, metrics: Metrics) -> Engine:
+    """The engine the server uses; ModelError if it cannot start."""
+    if not settings.engine_process:
+        return await start_in_process(settings, cache_dir)
+    from server.engines.supervisor import SupervisedEngine
+
+    return await SupervisedEngine.start(settings, cache_dir, metrics)
+
+
+async def start_in_process(settings: EngineSettings, cache_dir: Path) -> Engine:
+    """The engine itself, in this process (the engine process calls this)."""
     kind = choose_engine(settings.engine)
     if kind == "vllm":
         from server.engines.vllm import VllmEngine

@@ -31,8 +31,9 @@ async def serve_on(settings: Settings, port: int, token: str = "") -> RunningSer
     """A server of its own on a chosen port, so that a test can stop and restart it."""
     server = dataclasses.replace(settings.server, port=port, metrics_port=-1, auth_token=token)
     serving = dataclasses.replace(settings, server=server)
-    engine = await start_engine(settings.engine, settings.cache_dir)
-    return await start_server(serving, engine, Metrics())
+    metrics = Metrics()
+    engine = await start_engine(settings.engine, settings.cache_dir, metrics)
+    return await start_server(serving, engine, metrics)
 
 
 def new_client(port: int, **options) -> tuple[SessionClient, list[str]]:

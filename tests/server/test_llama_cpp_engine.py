@@ -1,102 +1,184 @@
-"""The llama.cpp engine on its own: streaming, and stopping work wherever a request is."""
+"""The llama.cpp engine on its own, in this process: streaming, batching many sessions at once,
+stopping work wherever a request is, and which request runs when sequences are short."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from contextlib import aclosing
 
+import pytest
+import pytest_asyncio
+
 from server.engines.base import EngineRequest
+from server.engines.factory import start_in_process
+from server.errors import LimitExceeded
 
 COUNT_PROMPT = "<|fim_prefix|>numbers = [\n    1,\n    2,\n    3,\n<|fim_suffix|>]\n<|fim_middle|>"
+TIMEOUT_S = 120
 
 
-async def test_generate_streams_until_max_tokens(server) -> None:
-    engine = server.engine
-    deltas = [d async for d in engine.generate(EngineRequest("g1", COUNT_PROMPT, max_tokens=6))]
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def engine(settings):
+    engine = await start_in_process(settings.engine, settings.cache_dir)
+    yield engine
+    await engine.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def two_sequences(settings):
+    """An engine whose KV cache holds two sessions."""
+    small = dataclasses.replace(settings.engine, context_window=1024, kv_cache_tokens=2048)
+    engine = await start_in_process(small, settings.cache_dir)
+    yield engine
+    await engine.close()
+
+
+async def run(engine, request: EngineRequest):
+    async with asyncio.timeout(TIMEOUT_S):
+        return [delta async for delta in engine.generate(request)]
+
+
+async def test_generate_streams_until_max_tokens(engine) -> None:
+    deltas = await run(engine, EngineRequest("g1", COUNT_PROMPT, max_tokens=6))
     assert deltas[-1].finished and deltas[-1].length_limited
-    assert [d.completion_tokens for d in deltas[:-1]] == list(range(1, 7))
+    assert [d.completion_tokens for d in deltas] == list(range(1, 7))
     assert all(d.prompt_tokens == deltas[0].prompt_tokens > 10 for d in deltas)
     assert "4," in "".join(d.text for d in deltas)
 
 
-async def test_abort_stops_decoding_and_ends_the_stream(server) -> None:
-    engine = server.engine
-    before = engine.tokens_generated
+def function_prompt(case: int, i: int) -> str:
+    names = ["area", "volume", "mean", "median", "parse_date", "to_json", "retry", "slugify"]
+    head = f"# case {case}\n<|fim_prefix|>def {names[i % 8]}_{i}(values):\n    "
+    return f"{head}<|fim_suffix|>\n<|fim_middle|>"
+
+
+@pytest.mark.parametrize("sessions", [1, 4, 8])
+async def test_sessions_decoded_together_get_exactly_the_tokens_they_get_alone(
+    engine, sessions: int
+) -> None:
+    """Greedy decoding in one batch across sequences changes nothing for any of them."""
+    alone = []
+    for i in range(sessions):
+        key = f"alone-{sessions}-{i}"
+        request = EngineRequest(key, function_prompt(sessions, i), 16, key)
+        alone.append("".join(d.text for d in await run(engine, request)))
+    before = engine.stats()
+    together = await asyncio.gather(
+        *(
+            run(
+                engine,
+                EngineRequest(
+                    f"b-{sessions}-{i}", function_prompt(sessions, i), 16, f"b-{sessions}-{i}"
+                ),
+            )
+            for i in range(sessions)
+        )
+    )
+    assert ["".join(d.text for d in deltas) for deltas in together] == alone
+    # Each read its own prompt (a few leading tokens may be shared with another's sequence).
+    assert all(d[0].cached_tokens < d[0].prompt_tokens / 2 for d in together)
+    after = engine.stats()
+    if sessions > 1:  # decode steps carried several sequences at once
+        steps = after.steps - before.steps
+        assert after.step_tokens - before.step_tokens > steps
+
+
+async def test_abort_stops_decoding_and_ends_the_stream(engine) -> None:
+    before = engine.stats().tokens_generated
     seen = []
     async for delta in engine.generate(EngineRequest("a1", COUNT_PROMPT, max_tokens=300)):
         seen.append(delta)
         if len(seen) == 3:
             await engine.abort("a1")
     assert seen[-1].finished and seen[-1].aborted
-    # The three seen, at most one queued behind them, and the one being decoded when abort came.
-    assert engine.tokens_generated - before <= 5
+    # The three seen, and at most the one being decoded when abort came.
+    assert engine.stats().tokens_generated - before <= 4
     await engine.abort("a1")  # idempotent, quiet for finished ids
     await engine.abort("never-seen")
 
 
-async def test_closing_the_stream_stops_the_engine(server) -> None:
-    engine = server.engine
-    before = engine.tokens_generated
+async def test_closing_the_stream_stops_the_engine(engine) -> None:
+    before = engine.stats()
     async with aclosing(engine.generate(EngineRequest("c1", COUNT_PROMPT, 300))) as deltas:
         async for _ in deltas:
             break
-    await asyncio.sleep(0.3)
-    assert engine.tokens_generated - before <= 3  # one seen, one queued, one being decoded
+    async with asyncio.timeout(TIMEOUT_S):  # the sequence is released once the engine stops
+        while engine.stats().running:
+            await asyncio.sleep(0.01)
+    assert engine.stats().tokens_generated - before.tokens_generated <= 2
 
 
-async def test_a_stale_prompt_stops_between_prefill_batches(server) -> None:
-    engine = server.engine
+async def test_a_stale_prompt_stops_between_prompt_chunks(engine) -> None:
     long_prompt = "".join(f"value_{i} = compute_{i}(data)\n" for i in range(100)) + "value_100 ="
-    before = engine.tokens_prefilled
-    task = asyncio.create_task(_drain(engine.generate(EngineRequest("p1", long_prompt, 5))))
-    for _ in range(500):  # until the first batch is read
-        if engine.tokens_prefilled > before or task.done():
-            break
-        await asyncio.sleep(0.01)
+    before = engine.stats().tokens_prefilled
+    task = asyncio.create_task(run(engine, EngineRequest("p1", long_prompt, 5, "stale")))
+    async with asyncio.timeout(TIMEOUT_S):  # until the first chunk is read
+        while engine.stats().tokens_prefilled == before and not task.done():
+            await asyncio.sleep(0.005)
     await engine.abort("p1")
-    last = await task
+    last = (await task)[-1]
     assert last.aborted
-    assert 0 < engine.tokens_prefilled - before < last.prompt_tokens / 2
+    assert 0 < engine.stats().tokens_prefilled - before < last.prompt_tokens / 2
 
 
-async def _drain(stream):
-    return [delta async for delta in stream][-1]
-
-
-async def test_sessions_taking_turns_keep_their_own_prompt_cache(server) -> None:
-    engine = server.engine
+async def test_sessions_keep_their_own_prompt_cache_while_others_use_the_engine(engine) -> None:
     first = "".join(f"alpha_{i} = load_alpha({i})\n" for i in range(40))
     second = "".join(f"beta_{i} = load_beta({i})\n" for i in range(40))
-
-    async def last(prompt: str, key: str):
-        return [d async for d in engine.generate(EngineRequest(key + "-r", prompt, 2, key))][-1]
-
-    await last(first, "session-a")
-    await last(second, "session-b")
-    again = await last(first + "alpha_40 =", "session-a")
+    await run(engine, EngineRequest("k1", first, 2, "session-a"))
+    await run(engine, EngineRequest("k2", second, 2, "session-b"))
+    again = (await run(engine, EngineRequest("k3", first + "alpha_40 =", 2, "session-a")))[-1]
     assert again.cached_tokens >= 0.9 * again.prompt_tokens
-    without_key = await last(first + "alpha_41 =", "")  # keyless: whatever the cache holds
-    assert without_key.cached_tokens >= 0.9 * without_key.prompt_tokens
+    keyless = (await run(engine, EngineRequest("k4", second + "beta_40 =", 2)))[-1]
+    assert keyless.cached_tokens >= 0.9 * keyless.prompt_tokens  # found session-b's prefix
 
 
-async def test_waiting_requests_are_taken_newest_first(server) -> None:
-    """While the engine is busy, the request that came last is served before older ones."""
-    engine = server.engine
+async def test_a_prompt_over_the_sequence_budget_is_refused_naming_the_setting(engine) -> None:
+    huge = "x = 1\n" * 3000
+    with pytest.raises(LimitExceeded, match="context_window=2048"):
+        await run(engine, EngineRequest("big", huge, 4))
+
+
+async def test_the_least_recently_used_session_is_evicted_when_the_cache_is_full(
+    two_sequences,
+) -> None:
+    engine = two_sequences
+    prompts = {
+        key: f"# {key}\n" + "".join(f"{key}_{i} = {i}\n" for i in range(30)) for key in "abc"
+    }
+    before = engine.stats().evictions
+    for key in "abc":  # c takes a's sequence, the least recently used
+        await run(engine, EngineRequest(key, prompts[key], 2, key))
+    assert engine.stats().evictions - before == 1
+    assert engine.stats().sequences_resident == 2
+    b_again = (await run(engine, EngineRequest("b2", prompts["b"], 2, "b")))[-1]
+    assert b_again.cached_tokens == b_again.prompt_tokens - 1  # all but the last, read for logits
+    a_again = (await run(engine, EngineRequest("a2", prompts["a"], 2, "a")))[-1]
+    assert a_again.cached_tokens <= 2  # evicted: at most the "# " it shares with another
+
+
+async def test_waiting_requests_are_admitted_newest_first(two_sequences) -> None:
+    """With every sequence busy, the request that came last is served before older ones."""
+    engine = two_sequences
     assert engine._settings.queue_order == "newest"
     started: list[str] = []
 
-    async def run(request_id: str, max_tokens: int) -> None:
-        async for delta in engine.generate(EngineRequest(request_id, COUNT_PROMPT, max_tokens)):
-            if not started or started[-1] != request_id:
-                started.append(request_id)
-            if delta.finished:
-                return
+    async def serve(request_id: str, max_tokens: int) -> None:
+        request = EngineRequest(request_id, COUNT_PROMPT, max_tokens, request_id)
+        async with aclosing(engine.generate(request)) as deltas:
+            async for _ in deltas:
+                if request_id not in started:
+                    started.append(request_id)
 
-    busy = asyncio.create_task(run("busy", 40))
-    while not started:
-        await asyncio.sleep(0.01)
-    older = asyncio.create_task(run("older", 2))
-    await asyncio.sleep(0.05)
-    newer = asyncio.create_task(run("newer", 2))
-    await asyncio.gather(busy, older, newer)
-    assert started == ["busy", "newer", "older"]
+    busy = [asyncio.create_task(serve(f"busy-{i}", 60)) for i in range(2)]
+    async with asyncio.timeout(TIMEOUT_S):
+        while len(started) < 2:
+            await asyncio.sleep(0.005)
+    older = asyncio.create_task(serve("older", 2))
+    async with asyncio.timeout(TIMEOUT_S):  # queued behind the busy ones
+        while engine.stats().waiting < 1:
+            await asyncio.sleep(0.005)
+    newer = asyncio.create_task(serve("newer", 2))
+    async with asyncio.timeout(TIMEOUT_S):
+        await asyncio.gather(*busy, older, newer)
+    assert started.index("newer") < started.index("older")

@@ -1,0 +1,74 @@
+"""Which KV sequence a request gets, what it reuses and what is evicted: no model needed."""
+
+from __future__ import annotations
+
+from server.engines.sequences import SequenceTable
+
+
+def served(table: SequenceTable, key: str, prompt: list[int], now: float, adapter: str = ""):
+    """Assign, pretend the prompt was read into the KV, release."""
+    assignment = table.assign(key, adapter, prompt, now)
+    assert assignment is not None
+    assignment.sequence.tokens.extend(prompt[assignment.reused :])
+    table.release(assignment.sequence, now)
+    return assignment
+
+
+def test_a_session_reuses_the_prefix_its_sequence_shares_with_the_new_prompt() -> None:
+    table = SequenceTable(2)
+    first = served(table, "a", [1, 2, 3, 4], 1.0)
+    assert (first.reused, first.evicted) == (0, False)
+    again = served(table, "a", [1, 2, 3, 9, 9], 2.0)
+    assert again.sequence is first.sequence
+    assert again.reused == 3
+    assert again.sequence.tokens == [1, 2, 3, 9, 9]
+
+
+def test_an_identical_prompt_leaves_its_last_token_to_be_read_for_logits() -> None:
+    table = SequenceTable(1)
+    served(table, "a", [1, 2, 3], 1.0)
+    again = table.assign("a", "", [1, 2, 3], 2.0)
+    assert again is not None and again.reused == 2
+    assert again.sequence.tokens == [1, 2]
+
+
+def test_new_sessions_take_empty_sequences_then_evict_the_least_recently_used() -> None:
+    table = SequenceTable(2)
+    a = served(table, "a", [1, 2], 1.0)
+    b = served(table, "b", [3, 4], 2.0)
+    assert a.sequence is not b.sequence and not b.evicted
+    served(table, "a", [1, 2, 5], 3.0)  # a is used again: b is now the oldest
+    c = served(table, "c", [1, 2, 6], 4.0)
+    assert c.sequence is b.sequence and c.evicted and c.reused == 0
+    assert table.resident == 2
+    back = served(table, "b", [3, 4], 5.0)  # b lost its KV: it reads its prompt again
+    assert back.evicted and back.reused == 0 and back.sequence is a.sequence
+
+
+def test_busy_sequences_are_never_taken() -> None:
+    table = SequenceTable(1)
+    held = table.assign("a", "", [1, 2], 1.0)
+    assert held is not None
+    assert table.assign("a", "", [1, 2, 3], 2.0) is None  # its own, still busy
+    assert table.assign("b", "", [5], 2.0) is None  # the only one, busy
+    table.release(held.sequence, 3.0)
+    assert table.assign("b", "", [5], 4.0) is not None
+
+
+def test_requests_without_a_session_take_the_longest_shared_prefix() -> None:
+    table = SequenceTable(3)
+    served(table, "", [1, 2, 3, 4], 1.0)
+    served(table, "s", [7, 8, 9], 2.0)
+    best = served(table, "", [7, 8, 9, 10], 3.0)
+    assert best.reused == 3 and best.evicted  # the session's prefix was the best, and is gone
+    plain = served(table, "", [1, 2, 5], 4.0)
+    assert plain.reused == 2 and not plain.evicted
+
+
+def test_kv_computed_under_another_adapter_is_not_reused() -> None:
+    table = SequenceTable(1)
+    served(table, "a", [1, 2, 3], 1.0)
+    tuned = served(table, "a", [1, 2, 3, 4], 2.0, adapter="team")
+    assert tuned.reused == 0
+    assert tuned.sequence.adapter == "team"
+    assert table.tokens_used == 4
