@@ -114,9 +114,9 @@ async def type_through(
         "saved_by_debounce": stats["debounced"],
         "not_at_a_completion_point": stats["not_at_completion_point"],
         "share_of_requests_saved_by_debounce": round(stats["debounced"] / max(automatic, 1), 3),
-        "agent_event_to_request_sent_ms": percentiles(stats["before_send_ms"]),
-        "agent_final_chunk_to_answer_ms": percentiles(stats["after_receive_ms"]),
-        "lsp_round_trip_from_cache_ms": percentiles(round_trips_cached),
+        "agent_event_to_request_sent_ms": _summary(stats["before_send_ms"]),
+        "agent_final_chunk_to_answer_ms": _summary(stats["after_receive_ms"]),
+        "lsp_round_trip_from_cache_ms": _summary(round_trips_cached),
     }
 
 
@@ -178,3 +178,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _summary(values: list[float]) -> dict[str, float] | None:
+    """Percentiles, or None where nothing was measured (no completion finished while typing)."""
+    return percentiles(values) if values else None

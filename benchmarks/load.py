@@ -247,6 +247,30 @@ def markdown(results: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def ratios(
+    ours: list[dict[str, object]], theirs: list[dict[str, object]], name: str, peer: str
+) -> str:
+    """Ours over theirs per point, measured in one run: below 1 is faster, above 1 more."""
+    lines = [
+        f"| sessions | total p50 {name} / {peer} | first text p50 | completions/s "
+        f"| completed ({name}, {peer}) | errors ({name}, {peer}) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for a, b in zip(ours, theirs, strict=True):
+
+        def ratio(key: str, a=a, b=b) -> str:
+            mine, peers = (a[key] or {}).get("p50"), (b[key] or {}).get("p50")
+            return f"{mine / peers:.2f}" if mine and peers else "-"
+
+        per_s = a["completions_per_s"] / b["completions_per_s"] if b["completions_per_s"] else 0
+        lines.append(
+            f"| {a['sessions']} | {ratio('total_ms')} | {ratio('first_text_ms')} | {per_s:.2f} "
+            f"| {a['completions']}, {b['completions']} "
+            f"| {sum(a['errors'].values())}, {sum(b['errors'].values())} |"
+        )
+    return "\n".join(lines)
+
+
 def source_files(directory: Path) -> tuple[Path, ...]:
     files = tuple(sorted(p for p in directory.glob("*.py") if p.stat().st_size < 200_000))
     if not files:

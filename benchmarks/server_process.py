@@ -30,12 +30,32 @@ class ServerProcess:
 
 
 def process_usage(pid: int) -> tuple[float, int]:
-    """CPU seconds a process used so far, and its peak resident memory in bytes (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    status = Path(f"/proc/{pid}/status").read_text()
-    peak_kib = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
-    return cpu_s, peak_kib * 1024
+    """CPU seconds a process and its live descendants (the engine process) used so far, and the
+    sum of their peak resident memory in bytes (Linux /proc)."""
+    cpu_s, peak = 0.0, 0
+    for member in _tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            status = Path(f"/proc/{member}/status").read_text()
+        except FileNotFoundError:  # ended meanwhile
+            continue
+        cpu_s += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        peak += int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) * 1024
+    return cpu_s, peak
+
+
+def _tree(pid: int) -> list[int]:
+    found, pending = [], [pid]
+    while pending:
+        member = pending.pop()
+        found.append(member)
+        threads: list[Path] = []
+        with contextlib.suppress(FileNotFoundError):
+            threads = list(Path(f"/proc/{member}/task").iterdir())
+        for thread in threads:
+            with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+                pending.extend(int(c) for c in (thread / "children").read_text().split())
+    return found
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from server.engines.factory import ENGINES
 from server.errors import ModelError
 from server.settings import Settings
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--metrics-port", type=int)
-    serve.add_argument("--engine", choices=("auto", "llama.cpp", "vllm"))
+    serve.add_argument("--engine", choices=ENGINES)
     serve.add_argument("--model", help="a registry name, a .gguf file, or a Hugging Face directory")
 
     models = commands.add_parser("models", help="fetch, verify, list and convert models")
@@ -59,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--warmup", type=float, default=5.0)
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--files", type=Path, help="a directory of .py files to type")
-    bench.add_argument("--engine", choices=("auto", "llama.cpp", "vllm"), default="auto")
+    bench.add_argument("--engine", choices=ENGINES, default="auto")
+    bench.add_argument(
+        "--vs", choices=ENGINES, help="also run each point on this engine; report the ratios"
+    )
     bench.add_argument("--save-result", type=Path, help="JSON here, a Markdown table beside it")
     loop = bench.add_argument_group(
         "open loop", "stateless Complete requests at a set rate (as `vllm bench serve`)"
@@ -133,20 +137,35 @@ def main(argv: list[str] | None = None) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import uvloop
 
-    from benchmarks.load import DEFAULT_FILES, LoadConfig, markdown, run_load, save, source_files
+    from benchmarks.load import (
+        DEFAULT_FILES,
+        LoadConfig,
+        markdown,
+        ratios,
+        run_load,
+        save,
+        source_files,
+    )
     from benchmarks.server_process import running_server
 
     counts = [int(n) for n in args.sweep.split(",")] if args.sweep else [args.sessions]
     files = source_files(args.files or DEFAULT_FILES)
-    results = []
-    with running_server("--engine", args.engine) as server:
-        for sessions in counts:
-            config = LoadConfig(sessions, args.duration, files, args.seed, args.warmup)
-            results.append(uvloop.run(run_load(server, config)))
-            print(markdown(results[-1:]).splitlines()[-1], flush=True)
-    print(markdown(results))
+    engines = [args.engine, *([args.vs] if args.vs else [])]
+    runs: dict[str, list[dict[str, object]]] = {engine: [] for engine in engines}
+    for sessions in counts:  # each point on every engine in turn: the same machine conditions
+        config = LoadConfig(sessions, args.duration, files, args.seed, args.warmup)
+        for engine in engines:
+            with running_server("--engine", engine) as server:
+                runs[engine].append({"engine": engine, **uvloop.run(run_load(server, config))})
+            print(markdown(runs[engine][-1:]).splitlines()[-1], flush=True)
+    for engine in engines:
+        print(f"\n{engine}\n{markdown(runs[engine])}")
+    if args.vs:
+        print(f"\n{ratios(runs[args.engine], runs[args.vs], args.engine, args.vs)}")
     if args.save_result:
-        save(results, args.save_result)
+        for engine in engines:
+            path = args.save_result
+            save(runs[engine], path if engine == args.engine else path.with_stem(f"{path.stem}-vs"))
     return 0
 
 

@@ -10,7 +10,7 @@ from server.metrics import Metrics
 from server.model_store import resolve
 from server.settings import EngineSettings
 
-ENGINES = ("auto", "llama.cpp", "vllm")
+ENGINES = ("auto", "llama.cpp", "vllm", "llama-server")
 
 
 def choose_engine(requested: str) -> str:
@@ -39,7 +39,11 @@ async def start_in_process(settings: EngineSettings, cache_dir: Path) -> Engine:
 
         model = resolve(settings.model, cache_dir, want="hf")
         return await VllmEngine.start(settings, model.path, model.model_id)
+    model = resolve(settings.model, cache_dir, want="gguf")
+    if kind == "llama-server":  # the peer our llama.cpp engine is measured against
+        from server.engines.llama_server import LlamaServerEngine
+
+        return await LlamaServerEngine.start(settings, model.path, model.model_id, cache_dir)
     from server.engines.llama_cpp import LlamaCppEngine
 
-    model = resolve(settings.model, cache_dir, want="gguf")
     return await LlamaCppEngine.start(settings, model.path, model.model_id)

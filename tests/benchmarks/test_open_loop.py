@@ -36,7 +36,9 @@ async def test_ghostpen_and_a_llama_cpp_peer_serve_the_same_tasks(server, settin
     tasks = build_tasks(TREE, 3, seed=0, max_files=12, max_bytes=settings.limits.max_file_bytes)
     ours = GhostpenTarget(f"127.0.0.1:{server.port}")
     try:
-        mine = await run_open_loop(ours, tasks, 2.0, 1.0, 0, max_tokens=8, deadline_s=30)
+        # Three cold ~1,500-token prompts, read one after another: on 2 cores, one compute thread
+        # reads ~60 tokens/s (engines/llama_cpp.py compute_threads).
+        mine = await run_open_loop(ours, tasks, 2.0, 1.0, 0, max_tokens=8, deadline_s=200)
     finally:
         await ours.close()
     assert mine["completed"] == 3 and mine["errors"] == {}

@@ -163,22 +163,29 @@ async def test_waiting_requests_are_admitted_newest_first(two_sequences) -> None
     assert engine._settings.queue_order == "newest"
     started: list[str] = []
 
-    async def serve(request_id: str, max_tokens: int) -> None:
-        request = EngineRequest(request_id, COUNT_PROMPT, max_tokens, request_id)
+    async def serve(request_id: str, prompt: str, max_tokens: int) -> None:
+        request = EngineRequest(request_id, prompt, max_tokens, request_id)
         async with aclosing(engine.generate(request)) as deltas:
             async for _ in deltas:
                 if request_id not in started:
                     started.append(request_id)
 
-    busy = [asyncio.create_task(serve(f"busy-{i}", 60)) for i in range(2)]
-    async with asyncio.timeout(TIMEOUT_S):
-        while len(started) < 2:
-            await asyncio.sleep(0.005)
-    older = asyncio.create_task(serve("older", 2))
-    async with asyncio.timeout(TIMEOUT_S):  # queued behind the busy ones
-        while engine.stats().waiting < 1:
-            await asyncio.sleep(0.005)
-    newer = asyncio.create_task(serve("newer", 2))
+    async def until(condition) -> None:
+        async with asyncio.timeout(TIMEOUT_S):
+            while not condition():
+                await asyncio.sleep(0.005)
+
+    counting = "numbers = [\n" + "".join(f"    {i},\n" for i in range(1, 9))  # goes on and on
+    busy = [asyncio.create_task(serve(f"busy-{i}", counting, 400)) for i in range(2)]
+    await until(lambda: len(started) == 2)
+    older = asyncio.create_task(serve("older", COUNT_PROMPT, 2))
+    await until(lambda: engine.stats().waiting == 1)
+    newer = asyncio.create_task(serve("newer", COUNT_PROMPT, 2))
+    await until(lambda: engine.stats().waiting == 2)
+    assert len(started) == 2  # both still waiting behind the busy ones
+    await engine.abort("busy-0")  # one sequence frees: the newest waiting request takes it
+    await until(lambda: "newer" in started)
+    await engine.abort("busy-1")
     async with asyncio.timeout(TIMEOUT_S):
         await asyncio.gather(*busy, older, newer)
-    assert started.index("newer") < started.index("older")
+    assert started[2:] == ["newer", "older"]
