@@ -124,6 +124,7 @@ class SessionClient:
             mode=mode,
             max_tokens=self._settings.max_tokens,
             deadline_unix_ms=deadline,
+            adapter=self._settings.adapter,
         )
         self._outgoing.put_nowait(pb.ClientMessage(completion_request=request))
         try:

@@ -27,6 +27,7 @@ class ClientSettings:
     cache_entries: int = 32  # completions kept for typing through and going back
     request_timeout_ms: int = 5000  # deadline sent with each request
     max_tokens: int = 0  # 0: the server's default for the mode
+    adapter: str = ""  # a LoRA adapter the server loaded (a team's); "": the base model
     connect_timeout_s: float = 3.0  # waiting for the server's welcome
     reconnect_initial_s: float = 0.25  # first wait after a lost connection; doubles...
     reconnect_max_s: float = 10.0  # ...up to this

@@ -35,6 +35,7 @@ class CompletionJob:
     prompted: float  # time.monotonic() once the prompt was built
     deadline: float  # time.monotonic() past which the request is dropped
     cache_key: str = ""  # the session, so the engine can keep its prompt cache apart
+    adapter: str = ""  # the LoRA adapter the request names; "": the base model
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class CompletionEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
+    model: str = ""  # on the final event: the model that served it (model_name)
 
 
 def remaining_s(deadline_unix_ms: int, default_timeout_ms: int, now_unix: float) -> float:
@@ -108,7 +110,12 @@ class Completer:
         truncator = Truncator(cursor)
         finish, first_token_at, last = Finish.STOP, 0.0, None
         request = EngineRequest(
-            job.request_id, job.prompt.text, max_tokens, job.cache_key, deadline=job.deadline
+            job.request_id,
+            job.prompt.text,
+            max_tokens,
+            job.cache_key,
+            adapter=job.adapter,
+            deadline=job.deadline,
         )
         engine_done = engine_start
         try:
@@ -150,11 +157,12 @@ class Completer:
             engine_s=engine_done - engine_start,
         )
         tokens = last.completion_tokens if last else 0
+        model = model_name(self.engine.model_id, job.adapter)
         self._record(
             CompletionRecord(
                 completion_id=job.completion_id,
                 created_ms=int(time.time() * 1000),
-                model=self.engine.model_id,
+                model=model,
                 template_id=self.template.template_id,
                 template_hash=self.template.content_hash,
                 engine=self.engine.name,
@@ -186,7 +194,13 @@ class Completer:
             prompt_tokens=last.prompt_tokens if last else 0,
             completion_tokens=tokens,
             cached_prompt_tokens=last.cached_tokens if last else 0,
+            model=model,
         )
+
+
+def model_name(model_id: str, adapter: str) -> str:
+    """The model as telemetry groups it: an adapter makes another model of the same base."""
+    return f"{model_id}+{adapter}" if adapter else model_id
 
 
 def _engine_finish(delta: EngineDelta) -> Finish:

@@ -224,6 +224,7 @@ class CompletionService(pb_grpc.CompletionServicer):
             received=received,
             prompted=time.monotonic(),
             deadline=received + left,
+            adapter=request.adapter,
         )
 
     def _request_spec(self, request: pb.CompletionRequest, received: float) -> RequestSpec:
@@ -238,6 +239,7 @@ class CompletionService(pb_grpc.CompletionServicer):
             cursor=request.cursor_offset,
             mode=_MODES[request.mode],
             max_tokens=request.max_tokens,
+            adapter=request.adapter,
             deadline_s=remaining_s(
                 request.deadline_unix_ms, self._limits.default_timeout_ms, time.time()
             ),
@@ -330,7 +332,7 @@ class CompletionService(pb_grpc.CompletionServicer):
         if event.final:
             engine, template = self._completer.engine, self._completer.template
             chunk.finish_reason = _FINISH[event.finish or Finish.STOP]
-            chunk.model_id = engine.model_id
+            chunk.model_id = event.model
             chunk.engine = engine.name
             chunk.template_id = template.template_id
             chunk.template_hash = template.content_hash

@@ -31,6 +31,7 @@ class RequestSpec:
     cursor: int
     mode: Mode
     max_tokens: int
+    adapter: str  # "": the base model
     deadline_s: float  # seconds left, as the edge computed it on arrival
     received: float  # time.monotonic()
 
@@ -99,6 +100,7 @@ class Session:
             prompted=time.monotonic(),
             deadline=spec.received + spec.deadline_s,
             cache_key=self.session_id,
+            adapter=spec.adapter,
         )
         self._inflight[spec.request_id] = asyncio.create_task(self._serve(job))
         # Runs once the request waits on the engine: the next keystroke finds fresh chunks.

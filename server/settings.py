@@ -57,7 +57,8 @@ class EngineSettings:
     queue_order: str = "newest"  # llama.cpp: which waiting request runs next: newest | oldest
     flash_attention: bool = False  # llama.cpp: measured slower on our CPUs
     extra_buffer_types: bool = False  # llama.cpp weight repacking (AMX...): crashed on a Xeon
-    lora_adapters: str = ""  # name=path.gguf[,name=path] (llama.cpp) or name=hf-dir (vllm)
+    lora_adapters: str = ""  # name=path.gguf[,name=path] (llama.cpp) or name=peft-dir (vllm)
+    max_lora_rank: int = 64  # vllm: the largest adapter rank it reserves room for
     # The engine runs in a supervised child process (engines/supervisor.py).
     engine_process: bool = True  # false: in the server's own process (a crash takes it down)
     engine_start_timeout_s: float = 600.0
@@ -77,10 +78,21 @@ class EngineSettings:
                 f"kv_cache_tokens={self.kv_cache_tokens} must hold at least one sequence of "
                 f"context_window={self.context_window} tokens"
             )
+        self.adapter_paths()
         if self.queue_order not in QUEUE_ORDERS:
             raise ValueError(
                 f"queue_order must be one of {', '.join(QUEUE_ORDERS)}: {self.queue_order!r}"
             )
+
+    def adapter_paths(self) -> dict[str, Path]:
+        """lora_adapters by name, in the order given."""
+        adapters = {}
+        for item in filter(None, (part.strip() for part in self.lora_adapters.split(","))):
+            name, sep, path = (part.strip() for part in item.partition("="))
+            if not sep or not name or not path:
+                raise ValueError(f"lora_adapters wants name=path[,name=path]: {item!r}")
+            adapters[name] = Path(path).expanduser()
+        return adapters
 
 
 @dataclass(frozen=True)

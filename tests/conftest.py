@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import grpc
@@ -17,7 +18,9 @@ from server.app import RunningServer, start_server
 from server.engines.base import EngineStats
 from server.engines.factory import start_engine
 from server.metrics import Metrics
+from server.model_store import REGISTRY, models_dir
 from server.settings import Settings
+from tests.lora_adapter import build_gguf_lora
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict:
@@ -27,10 +30,15 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
 
 @pytest.fixture(scope="session")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """The defaults on the default model, with one small LoRA adapter loaded: "seeded"."""
     database = tmp_path_factory.mktemp("telemetry") / "telemetry.db"
-    return Settings.load(
+    settings = Settings.load(
         {"port": "0", "metrics_port": "0", "engine": "llama.cpp", "database": str(database)}
     )
+    base = models_dir(settings.cache_dir) / REGISTRY[settings.engine.model].filename
+    adapter = build_gguf_lora(base, settings.cache_dir / "test-models" / "lora-seeded.gguf")
+    engine = dataclasses.replace(settings.engine, lora_adapters=f"seeded={adapter}")
+    return dataclasses.replace(settings, engine=engine)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

@@ -11,8 +11,10 @@ not only the stream; abort is idempotent and quiet for finished or unknown ids.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
+
+from server.errors import InvalidInput
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,13 @@ class EngineDelta:
     length_limited: bool = False  # finished because max_tokens was reached
     aborted: bool = False  # finished because abort() stopped it
     cached_tokens: int = 0  # prompt tokens reused from the engine's prefix cache
+
+
+def check_adapter(adapter: str, loaded: Collection[str]) -> None:
+    """InvalidInput unless `adapter` is "" (the base model) or one the engine loaded."""
+    if adapter and adapter not in loaded:
+        names = ", ".join(sorted(loaded)) or "none"
+        raise InvalidInput(f"unknown adapter {adapter!r} (loaded: {names}; setting lora_adapters)")
 
 
 STEP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)

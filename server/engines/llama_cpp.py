@@ -31,9 +31,16 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.engines.base import STEP_BUCKETS, Engine, EngineDelta, EngineRequest, EngineStats
+from server.engines.base import (
+    STEP_BUCKETS,
+    Engine,
+    EngineDelta,
+    EngineRequest,
+    EngineStats,
+    check_adapter,
+)
 from server.engines.sequences import KvSequence, SequenceTable
-from server.errors import EngineFailure, InvalidInput, LimitExceeded, ModelError
+from server.errors import EngineFailure, LimitExceeded, ModelError
 from server.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -89,7 +96,7 @@ class _Llama:
         self._piece = ctypes.create_string_buffer(256)
         self.adapters: dict[str, object] = {}
         self._adapter = ""
-        for name, path in _adapter_paths(settings.lora_adapters).items():
+        for name, path in settings.adapter_paths().items():
             adapter = lc.llama_adapter_lora_init(self.model, str(path).encode())
             if not adapter:
                 self.close()
@@ -146,17 +153,6 @@ class _Llama:
         lc.llama_sampler_free(self.sampler)
         lc.llama_free(self.ctx)
         lc.llama_model_free(self.model)
-
-
-def _adapter_paths(spec: str) -> dict[str, Path]:
-    """`name=path,name=path` (setting lora_adapters)."""
-    adapters = {}
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ModelError(f"lora_adapters wants name=path[,name=path]: {item!r}")
-        adapters[name.strip()] = Path(path.strip()).expanduser()
-    return adapters
 
 
 @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
@@ -236,9 +232,7 @@ class LlamaCppEngine(Engine):
         return cls(llama, model_id, settings)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
-        if request.adapter and request.adapter not in self._llama.adapters:
-            loaded = ", ".join(sorted(self._llama.adapters)) or "none"
-            raise InvalidInput(f"unknown adapter {request.adapter!r} (loaded: {loaded})")
+        check_adapter(request.adapter, self._llama.adapters)
         prompt = self._llama.tokenize(request.prompt)
         window = self._settings.context_window
         if not prompt or len(prompt) >= window:

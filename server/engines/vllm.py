@@ -2,7 +2,9 @@
 
 Prefix caching is on so consecutive keystrokes reuse the prompt's KV blocks; quantization is
 passed through (fp8 needs no calibration on a GPU; awq, gptq and compressed-tensors read the
-checkpoint's own). The engine core runs in a child process: scripts that start it need the
+checkpoint's own). LoRA adapters (peft directories, setting lora_adapters) are loaded by name and
+a request's adapter travels as a LoRARequest, so vLLM batches requests of different adapters
+together. The engine core runs in a child process: scripts that start it need the
 `if __name__ == "__main__":` guard.
 """
 
@@ -12,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from server.engines.base import Engine, EngineDelta, EngineRequest
+from server.engines.base import Engine, EngineDelta, EngineRequest, check_adapter
 from server.errors import EngineFailure
 from server.settings import EngineSettings
 
@@ -22,15 +24,30 @@ _GIB = 1 << 30
 class VllmEngine(Engine):
     name = "vllm"
 
-    def __init__(self, engine: object, model_id: str) -> None:
+    def __init__(self, engine: object, model_id: str, adapters: dict[str, object]) -> None:
         self._engine = engine
         self.model_id = model_id
+        self._adapters = adapters  # name -> LoRARequest
 
     @classmethod
     async def start(cls, settings: EngineSettings, model_path: Path, model_id: str) -> VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.lora.request import LoRARequest
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        adapters = {
+            name: LoRARequest(name, number, str(path))
+            for number, (name, path) in enumerate(settings.adapter_paths().items(), start=1)
+        }
+        lora = (
+            {
+                "enable_lora": True,
+                "max_loras": len(adapters),
+                "max_lora_rank": settings.max_lora_rank,
+            }
+            if adapters
+            else {}
+        )
         args = AsyncEngineArgs(
             model=str(model_path),
             served_model_name=model_id,
@@ -41,13 +58,15 @@ class VllmEngine(Engine):
             gpu_memory_utilization=settings.gpu_memory_utilization,
             kv_cache_memory_bytes=int(settings.kv_cache_gib * _GIB) or None,
             disable_log_stats=True,
+            **lora,
         )
-        return cls(AsyncLLM.from_engine_args(args), model_id)
+        return cls(AsyncLLM.from_engine_args(args), model_id, adapters)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        check_adapter(request.adapter, self._adapters)
         params = SamplingParams(
             max_tokens=request.max_tokens,
             temperature=0.0,
@@ -57,7 +76,13 @@ class VllmEngine(Engine):
         submitted = time.monotonic()
         queue_s, count, finished = 0.0, 0, False
         try:
-            async for output in self._engine.generate(request.prompt, params, request.request_id):
+            outputs = self._engine.generate(
+                request.prompt,
+                params,
+                request.request_id,
+                lora_request=self._adapters.get(request.adapter),
+            )
+            async for output in outputs:
                 completion = output.outputs[0]
                 if count == 0:
                     queue_s = _queue_seconds(output.metrics, time.monotonic() - submitted)

@@ -12,7 +12,7 @@ import pytest_asyncio
 
 from server.engines.base import EngineRequest
 from server.engines.factory import start_in_process
-from server.errors import LimitExceeded
+from server.errors import InvalidInput, LimitExceeded, ModelError
 
 COUNT_PROMPT = "<|fim_prefix|>numbers = [\n    1,\n    2,\n    3,\n<|fim_suffix|>]\n<|fim_middle|>"
 TIMEOUT_S = 120
@@ -82,6 +82,45 @@ async def test_sessions_decoded_together_get_exactly_the_tokens_they_get_alone(
     if sessions > 1:  # decode steps carried several sequences at once
         steps = after.steps - before.steps
         assert after.step_tokens - before.step_tokens > steps
+
+
+async def test_each_request_gets_the_adapter_it_names_also_when_batched_together(engine) -> None:
+    """The session fixture loads one LoRA adapter, "seeded"; requests without one get the base."""
+    prompts = [function_prompt(100, i) for i in range(4)]
+    adapters = ["", "seeded", "", "seeded"]
+
+    def request(tag: str, i: int) -> EngineRequest:
+        key = f"lora-{tag}-{i}"
+        return EngineRequest(key, prompts[i], 12, key, adapter=adapters[i])
+
+    alone = ["".join(d.text for d in await run(engine, request("alone", i))) for i in range(4)]
+    together = await asyncio.gather(*(run(engine, request("together", i)) for i in range(4)))
+    assert ["".join(d.text for d in deltas) for deltas in together] == alone
+    base = await run(engine, EngineRequest("lora-base", prompts[1], 12, "lora-base"))
+    assert "".join(d.text for d in base) != alone[1]  # the adapter changed the completion
+
+
+async def test_a_session_that_switches_adapter_reads_its_prompt_again(engine) -> None:
+    """KV computed under one adapter is not the KV of another."""
+    prompt = function_prompt(101, 0)
+    await run(engine, EngineRequest("sw-1", prompt, 2, "switching"))
+    same = (await run(engine, EngineRequest("sw-2", prompt, 2, "switching")))[-1]
+    switched = (await run(engine, EngineRequest("sw-3", prompt, 2, "switching", "seeded")))[-1]
+    assert same.cached_tokens == same.prompt_tokens - 1
+    assert switched.cached_tokens == 0
+
+
+async def test_an_unknown_adapter_is_refused_naming_the_loaded_ones(engine) -> None:
+    with pytest.raises(InvalidInput, match=r"unknown adapter 'nope' \(loaded: seeded;"):
+        await run(engine, EngineRequest("u1", COUNT_PROMPT, 2, adapter="nope"))
+
+
+async def test_an_adapter_that_cannot_load_stops_the_start_naming_it(settings, tmp_path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf")
+    bad = dataclasses.replace(settings.engine, lora_adapters=f"broken={broken}")
+    with pytest.raises(ModelError, match=f"could not load the LoRA adapter 'broken' from {broken}"):
+        await start_in_process(bad, settings.cache_dir)
 
 
 async def test_abort_stops_decoding_and_ends_the_stream(engine) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 
+import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -219,3 +221,45 @@ async def test_metrics_count_completions_and_stage_latencies(stub, server) -> No
     )
     assert 'ghostpen_stage_seconds_bucket{engine="llama.cpp"' in body
     assert "ghostpen_completions_total" in body
+
+
+async def test_a_request_names_a_lora_adapter_on_both_rpcs(stub, settings) -> None:
+    """The shared server loads one adapter, "seeded" (conftest); it changes the completion, and
+    the final chunk and the telemetry name it as a model of its own."""
+    texts = {}
+    for adapter in ("", "seeded"):
+        request = pb.CompleteRequest(
+            request_id=f"lora-{adapter}",
+            path="geometry.py",
+            prefix=GEOMETRY.encode(),
+            max_tokens=8,
+            adapter=adapter,
+        )
+        chunks = [chunk async for chunk in stub.Complete(request)]
+        texts[adapter] = "".join(c.text for c in chunks)
+        model = "qwen2.5-coder-0.5b-instruct-q4_k_m" + (f"+{adapter}" if adapter else "")
+        assert chunks[-1].model_id == model
+    assert texts["seeded"] != texts[""]
+    session = SessionStream(stub)
+    await session.open_file("geometry.py", GEOMETRY)
+    text, final = await session.complete(
+        request_id="s-lora",
+        path="geometry.py",
+        version=1,
+        cursor_offset=len(GEOMETRY),
+        max_tokens=8,
+        adapter="seeded",
+    )
+    assert text == texts["seeded"]
+    assert final.chunk.model_id.endswith("+seeded")
+    session.close()
+
+
+async def test_an_unknown_adapter_is_invalid_argument_naming_the_loaded_ones(stub) -> None:
+    request = pb.CompleteRequest(request_id="x", path="g.py", prefix=b"x = ", adapter="nope")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        [chunk async for chunk in stub.Complete(request)]
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        "unknown adapter 'nope' (loaded: seeded; setting lora_adapters)" in raised.value.details()
+    )

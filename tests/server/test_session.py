@@ -63,7 +63,9 @@ def make_session(engine: Engine) -> tuple[Session, list[object], Metrics, list[o
 
 
 def spec(request_id: str, deadline_s: float = 5.0) -> RequestSpec:
-    return RequestSpec(request_id, "a.py", 1, 4, Mode.SINGLE_LINE, 0, deadline_s, time.monotonic())
+    return RequestSpec(
+        request_id, "a.py", 1, 4, Mode.SINGLE_LINE, 0, "", deadline_s, time.monotonic()
+    )
 
 
 async def test_latest_wins_and_the_superseded_stream_is_closed() -> None:

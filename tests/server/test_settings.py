@@ -38,3 +38,13 @@ def test_queue_order_is_checked() -> None:
     assert Settings.load({"queue_order": "oldest"}, environ={}).engine.queue_order == "oldest"
     with pytest.raises(ValueError, match="queue_order must be one of newest, oldest: 'random'"):
         Settings.load({"queue_order": "random"}, environ={})
+
+
+def test_lora_adapters_are_named_paths() -> None:
+    settings = Settings.load({"lora_adapters": "team-a=~/a.gguf, team-b = /b.gguf"}, environ={})
+    assert settings.engine.adapter_paths() == {
+        "team-a": Path("~/a.gguf").expanduser(),
+        "team-b": Path("/b.gguf"),
+    }
+    with pytest.raises(ValueError, match="lora_adapters wants name=path"):
+        Settings.load({"lora_adapters": "just-a-path.gguf"}, environ={})
