@@ -54,6 +54,9 @@ class EngineSettings:
     batch_tokens: int = 128  # llama.cpp prompt tokens per step; also how often a stale read stops
     kv_cache_tokens: int = 16 * 2048  # llama.cpp KV cache: kv_cache_tokens // context_window
     #                                   sessions stay resident; the least recently used is evicted
+    # llama.cpp: a run of at least this many cached tokens that moved in the prompt is shifted
+    # to its new place instead of read again (engines/sequences.py); 0: off
+    kv_shift_min_tokens: int = 0
     queue_order: str = "newest"  # llama.cpp: which waiting request runs next: newest | oldest
     flash_attention: bool = False  # llama.cpp: measured slower on our CPUs
     extra_buffer_types: bool = False  # llama.cpp weight repacking (AMX...): crashed on a Xeon

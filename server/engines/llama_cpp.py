@@ -39,7 +39,7 @@ from server.engines.base import (
     EngineStats,
     check_adapter,
 )
-from server.engines.sequences import KvSequence, SequenceTable
+from server.engines.sequences import KvSequence, SequenceTable, Shift
 from server.errors import EngineFailure, LimitExceeded, ModelError
 from server.settings import EngineSettings
 
@@ -91,6 +91,7 @@ class _Llama:
             )
         self.vocab = lc.llama_model_get_vocab(self.model)
         self.memory = lc.llama_get_memory(self.ctx)
+        self.can_shift = bool(lc.llama_memory_can_shift(self.memory))
         self.sampler = lc.llama_sampler_init_greedy()
         self.batch = lc.llama_batch_init(self.batch_capacity, 0, 1)
         self._piece = ctypes.create_string_buffer(256)
@@ -120,6 +121,12 @@ class _Llama:
     def forget(self, seq_id: int, keep: int) -> None:
         """Drop the sequence's KV from position `keep` on."""
         self._lc.llama_memory_seq_rm(self.memory, seq_id, keep, -1)
+
+    def shift(self, seq_id: int, shift: Shift) -> None:
+        """Drop what lies between the shifted run's new and old start, then move the run there
+        (llama.cpp re-rotates its keys at the next decode)."""
+        self._lc.llama_memory_seq_rm(self.memory, seq_id, shift.start + shift.by, shift.start)
+        self._lc.llama_memory_seq_add(self.memory, seq_id, shift.start, shift.end, shift.by)
 
     def use_adapter(self, name: str) -> None:
         if name == self._adapter:
@@ -201,7 +208,10 @@ class LlamaCppEngine(Engine):
         self._llama = llama
         self.model_id = model_id
         self._settings = settings
-        self._table = SequenceTable(settings.kv_cache_tokens // settings.context_window)
+        self._table = SequenceTable(
+            settings.kv_cache_tokens // settings.context_window,
+            settings.kv_shift_min_tokens if llama.can_shift else 0,
+        )
         self._wake = threading.Condition()
         self._inbox: list[_Job] = []
         self._waiting: list[_Job] = []
@@ -345,6 +355,8 @@ class LlamaCppEngine(Engine):
                 continue
             self._waiting.remove(job)
             sequence = assignment.sequence
+            for shift in assignment.shifts:
+                self._llama.shift(sequence.seq_id, shift)
             self._llama.forget(sequence.seq_id, assignment.reused)
             self.evictions += assignment.evicted
             job.sequence = sequence

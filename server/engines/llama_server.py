@@ -47,7 +47,10 @@ class LlamaServerEngine(Engine):
         self.model_id = model_id
         self._slots: OrderedDict[str, int] = OrderedDict()  # session -> slot, least recent first
         self._slot_count = slots
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        self._http = aiohttp.ClientSession(  # a connection per request: a stream cut short
+            connector=aiohttp.TCPConnector(force_close=True),  # must not poison the next one
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
         self._streams: dict[str, aiohttp.ClientResponse] = {}
 
     @classmethod
@@ -108,7 +111,7 @@ class LlamaServerEngine(Engine):
             "return_tokens": False,
         }
         submitted = time.monotonic()
-        count = 0
+        count, queue_s = 0, -1.0
         try:
             async with self._http.post(f"{self._base}/completion", json=body) as response:
                 if response.status != 200:
@@ -121,11 +124,13 @@ class LlamaServerEngine(Engine):
                     count += 1 if event.get("content") else 0
                     done = bool(event.get("stop"))
                     timings = event.get("timings", {})
+                    if queue_s < 0:  # it reports no queue time: until its first event, then
+                        queue_s = time.monotonic() - submitted
                     yield EngineDelta(
                         event.get("content", ""),
                         event.get("tokens_predicted", count),
                         event.get("tokens_evaluated", 0),
-                        time.monotonic() - submitted if count <= 1 else 0.0,
+                        queue_s,
                         finished=done,
                         length_limited=done and event.get("stop_type") == "limit",
                         cached_tokens=timings.get("cache_n", 0),

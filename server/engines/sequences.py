@@ -5,6 +5,13 @@ finds its prompt cached however many others typed in between. A session without 
 own takes a free one, or else the least recently used idle one, whose KV is evicted. Requests
 without a session (stateless `Complete` calls) take the idle sequence that shares the longest
 prefix with their prompt. Pure bookkeeping: the engine applies the KV operations it returns.
+
+Past the shared prefix, a prompt whose early part moved (the prefix window's first lines dropped,
+a context chunk gone) still holds runs of the old tokens further on. Runs of at least
+`shift_min_tokens` are kept and shifted to their new positions instead of being read again, as
+llama-server's `--cache-reuse` does: removal only, so the rest of the prompt stays one read. A
+shifted run's KV was computed beside the text that is gone, so it is close to, not exactly, what
+a fresh read gives; 0 turns shifting off.
 """
 
 from __future__ import annotations
@@ -24,15 +31,26 @@ class KvSequence:
 
 
 @dataclass(frozen=True)
+class Shift:
+    """Positions [start, end) of the KV move by `by` (< 0); what lay before them is dropped."""
+
+    start: int
+    end: int
+    by: int
+
+
+@dataclass(frozen=True)
 class Assignment:
     sequence: KvSequence
-    reused: int  # leading prompt tokens already in the KV: keep [0, reused), read the rest
+    reused: int  # prompt tokens in the KV once `shifts` are applied: read the rest after them
     evicted: bool  # another session's KV was dropped to make room
+    shifts: tuple[Shift, ...] = ()  # applied in order, after the shared prefix
 
 
 class SequenceTable:
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, shift_min_tokens: int = 0) -> None:
         self.sequences = [KvSequence(seq_id) for seq_id in range(count)]
+        self.shift_min_tokens = shift_min_tokens
         self._by_key: dict[str, KvSequence] = {}
 
     def assign(self, key: str, adapter: str, prompt: Tokens[int], now: float) -> Assignment | None:
@@ -59,13 +77,16 @@ class SequenceTable:
             chosen.key = key
             if key:
                 self._by_key[key] = chosen
-        reused = _reusable(chosen, adapter, prompt)
-        reused = min(reused, len(prompt) - 1)  # the last prompt token is read for its logits
-        del chosen.tokens[reused:]
+        limit = len(prompt) - 1  # the last prompt token is read for its logits
+        reused = min(_reusable(chosen, adapter, prompt), limit)
+        shifts: list[Shift] = []
+        if self.shift_min_tokens and chosen.adapter == adapter:
+            shifts, reused = _shifts(chosen.tokens, prompt[:limit], reused, self.shift_min_tokens)
+        chosen.tokens[:] = prompt[:reused]
         chosen.adapter = adapter
         chosen.busy = True
         chosen.last_used = now
-        return Assignment(chosen, reused, evicted)
+        return Assignment(chosen, reused, evicted, tuple(shifts))
 
     def release(self, sequence: KvSequence, now: float) -> None:
         sequence.busy = False
@@ -78,6 +99,30 @@ class SequenceTable:
     @property
     def resident(self) -> int:
         return sum(1 for s in self.sequences if s.tokens)
+
+
+def _shifts(
+    cached: Tokens[int], prompt: Tokens[int], prefix: int, min_run: int
+) -> tuple[list[Shift], int]:
+    """Runs of `cached` after `prefix` that `prompt` continues with, in order; and the prompt
+    tokens in the KV once they are shifted there."""
+    shifts: list[Shift] = []
+    head_c = head_p = prefix
+    while head_c < len(cached) and head_p < len(prompt):
+        run = 0
+        while (
+            head_c + run < len(cached)
+            and head_p + run < len(prompt)
+            and cached[head_c + run] == prompt[head_p + run]
+        ):
+            run += 1
+        if run >= min_run:
+            shifts.append(Shift(head_c, head_c + run, head_p - head_c))
+            head_c += run
+            head_p += run
+        else:
+            head_c += 1
+    return shifts, head_p
 
 
 def _reusable(sequence: KvSequence, adapter: str, prompt: Tokens[int]) -> int:

@@ -196,6 +196,36 @@ async def test_the_least_recently_used_session_is_evicted_when_the_cache_is_full
     assert a_again.cached_tokens <= 2  # evicted: at most the "# " it shares with another
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def shifting(settings):
+    """An engine that shifts moved runs of 16 tokens or more."""
+    small = dataclasses.replace(
+        settings.engine, context_window=1024, kv_cache_tokens=2048, kv_shift_min_tokens=16
+    )
+    engine = await start_in_process(small, settings.cache_dir)
+    yield engine
+    await engine.close()
+
+
+async def test_a_prompt_whose_early_part_moved_keeps_the_kv_of_what_follows(shifting) -> None:
+    """The prefix window's first lines dropped: the lines after them are shifted, not re-read."""
+    lines = [f"total_{i} = price_{i} * count_{i}\n" for i in range(60)]
+    header = "# inventory.py\n"
+    await run(shifting, EngineRequest("s1", header + "".join(lines[:50]), 2, "shift"))
+    before = shifting.stats().tokens_prefilled
+    moved = header + "".join(lines[10:51]) + "total_51 ="
+    shifted = await run(shifting, EngineRequest("s2", moved, 6, "shift"))
+    read = shifting.stats().tokens_prefilled - before
+    last = shifted[-1]
+    assert last.cached_tokens >= 0.8 * last.prompt_tokens
+    assert read == last.prompt_tokens - last.cached_tokens
+    fresh = await run(shifting, EngineRequest("s3", moved, 6, "fresh"))  # read in full
+    assert fresh[-1].cached_tokens < 0.2 * fresh[-1].prompt_tokens
+    # Shifted KV is close to, not exactly, a fresh read's: here both continue the pattern.
+    assert "price_51" in "".join(d.text for d in shifted)
+    assert "price_51" in "".join(d.text for d in fresh)
+
+
 async def test_waiting_requests_are_admitted_newest_first(two_sequences) -> None:
     """With every sequence busy, the request that came last is served before older ones."""
     engine = two_sequences

@@ -72,3 +72,34 @@ def test_kv_computed_under_another_adapter_is_not_reused() -> None:
     assert tuned.reused == 0
     assert tuned.sequence.adapter == "team"
     assert table.tokens_used == 4
+
+
+def test_runs_that_moved_left_are_shifted_when_shifting_is_on() -> None:
+    """The prompt dropped [3, 4] (a context chunk) and [7] (a line): what follows moved left."""
+    table = SequenceTable(1, shift_min_tokens=2)
+    served(table, "a", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 1.0)
+    again = served(table, "a", [1, 2, 5, 6, 8, 9, 10, 11], 2.0)
+    assert [(s.start, s.end, s.by) for s in again.shifts] == [(4, 6, -2), (7, 10, -3)]
+    assert again.reused == 7  # 1 2 | 5 6 | 8 9 10 in the KV; 11 is read
+    assert again.sequence.tokens == [1, 2, 5, 6, 8, 9, 10, 11]
+
+
+def test_runs_shorter_than_the_minimum_and_text_inserted_before_them_are_read_again() -> None:
+    table = SequenceTable(1, shift_min_tokens=3)
+    served(table, "a", [1, 2, 3, 4, 5, 6, 7], 1.0)
+    short = served(table, "a", [1, 4, 5, 9], 2.0)  # the run 4 5 is under the minimum
+    assert (short.shifts, short.reused) == ((), 1)
+    served(table, "b", [1, 2, 3, 4, 5, 6, 7, 8], 3.0)
+    inserted = served(table, "b", [1, 2, 0, 4, 5, 6, 7, 8], 4.0)  # removal only
+    assert (inserted.shifts, inserted.reused) == ((), 2)
+
+
+def test_the_last_prompt_token_is_never_shifted_in_and_off_means_no_shifts() -> None:
+    table = SequenceTable(1, shift_min_tokens=2)
+    served(table, "a", [1, 2, 3, 4, 5], 1.0)
+    again = served(table, "a", [1, 3, 4, 5], 2.0)
+    assert [(s.start, s.end, s.by) for s in again.shifts] == [(2, 4, -1)]
+    assert again.reused == 3  # 5, the last, is read for its logits
+    off = SequenceTable(1)
+    served(off, "a", [1, 2, 3, 4, 5], 1.0)
+    assert served(off, "a", [1, 3, 4, 5], 2.0).reused == 1
