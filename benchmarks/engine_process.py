@@ -130,6 +130,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             }
             if threads == args.threads[0]:
                 entry["ipc_per_token"] = await ipc_overhead(engine, texts, metrics)
+                with busy_core():
+                    entry["ipc_per_token_busy"] = await ipc_overhead(engine, texts, metrics)
                 entry["restart_after_sigkill_s"] = await restart_time(engine)
             results[f"threads={threads}"] = entry
             print(json.dumps({f"threads={threads}": entry}), flush=True)

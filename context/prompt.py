@@ -45,7 +45,7 @@ class Document:
 class Prompt:
     text: str
     template: Template
-    context: tuple[RankedChunk, ...]
+    context: tuple[RankedChunk, ...]  # in the order the prompt holds them
     prefix_start_line: int
     estimated_tokens: int
 
@@ -59,12 +59,14 @@ def build_prompt(
     previous: Sequence[Chunk] = (),
     rank: Ranker = rank_chunks,
 ) -> Prompt:
-    """Stable text first (repository, context files in file order, the prefix window anchored on a
-    fixed line) so that consecutive keystrokes share the longest possible prompt prefix.
+    """Stable text first (repository, context chunks, the prefix window anchored on a fixed line)
+    so that consecutive keystrokes share the longest possible prompt prefix.
 
-    `previous`: the context of the session's last prompt. Those chunks keep their place unless
-    another beats them by `context_stickiness`: a changed context costs a full prompt re-read in
-    the engine, which on a CPU is seconds, while near-ties in similarity are noise.
+    `previous`: the context of the session's last prompt, in its order. Those chunks stay unless
+    another beats them by `context_stickiness`, and keep their order ahead of newly chosen ones: a
+    changed prompt start costs a re-read of everything after it, seconds on a CPU, while near-ties
+    in similarity are noise. A new chunk therefore costs a read of itself and the current file only;
+    a dropped one leaves the rest in place, for the engine's KV shift.
     `rank`: another retrieval strategy, for evaluations that compare them."""
     prefix, prefix_start = _prefix_window(document.prefix, settings)
     suffix = _suffix_window(document.suffix, settings)
@@ -79,10 +81,10 @@ def build_prompt(
             key=lambda r: r.score + (settings.context_stickiness if r.chunk in previous else 0.0),
             reverse=True,
         )
-    chosen = _fill_budget(ranked, settings)
+    chosen = _in_prompt_order(_fill_budget(ranked, settings), previous)
     comment = line_comment(document.language)
     parts = [_fill(template.repo_header, repo=repo)]
-    for path, texts in _by_file(chosen).items():
+    for path, texts in _sections(chosen):
         parts.append(
             _fill(template.context_file, path=path, text="\n".join(texts), comment=comment)
         )
@@ -150,9 +152,24 @@ def _fill_budget(ranked: list[RankedChunk], settings: ContextSettings) -> list[R
     return chosen
 
 
-def _by_file(chosen: list[RankedChunk]) -> dict[str, list[str]]:
-    """Chunks grouped per file, in line order: the same selection always renders the same."""
-    grouped: dict[str, list[Chunk]] = {}
-    for item in sorted(chosen, key=lambda r: (r.chunk.path, r.chunk.start_line)):
-        grouped.setdefault(item.chunk.path, []).append(item.chunk)
-    return {path: [chunk.text for chunk in chunks] for path, chunks in grouped.items()}
+def _in_prompt_order(chosen: list[RankedChunk], previous: Sequence[Chunk]) -> list[RankedChunk]:
+    """Chunks kept from the last prompt in their order, then new ones in file and line order: the
+    same history always renders the same, and a new choice only appends."""
+    place = {chunk: i for i, chunk in enumerate(previous)}
+    kept = sorted((r for r in chosen if r.chunk in place), key=lambda r: place[r.chunk])
+    new = sorted(
+        (r for r in chosen if r.chunk not in place),
+        key=lambda r: (r.chunk.path, r.chunk.start_line),
+    )
+    return kept + new
+
+
+def _sections(chosen: list[RankedChunk]) -> list[tuple[str, list[str]]]:
+    """Consecutive chunks of one file share a file section."""
+    sections: list[tuple[str, list[str]]] = []
+    for item in chosen:
+        if sections and sections[-1][0] == item.chunk.path:
+            sections[-1][1].append(item.chunk.text)
+        else:
+            sections.append((item.chunk.path, [item.chunk.text]))
+    return sections

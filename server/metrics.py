@@ -107,7 +107,7 @@ class Metrics:
         self.engine_ipc_seconds = Histogram(
             "ghostpen_engine_ipc_seconds",
             "Time a token delta takes from the engine process to the server's event loop.",
-            buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
+            buckets=(0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.05),
             registry=self.registry,
         )
 

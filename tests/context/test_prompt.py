@@ -120,3 +120,36 @@ def test_last_context_stays_unless_clearly_beaten() -> None:
     unrelated = Chunk.of("c.py", 0, 1, "SELECT 1")
     beaten = build_prompt("r", doc, [unrelated, close], QWEN, settings, previous=[unrelated])
     assert [r.chunk for r in beaten.context] == [close]
+
+
+def test_a_newly_chosen_chunk_goes_after_the_kept_ones_so_the_prompt_start_stays() -> None:
+    settings = dataclasses.replace(SETTINGS, top_k=3, context_stickiness=0.0)
+    kept = [
+        Chunk.of("b.py", 0, 1, "def save_user(user): return db.put(user)"),
+        Chunk.of("c.py", 0, 1, "def load_user(user_id): return db.get(user_id)"),
+    ]
+    gone = Chunk.of("d.py", 0, 1, "def load_users(ids): return [db.get(i) for i in ids]")
+    new = Chunk.of("a.py", 0, 1, "def load_user_ids(user_id): return db.get(user_id)")
+    text = "def load_user(user_id):\n    return db.get(user_id)\n"
+    doc = Document("m.py", "python", text, len(text))
+    before = build_prompt("r", doc, [*kept, gone], QWEN, settings)
+    assert [r.chunk for r in before.context] == [*kept, gone]  # fresh: file and line order
+    after = build_prompt(
+        "r", doc, [new, *kept], QWEN, settings, previous=[r.chunk for r in before.context]
+    )
+    # a.py sorts first, yet goes last: the text of the kept chunks stays where it was.
+    assert [r.chunk for r in after.context] == [*kept, new]
+    start = before.text[: before.text.index("<|file_sep|>d.py")]
+    assert after.text.startswith(start)
+    assert after.text.index("a.py") > after.text.index("c.py")
+
+
+def test_consecutive_chunks_of_one_file_share_a_section() -> None:
+    settings = dataclasses.replace(SETTINGS, top_k=3)
+    first = Chunk.of("u.py", 0, 1, "def load_user(user_id): return db.get(user_id)")
+    second = Chunk.of("u.py", 5, 6, "def load_users(ids): return [load_user(i) for i in ids]")
+    text = "def load_user(user_id):\n"
+    doc = Document("m.py", "python", text, len(text))
+    prompt = build_prompt("r", doc, [second, first], QWEN, settings)
+    assert prompt.text.count("<|file_sep|>u.py") == 1
+    assert prompt.text.index("db.get(user_id)") < prompt.text.index("load_user(i)")

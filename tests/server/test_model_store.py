@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -9,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from server import model_store
 from server.errors import ModelError
-from server.model_store import REGISTRY, RegistryModel, models_dir, resolve, verify
+from server.model_store import REGISTRY, RegistryModel, models_dir, resolve, sha256_of, verify
 from server.settings import Settings
 
 DEFAULT = REGISTRY["qwen2.5-coder-0.5b-instruct-q4_k_m"]
@@ -35,6 +37,25 @@ def test_a_file_of_the_right_size_but_wrong_content_is_refused(tmp_path: Path) -
     path.unlink()
     with pytest.raises(ModelError, match="ghostpen models fetch m"):
         verify(model, path)
+
+
+def test_a_verified_file_is_not_hashed_again_until_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    content = b"weights" * 100
+    model = RegistryModel("m", "m.gguf", hashlib.sha256(content).hexdigest(), 700, (), "test")
+    path = tmp_path / "m.gguf"
+    path.write_bytes(content)
+    os.utime(path, (1e9, 1e9))  # written long ago; a file written just now is hashed every time
+    hashed = []
+    monkeypatch.setattr(model_store, "sha256_of", lambda p: hashed.append(p) or sha256_of(p))
+    verify(model, path)
+    verify(model, path)
+    assert hashed == [path]  # the second start trusts the record
+    path.write_bytes(b"X" * 700)  # same size, other bytes, a new modification time
+    with pytest.raises(ModelError, match="refusing to serve it"):
+        verify(model, path)
+    assert len(hashed) == 2
 
 
 def test_resolve_explains_what_it_needs(tmp_path: Path) -> None:
