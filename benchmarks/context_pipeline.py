@@ -8,7 +8,7 @@ keystroke. As in the server, the request uses the chunks the typed file had a ke
 the file is re-chunked (incrementally) after the request went to the engine; that refresh is
 timed on its own (`refresh`), since it runs while the engine computes.
 
-    python -m benchmarks.context_pipeline --requests 2000
+    python -m ghostpen.benchmarks.context_pipeline --requests 2000
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import json
 import random
 import time
 
-from benchmarks.corpus import percentiles, stdlib_files
-from context.postprocess import CursorSurroundings, Mode
-from context.prompt import Document, build_prompt
-from context.template import load_template
-from server.settings import Settings
-from server.workspace import FileChange, TextEdit, Workspace, WorkspaceFile
+from ghostpen.benchmarks.corpus import percentiles, stdlib_files
+from ghostpen.context.postprocess import CursorSurroundings, Mode
+from ghostpen.context.prompt import Document, build_prompt
+from ghostpen.context.template import load_template
+from ghostpen.server.settings import Settings
+from ghostpen.server.workspace import FileChange, TextEdit, Workspace, WorkspaceFile
 
 
 def run(requests: int, seed: int) -> dict[str, object]:

@@ -8,8 +8,8 @@ agent's own latency (editor event to request sent, final chunk to answer), the L
 answers from the cache, the share of keystrokes answered from the cache, and the requests the
 debounce saved.
 
-    python -m benchmarks.editor_agent                  # starts a server with the defaults
-    python -m benchmarks.editor_agent --file path/to/file.py --lines 30 --seed 1
+    python -m ghostpen.benchmarks.editor_agent                  # starts a server with the defaults
+    python -m ghostpen.benchmarks.editor_agent --file path/to/file.py --lines 30 --seed 1
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import uvloop
 from lsprotocol import types
 from pygls.lsp.client import LanguageClient
 
-from benchmarks.corpus import percentiles
-from benchmarks.server_process import running_server
-from benchmarks.typing_session import DEFAULT_FILE
+from ghostpen.benchmarks.corpus import percentiles
+from ghostpen.benchmarks.server_process import running_server
+from ghostpen.benchmarks.typing_session import DEFAULT_FILE
 
 KEY_MEDIAN_S = 0.12  # between keystrokes: log-normal around this
 KEY_SIGMA = 0.5
@@ -47,7 +47,7 @@ async def type_through(
     others = [p for p in sorted(path.parent.glob("*.py")) if p != path][:11]
 
     client = LanguageClient("ghostpen-bench", "0")
-    await client.start_io(sys.executable, "-m", "server.cli", "agent", "--stdio")
+    await client.start_io(sys.executable, "-m", "ghostpen", "agent", "--stdio")
     await client.initialize_async(
         types.InitializeParams(
             capabilities=types.ClientCapabilities(),

@@ -1,7 +1,7 @@
 """The engine in its own process, measured: what a token costs to cross to the server, how long a
 restart after a crash takes, and how each thread count holds up when the machine is busy.
 
-    python -m benchmarks.engine_process [--requests 30] [--threads 1,2] [--out FILE.json]
+    python -m ghostpen.benchmarks.engine_process [--requests 30] [--threads 1,2] [--out FILE.json]
 
 Latency is single-line completions of real prompts (the stdlib's json package, as `ghostpen bench`
 types), read warm (the session's prefix cached, as on a keystroke) with one request at a time.
@@ -26,12 +26,12 @@ from pathlib import Path
 
 import uvloop
 
-from benchmarks.corpus import percentiles
-from benchmarks.load import DEFAULT_FILES
-from server.engines.base import EngineRequest
-from server.engines.supervisor import SupervisedEngine
-from server.metrics import Metrics
-from server.settings import Settings
+from ghostpen.benchmarks.corpus import percentiles
+from ghostpen.benchmarks.load import DEFAULT_FILES
+from ghostpen.server.engines.base import EngineRequest
+from ghostpen.server.engines.supervisor import SupervisedEngine
+from ghostpen.server.metrics import Metrics
+from ghostpen.server.settings import Settings
 
 TEMPLATE = "<|fim_prefix|>{prefix}<|fim_suffix|>\n<|fim_middle|>"
 

@@ -6,7 +6,7 @@ same prompt again, as the next keystroke mostly is). Generation is greedy and ru
 --max-tokens or the end-of-text token; the model is Qwen2.5-Coder-0.5B, Q4_K_M for llama.cpp and
 its bf16 de-quantization (`ghostpen models convert`) for vLLM.
 
-    python -m benchmarks.engines_compare --prompts 16
+    python -m ghostpen.benchmarks.engines_compare --prompts 16
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import random
 import time
 from pathlib import Path
 
-from benchmarks.corpus import percentiles, stdlib_files
-from context.prompt import Document, build_prompt
-from context.template import load_template
-from server.engines.base import Engine, EngineRequest
-from server.engines.factory import start_in_process
-from server.settings import Settings
-from server.workspace import FileChange, Workspace
+from ghostpen.benchmarks.corpus import percentiles, stdlib_files
+from ghostpen.context.prompt import Document, build_prompt
+from ghostpen.context.template import load_template
+from ghostpen.server.engines.base import Engine, EngineRequest
+from ghostpen.server.engines.factory import start_in_process
+from ghostpen.server.settings import Settings
+from ghostpen.server.workspace import FileChange, Workspace
 
 
 def build_prompts(settings: Settings, count: int, seed: int) -> list[str]:

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import grpc
 
-from benchmarks.corpus import percentile_cells, percentiles
-from benchmarks.plot import latency_chart
-from benchmarks.server_process import ServerProcess
-from editor_client.session_stream import SessionStream, deletion, full_text, insertion
-from proto import ghostpen_pb2 as pb
-from proto import ghostpen_pb2_grpc as pb_grpc
+from ghostpen.benchmarks.corpus import percentile_cells, percentiles
+from ghostpen.benchmarks.plot import latency_chart
+from ghostpen.benchmarks.server_process import ServerProcess
+from ghostpen.editor_client.session_stream import SessionStream, deletion, full_text, insertion
+from ghostpen.proto import ghostpen_pb2 as pb
+from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
 
 DEFAULT_FILES = Path(sysconfig.get_paths()["stdlib"]) / "json"
 JUMP_NOTE = "  # checked"

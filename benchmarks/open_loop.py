@@ -25,18 +25,18 @@ import aiohttp
 import grpc
 import uvloop
 
-from benchmarks.corpus import percentile_cells, percentiles
-from benchmarks.eval.tasks import Task, build_tasks
-from benchmarks.peers import running_peer
-from benchmarks.server_process import process_usage, running_server
-from context.prompt import Document, build_prompt
-from context.settings import ContextSettings
-from context.template import Template, load_template
-from proto import ghostpen_pb2 as pb
-from proto import ghostpen_pb2_grpc as pb_grpc
-from server.model_store import resolve
-from server.settings import Settings
-from server.workspace import ChunkCache
+from ghostpen.benchmarks.corpus import percentile_cells, percentiles
+from ghostpen.benchmarks.eval.tasks import Task, build_tasks
+from ghostpen.benchmarks.peers import running_peer
+from ghostpen.benchmarks.server_process import process_usage, running_server
+from ghostpen.context.prompt import Document, build_prompt
+from ghostpen.context.settings import ContextSettings
+from ghostpen.context.template import Template, load_template
+from ghostpen.proto import ghostpen_pb2 as pb
+from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
+from ghostpen.server.model_store import resolve
+from ghostpen.server.settings import Settings
+from ghostpen.server.workspace import ChunkCache
 
 MAX_CONTEXT_FILES = 11
 MAX_STOP_STRINGS = 4

@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from benchmarks.server_process import free_port
+from ghostpen.benchmarks.server_process import free_port
 
 PEERS = ("llama-cpp", "vllm")
 START_TIMEOUT_S = 300.0

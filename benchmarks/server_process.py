@@ -67,7 +67,7 @@ def running_server(
     command = [
         sys.executable,
         "-m",
-        "server.cli",
+        "ghostpen",
         "serve",
         "--port",
         str(port),

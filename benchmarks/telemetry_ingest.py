@@ -3,7 +3,7 @@
 Many clients submit events concurrently (each awaits its commit, as the gRPC handlers do); the
 writer folds whatever is queued into one transaction.
 
-    python -m benchmarks.telemetry_ingest --events 100000 --postgres postgresql://...
+    python -m ghostpen.benchmarks.telemetry_ingest --events 100000 --postgres postgresql://...
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from server.telemetry.records import CompletionRecord, TelemetryEvent
-from server.telemetry.store import Store
-from server.telemetry.writer import TelemetryWriter
+from ghostpen.server.telemetry.records import CompletionRecord, TelemetryEvent
+from ghostpen.server.telemetry.store import Store
+from ghostpen.server.telemetry.writer import TelemetryWriter
 
 
 async def ingest(database: str, events: int, per_submit: int, clients: int) -> dict[str, float]:

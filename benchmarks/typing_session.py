@@ -6,8 +6,8 @@ touched files. At each pause (after a word, as a debounced client would) a compl
 requested in auto mode and awaited. Consecutive prompts share their start, so the engine's prefix
 cache is reused from one pause to the next.
 
-    python -m benchmarks.typing_session                       # starts a server with the defaults
-    python -m benchmarks.typing_session --target 127.0.0.1:50151 --file path/to/file.py
+    python -m ghostpen.benchmarks.typing_session            # starts a server with the defaults
+    python -m ghostpen.benchmarks.typing_session --target 127.0.0.1:50151 --file path/to/file.py
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from pathlib import Path
 import grpc
 import uvloop
 
-from benchmarks.corpus import percentiles
-from benchmarks.server_process import running_server
-from context.postprocess import Mode, resolve_mode
-from editor_client.session_stream import SessionStream, full_text, insertion
-from proto import ghostpen_pb2 as pb
-from proto import ghostpen_pb2_grpc as pb_grpc
+from ghostpen.benchmarks.corpus import percentiles
+from ghostpen.benchmarks.server_process import running_server
+from ghostpen.context.postprocess import Mode, resolve_mode
+from ghostpen.editor_client.session_stream import SessionStream, full_text, insertion
+from ghostpen.proto import ghostpen_pb2 as pb
+from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
 
 DEFAULT_FILE = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"
 

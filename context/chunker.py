@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import tree_sitter
 
-from context.languages import parser_for
-from context.tokens import encode_tokens
+from ghostpen.context.languages import parser_for
+from ghostpen.context.tokens import encode_tokens
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
 
-from context.languages import parser_for
+from ghostpen.context.languages import parser_for
 
 _BLOCK_OPENERS = (":", "{", "(", "[", "=>", "->", " do", " then")
 _BLOCK_CLOSERS = ("}", ")", "]", "end")

@@ -7,9 +7,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from context.chunker import Chunk
-from context.languages import line_comment
-from context.ranker import (
+from ghostpen.context.chunker import Chunk
+from ghostpen.context.languages import line_comment
+from ghostpen.context.ranker import (
     Exclusion,
     RankedChunk,
     Ranker,
@@ -17,8 +17,8 @@ from context.ranker import (
     rank_chunks,
     score_chunks,
 )
-from context.settings import ContextSettings
-from context.template import Template
+from ghostpen.context.settings import ContextSettings
+from ghostpen.context.template import Template
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 

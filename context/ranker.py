@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
-from context.chunker import Chunk
-from context.tokens import encode_tokens
+from ghostpen.context.chunker import Chunk
+from ghostpen.context.tokens import encode_tokens
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,11 @@ from pygls.exceptions import JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
 from pygls.uris import to_fs_path
 
-from editor_client.client import SessionClient
-from editor_client.feedback import Feedback
-from editor_client.inline import InlineCompleter
-from editor_client.recent_files import RecentFiles, TextEdit
-from editor_client.settings import ClientSettings
+from ghostpen.editor_client.client import SessionClient
+from ghostpen.editor_client.feedback import Feedback
+from ghostpen.editor_client.inline import InlineCompleter
+from ghostpen.editor_client.recent_files import RecentFiles, TextEdit
+from ghostpen.editor_client.settings import ClientSettings
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from editor_client.recent_files import RecentFiles
-from editor_client.settings import ClientSettings
-from proto import ghostpen_pb2 as pb
-from proto import ghostpen_pb2_grpc as pb_grpc
+from ghostpen.editor_client.recent_files import RecentFiles
+from ghostpen.editor_client.settings import ClientSettings
+from ghostpen.proto import ghostpen_pb2 as pb
+from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class SessionClient:
         self._backoff = settings.reconnect_initial_s
         self.welcome: pb.Welcome | None = None
         self.sessions = 0  # streams opened so far: more than one means it reconnected
+        self.failed_attempts = 0  # sessions that could not open or ended: retries so far
         self._outage_reported = False  # said once per outage, not once per retry
 
     def start(self) -> None:
@@ -166,6 +167,7 @@ class SessionClient:
             except (TimeoutError, ConnectionError) as error:
                 reason = str(error) or "no welcome in time"
             self._disconnected()
+            self.failed_attempts += 1
             if not self._outage_reported:
                 self._outage_reported = True
                 self._notify(

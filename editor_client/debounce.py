@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from statistics import fmean
 
-from editor_client.settings import ClientSettings
+from ghostpen.editor_client.settings import ClientSettings
 
 TYPICAL_INTERVAL_MS = 100.0  # assumed until enough keystrokes are seen
 MIN_SAMPLES = 5

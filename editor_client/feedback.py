@@ -11,8 +11,8 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 
-from editor_client.retention import RetentionCheck, RetentionTracker
-from proto import ghostpen_pb2 as pb
+from ghostpen.editor_client.retention import RetentionCheck, RetentionTracker
+from ghostpen.proto import ghostpen_pb2 as pb
 
 SHOWN_KEPT = 1000  # completions whose time of showing is remembered
 UNITS = {"word": pb.PartiallyAccepted.UNIT_WORD, "line": pb.PartiallyAccepted.UNIT_LINE}

@@ -10,10 +10,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from editor_client.cache import Anchor, CompletionCache, Suggestion
-from editor_client.client import Completion, SessionClient
-from editor_client.debounce import AdaptiveDebounce, automatic_request_allowed
-from editor_client.settings import ClientSettings
+from ghostpen.editor_client.cache import Anchor, CompletionCache, Suggestion
+from ghostpen.editor_client.client import Completion, SessionClient
+from ghostpen.editor_client.debounce import AdaptiveDebounce, automatic_request_allowed
+from ghostpen.editor_client.settings import ClientSettings
 
 LATENCY_SAMPLES = 1000  # the most recent kept: an editing day must not grow the agent
 
@@ -86,8 +86,9 @@ class InlineCompleter:
                 self.stats.not_at_completion_point += 1
                 return None
             keystrokes = self._keystrokes
-            waited = self._debounce.delay_ms(line_before, line_after) / 1000
-            await asyncio.sleep(waited)
+            asleep = time.monotonic()
+            await asyncio.sleep(self._debounce.delay_ms(line_before, line_after) / 1000)
+            waited = time.monotonic() - asleep  # as slept: the loop's timers may wake early
             if self._keystrokes != keystrokes:
                 self.stats.debounced += 1
                 return None

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from proto import ghostpen_pb2 as pb
+from ghostpen.proto import ghostpen_pb2 as pb
 
 
 @dataclass(frozen=True)

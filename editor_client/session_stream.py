@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from proto import ghostpen_pb2 as pb
-from proto import ghostpen_pb2_grpc as pb_grpc
+from ghostpen.proto import ghostpen_pb2 as pb
+from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
 
 
 class SessionStream:

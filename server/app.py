@@ -12,20 +12,20 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from context.template import load_template
-from proto import ghostpen_pb2 as pb
-from proto import ghostpen_pb2_grpc as pb_grpc
-from server.auth import TokenCheck
-from server.completion import Completer
-from server.engines.base import Engine
-from server.engines.factory import start_engine
-from server.metrics import Metrics
-from server.service import CompletionService
-from server.settings import Settings
-from server.telemetry.ingest import Telemetry
-from server.telemetry.store import Store
-from server.telemetry.writer import TelemetryWriter
-from server.web import start_web
+from ghostpen.context.template import load_template
+from ghostpen.proto import ghostpen_pb2 as pb
+from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
+from ghostpen.server.auth import TokenCheck
+from ghostpen.server.completion import Completer
+from ghostpen.server.engines.base import Engine
+from ghostpen.server.engines.factory import start_engine
+from ghostpen.server.metrics import Metrics
+from ghostpen.server.service import CompletionService
+from ghostpen.server.settings import Settings
+from ghostpen.server.telemetry.ingest import Telemetry
+from ghostpen.server.telemetry.store import Store
+from ghostpen.server.telemetry.writer import TelemetryWriter
+from ghostpen.server.web import start_web
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Completion"].full_name

@@ -6,6 +6,8 @@ load balancers and grpcurl work without it. Clients send `authorization: Bearer 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import grpc
 
 PROTECTED_PREFIX = "/ghostpen.v1.Completion/"
+FIRST_MESSAGE_WAIT_S = 1.0  # how long a refused stream may take to send its first message
 
 
 class TokenCheck(grpc.aio.ServerInterceptor):
@@ -40,13 +43,24 @@ class TokenCheck(grpc.aio.ServerInterceptor):
 
 
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that answers UNAUTHENTICATED."""
+    """A handler of the same shape as `handler` that answers UNAUTHENTICATED.
+
+    A streaming request's first message is read first: grpc's asyncio client reports a write
+    that lands after the call ended as INTERNAL "Internal error from Core" instead of the
+    server's status (grpc/grpc#36066), and every client writes its Hello at once."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        if handler.request_streaming:
+            with contextlib.suppress(TimeoutError, StopAsyncIteration):
+                async with asyncio.timeout(FIRST_MESSAGE_WAIT_S):
+                    await anext(aiter(request))
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await refuse(request, context)
 
     async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await refuse(request, context)
         yield
 
     serializers = {

@@ -11,16 +11,16 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from context.chunker import Chunk
-from context.postprocess import CursorSurroundings, Finish, Mode, Truncator
-from context.prompt import Document, Prompt, build_prompt
-from context.settings import ContextSettings
-from context.template import Template
-from server.engines.base import Engine, EngineDelta, EngineRequest
-from server.errors import DeadlinePassed
-from server.metrics import Metrics, Timings
-from server.settings import LimitSettings
-from server.telemetry.records import CompletionRecord
+from ghostpen.context.chunker import Chunk
+from ghostpen.context.postprocess import CursorSurroundings, Finish, Mode, Truncator
+from ghostpen.context.prompt import Document, Prompt, build_prompt
+from ghostpen.context.settings import ContextSettings
+from ghostpen.context.template import Template
+from ghostpen.server.engines.base import Engine, EngineDelta, EngineRequest
+from ghostpen.server.errors import DeadlinePassed
+from ghostpen.server.metrics import Metrics, Timings
+from ghostpen.server.settings import LimitSettings
+from ghostpen.server.telemetry.records import CompletionRecord
 
 
 @dataclass(frozen=True)

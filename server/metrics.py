@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from server.engines.base import STEP_BUCKETS, EngineStats
+from ghostpen.server.engines.base import STEP_BUCKETS, EngineStats
 
 _LATENCY_BUCKETS = (
     0.001,

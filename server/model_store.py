@@ -18,7 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.errors import ModelError
+from ghostpen.server.errors import ModelError
 
 _READ_BLOCK = 8 * 1024 * 1024
 _SETTLED_NS = 2_000_000_000  # a file changed more recently may change again within one mtime tick

@@ -14,19 +14,19 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from context.languages import language_of
-from context.postprocess import Finish, Mode
-from context.prompt import Document
-from proto import ghostpen_pb2 as pb
-from proto import ghostpen_pb2_grpc as pb_grpc
-from server.completion import Completer, CompletionEvent, CompletionJob, remaining_s
-from server.errors import GhostpenError, InternalError, InvalidInput, LimitExceeded
-from server.metrics import Metrics
-from server.session import FileAck, Outbound, RequestError, RequestSpec, Session
-from server.settings import Settings
-from server.telemetry.ingest import Telemetry
-from server.telemetry.records import TelemetryEvent
-from server.workspace import ChunkCache, FileChange, TextEdit, check_size
+from ghostpen.context.languages import language_of
+from ghostpen.context.postprocess import Finish, Mode
+from ghostpen.context.prompt import Document
+from ghostpen.proto import ghostpen_pb2 as pb
+from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
+from ghostpen.server.completion import Completer, CompletionEvent, CompletionJob, remaining_s
+from ghostpen.server.errors import GhostpenError, InternalError, InvalidInput, LimitExceeded
+from ghostpen.server.metrics import Metrics
+from ghostpen.server.session import FileAck, Outbound, RequestError, RequestSpec, Session
+from ghostpen.server.settings import Settings
+from ghostpen.server.telemetry.ingest import Telemetry
+from ghostpen.server.telemetry.records import TelemetryEvent
+from ghostpen.server.workspace import ChunkCache, FileChange, TextEdit, check_size
 
 log = logging.getLogger(__name__)
 

@@ -10,14 +10,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from context.chunker import Chunk
-from context.postprocess import Finish, Mode
-from context.prompt import Document
-from server.completion import Completer, CompletionEvent, CompletionJob
-from server.errors import DuplicateRequest, EngineFailure, GhostpenError, UnknownRequest
-from server.metrics import Metrics
-from server.settings import Settings
-from server.workspace import FileChange, Workspace, check_cursor
+from ghostpen.context.chunker import Chunk
+from ghostpen.context.postprocess import Finish, Mode
+from ghostpen.context.prompt import Document
+from ghostpen.server.completion import Completer, CompletionEvent, CompletionJob
+from ghostpen.server.errors import DuplicateRequest, EngineFailure, GhostpenError, UnknownRequest
+from ghostpen.server.metrics import Metrics
+from ghostpen.server.settings import Settings
+from ghostpen.server.workspace import FileChange, Workspace, check_cursor
 
 FINISHED_KEPT = 64  # recently finished request ids, so that a late cancel is not an error
 log = logging.getLogger(__name__)

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from context.settings import ContextSettings
+from ghostpen.context.settings import ContextSettings
 
 ENV_PREFIX = "GHOSTPEN_"
 QUEUE_ORDERS = ("newest", "oldest")
+ENGINES = ("auto", "llama.cpp", "vllm", "llama-server")
 
 
 @dataclass(frozen=True)

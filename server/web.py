@@ -5,9 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.metrics import Metrics
-from server.telemetry.report import ReportFilter, build_report, to_html, to_json
-from server.telemetry.writer import TelemetryWriter
+from ghostpen.server.metrics import Metrics
+from ghostpen.server.telemetry.report import ReportFilter, build_report, to_html, to_json
+from ghostpen.server.telemetry.writer import TelemetryWriter
 
 DASHBOARD_REFRESH_S = 15
 

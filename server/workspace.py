@@ -6,10 +6,16 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from context.chunker import Chunk, ChunkedFile, chunk_file, edit_tree
-from context.languages import language_of
-from server.errors import CursorOutOfRange, InvalidInput, LimitExceeded, StaleVersion, UnknownFile
-from server.settings import LimitSettings
+from ghostpen.context.chunker import Chunk, ChunkedFile, chunk_file, edit_tree
+from ghostpen.context.languages import language_of
+from ghostpen.server.errors import (
+    CursorOutOfRange,
+    InvalidInput,
+    LimitExceeded,
+    StaleVersion,
+    UnknownFile,
+)
+from ghostpen.server.settings import LimitSettings
 
 
 @dataclass(frozen=True)

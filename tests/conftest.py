@@ -1,4 +1,12 @@
-"""Shared fixtures: the real server with the real llama.cpp engine and the default model."""
+"""Shared fixtures: the real server with the real llama.cpp engine and the default model; the test
+tiers.
+
+Tiers: a test is `system` when it needs the real model, a real engine, root or Debian packages
+(PostgreSQL, Prometheus, Chromium, Neovim) or builds something. `pytest -m "not system"` is the
+fast tier: no root, no apt, no model, under a minute. The fixtures below that need any of those
+mark the tests that use them; the few tests that need them without such a fixture carry the mark
+themselves.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +19,44 @@ import pytest
 import pytest_asyncio
 import uvloop
 
-import editor_client.session_stream
-from proto import ghostpen_pb2 as pb
-from proto import ghostpen_pb2_grpc as pb_grpc
-from server.app import RunningServer, start_server
-from server.engines.base import EngineStats
-from server.engines.factory import start_engine
-from server.metrics import Metrics
-from server.model_store import REGISTRY, models_dir
-from server.settings import Settings
+from ghostpen.editor_client import session_stream
+from ghostpen.proto import ghostpen_pb2 as pb
+from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
+from ghostpen.server.app import RunningServer, start_server
+from ghostpen.server.engines.base import EngineStats
+from ghostpen.server.engines.factory import start_engine
+from ghostpen.server.metrics import Metrics
+from ghostpen.server.model_store import REGISTRY, models_dir
+from ghostpen.server.settings import Settings
 from tests.lora_adapter import build_gguf_lora
+
+SYSTEM_FIXTURES = {
+    "settings",  # the default model and an adapter built from it
+    "server",
+    "channel",
+    "stub",
+    "engine",
+    "two_sequences",
+    "shifting",
+    "vllm_engine",
+    "crashable",
+    "session",
+    "isolated",
+    "agent",
+    "served",
+    "editor",
+    "wheel",
+    "installed",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if SYSTEM_FIXTURES & set(getattr(item, "fixturenames", ())) or (
+            "postgresql" in params.values()
+        ):
+            item.add_marker(pytest.mark.system)
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict:
@@ -71,7 +107,7 @@ async def engine_idle(engine, timeout_s: float = 30) -> EngineStats:
             await asyncio.sleep(0.01)
 
 
-class SessionStream(editor_client.session_stream.SessionStream):
+class SessionStream(session_stream.SessionStream):
     """The editor's stream, with shortcuts for tests."""
 
     def send(self, message: pb.ClientMessage | None = None, **kind: object) -> None:

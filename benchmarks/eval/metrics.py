@@ -6,7 +6,7 @@ from collections import Counter
 
 from rapidfuzz.distance import Levenshtein
 
-from benchmarks.eval.strategies import identifiers
+from ghostpen.benchmarks.eval.strategies import identifiers
 
 
 def exact_match(predicted: str, expected: str) -> float:

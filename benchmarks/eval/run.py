@@ -12,17 +12,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from benchmarks.corpus import percentiles
-from benchmarks.eval.metrics import edit_similarity, exact_match, identifier_match
-from benchmarks.eval.strategies import STRATEGIES, identifiers
-from benchmarks.eval.tasks import Task
-from context.chunker import Chunk
-from context.postprocess import Mode
-from context.prompt import Document, build_prompt
-from context.template import Template
-from server.completion import Completer, CompletionJob
-from server.engines.base import EngineRequest
-from server.workspace import ChunkCache
+from ghostpen.benchmarks.corpus import percentiles
+from ghostpen.benchmarks.eval.metrics import edit_similarity, exact_match, identifier_match
+from ghostpen.benchmarks.eval.strategies import STRATEGIES, identifiers
+from ghostpen.benchmarks.eval.tasks import Task
+from ghostpen.context.chunker import Chunk
+from ghostpen.context.postprocess import Mode
+from ghostpen.context.prompt import Document, build_prompt
+from ghostpen.context.template import Template
+from ghostpen.server.completion import Completer, CompletionJob
+from ghostpen.server.engines.base import EngineRequest
+from ghostpen.server.workspace import ChunkCache
 
 DESIGN_STRATEGY = "edit-distance"
 

@@ -9,8 +9,8 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-from context.chunker import Chunk
-from context.ranker import Exclusion, RankedChunk, Ranker, rank_chunks
+from ghostpen.context.chunker import Chunk
+from ghostpen.context.ranker import Exclusion, RankedChunk, Ranker, rank_chunks
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 

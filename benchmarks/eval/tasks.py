@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from context.languages import language_of
+from ghostpen.context.languages import language_of
 
 _SKIP_DIRS = {".git", "__pycache__", "node_modules", ".venv", "venv", "build", "dist"}
 KINDS = ("line", "rest_of_line", "block")

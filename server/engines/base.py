@@ -14,7 +14,7 @@ import abc
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 
-from server.errors import InvalidInput
+from ghostpen.server.errors import InvalidInput
 
 
 @dataclass(frozen=True)

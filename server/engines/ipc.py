@@ -16,9 +16,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.engines.base import EngineDelta, EngineRequest, EngineStats
-from server.errors import GhostpenError
-from server.settings import EngineSettings
+from ghostpen.server.engines.base import EngineDelta, EngineRequest, EngineStats
+from ghostpen.server.errors import GhostpenError
+from ghostpen.server.settings import EngineSettings
 
 _HEADER = struct.Struct("!I")
 

@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.engines.base import (
+from ghostpen.server.engines.base import (
     STEP_BUCKETS,
     Engine,
     EngineDelta,
@@ -39,9 +39,9 @@ from server.engines.base import (
     EngineStats,
     check_adapter,
 )
-from server.engines.sequences import KvSequence, SequenceTable, Shift
-from server.errors import EngineFailure, LimitExceeded, ModelError
-from server.settings import EngineSettings
+from ghostpen.server.engines.sequences import KvSequence, SequenceTable, Shift
+from ghostpen.server.errors import EngineFailure, LimitExceeded, ModelError
+from ghostpen.server.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 

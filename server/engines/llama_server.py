@@ -23,10 +23,10 @@ from pathlib import Path
 
 import aiohttp
 
-from server.engines.base import Engine, EngineDelta, EngineRequest
-from server.engines.llama_cpp import compute_threads
-from server.errors import EngineFailure, ModelError
-from server.settings import EngineSettings
+from ghostpen.server.engines.base import Engine, EngineDelta, EngineRequest
+from ghostpen.server.engines.llama_cpp import compute_threads
+from ghostpen.server.errors import EngineFailure, ModelError
+from ghostpen.server.settings import EngineSettings
 
 START_TIMEOUT_S = 120.0
 

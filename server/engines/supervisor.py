@@ -27,11 +27,11 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from server.engines import ipc
-from server.engines.base import Engine, EngineDelta, EngineRequest, EngineStats
-from server.errors import EngineUnavailable, GhostpenError, ModelError
-from server.metrics import Metrics
-from server.settings import EngineSettings
+from ghostpen.server.engines import ipc
+from ghostpen.server.engines.base import Engine, EngineDelta, EngineRequest, EngineStats
+from ghostpen.server.errors import EngineUnavailable, GhostpenError, ModelError
+from ghostpen.server.metrics import Metrics
+from ghostpen.server.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class SupervisedEngine(Engine):
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "server.engines.worker",
+                "ghostpen.server.engines.worker",
                 str(theirs.fileno()),
                 pass_fds=(theirs.fileno(),),
             )

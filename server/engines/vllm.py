@@ -14,9 +14,9 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from server.engines.base import Engine, EngineDelta, EngineRequest, check_adapter
-from server.errors import EngineFailure
-from server.settings import EngineSettings
+from ghostpen.server.engines.base import Engine, EngineDelta, EngineRequest, check_adapter
+from ghostpen.server.errors import EngineFailure
+from ghostpen.server.settings import EngineSettings
 
 _GIB = 1 << 30
 

@@ -1,6 +1,6 @@
 """The engine process: runs one engine and serves it to the server over the socket it was given.
 
-    python -m server.engines.worker FD    (started by supervisor.py, never by hand)
+    python -m ghostpen.server.engines.worker FD    (started by supervisor.py, never by hand)
 
 A crash in here (a CPU feature llama.cpp trips on, out of memory) ends this process only; the
 server sees the socket close, fails what was in flight and starts another. When the server goes,
@@ -17,10 +17,10 @@ import sys
 import time
 from contextlib import aclosing
 
-from server.engines import ipc
-from server.engines.base import Engine, EngineDelta, EngineRequest
-from server.engines.factory import start_in_process
-from server.errors import EngineFailure, GhostpenError
+from ghostpen.server.engines import ipc
+from ghostpen.server.engines.base import Engine, EngineDelta, EngineRequest
+from ghostpen.server.engines.factory import start_in_process
+from ghostpen.server.errors import EngineFailure, GhostpenError
 
 log = logging.getLogger("ghostpen.engine")
 STATS_INTERVAL_S = 0.5

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from server.metrics import Metrics
-from server.telemetry.records import CompletionRecord, TelemetryEvent
-from server.telemetry.writer import TelemetryWriter
+from ghostpen.server.metrics import Metrics
+from ghostpen.server.telemetry.records import CompletionRecord, TelemetryEvent
+from ghostpen.server.telemetry.writer import TelemetryWriter
 
 
 class Telemetry:

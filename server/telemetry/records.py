@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.errors import InvalidInput
+from ghostpen.server.errors import InvalidInput
 
 RETENTION_INTERVALS_S = (15, 30, 120, 300, 600)
 KINDS = ("shown", "accepted", "partially_accepted", "rejected", "retention")

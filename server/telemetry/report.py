@@ -14,8 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from server.telemetry.records import RETENTION_INTERVALS_S
-from server.telemetry.store import Store
+from ghostpen.server.telemetry.records import RETENTION_INTERVALS_S
+from ghostpen.server.telemetry.store import Store
 
 _DAY_MS = 86_400_000
 _HOUR_MS = 3_600_000

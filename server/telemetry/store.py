@@ -12,7 +12,7 @@ from dataclasses import astuple, fields
 from pathlib import Path
 from typing import Any
 
-from server.telemetry.records import CompletionRecord, TelemetryEvent
+from ghostpen.server.telemetry.records import CompletionRecord, TelemetryEvent
 
 MIGRATIONS: tuple[str, ...] = (
     """

@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from server.errors import UnknownRequest
-from server.telemetry.records import CompletionRecord, TelemetryEvent
-from server.telemetry.store import Store
+from ghostpen.server.errors import UnknownRequest
+from ghostpen.server.telemetry.records import CompletionRecord, TelemetryEvent
+from ghostpen.server.telemetry.store import Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -1,5 +1,5 @@
-from benchmarks.editor_agent import type_through
-from benchmarks.typing_session import DEFAULT_FILE
+from ghostpen.benchmarks.editor_agent import type_through
+from ghostpen.benchmarks.typing_session import DEFAULT_FILE
 
 
 async def test_typing_two_lines_through_the_agent_reports_what_it_measured(server) -> None:

@@ -4,12 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.eval.metrics import edit_similarity, exact_match, identifier_match
-from benchmarks.eval.strategies import STRATEGIES
-from benchmarks.eval.tasks import build_tasks, source_files
-from context.chunker import Chunk
-from context.ranker import Exclusion
-from context.template import load_template
+from ghostpen.benchmarks.eval.metrics import edit_similarity, exact_match, identifier_match
+from ghostpen.benchmarks.eval.strategies import STRATEGIES
+from ghostpen.benchmarks.eval.tasks import build_tasks, source_files
+from ghostpen.context.chunker import Chunk
+from ghostpen.context.ranker import Exclusion
+from ghostpen.context.template import load_template
 
 
 def write_tree(root: Path) -> None:
@@ -93,9 +93,9 @@ def test_every_strategy_finds_the_chunk_that_shares_the_names(name: str) -> None
 
 
 async def test_the_harness_runs_tasks_through_the_real_pipeline(server, settings, tmp_path) -> None:
-    from benchmarks.eval.run import evaluate, markdown, summarize, variants
-    from server.completion import Completer
-    from server.metrics import Metrics
+    from ghostpen.benchmarks.eval.run import evaluate, markdown, summarize, variants
+    from ghostpen.server.completion import Completer
+    from ghostpen.server.metrics import Metrics
 
     write_tree(tmp_path)
     tasks = build_tasks(tmp_path, 2, seed=1, max_files=12, max_bytes=10_000)

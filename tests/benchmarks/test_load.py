@@ -5,10 +5,20 @@ from __future__ import annotations
 import json
 from xml.etree import ElementTree
 
-from benchmarks.load import DEFAULT_FILES, LoadConfig, markdown, run_load, save, source_files
-from benchmarks.server_process import running_server
+import pytest
+
+from ghostpen.benchmarks.load import (
+    DEFAULT_FILES,
+    LoadConfig,
+    markdown,
+    run_load,
+    save,
+    source_files,
+)
+from ghostpen.benchmarks.server_process import running_server
 
 
+@pytest.mark.system
 async def test_two_sessions_produce_a_sane_report() -> None:
     config = LoadConfig(
         sessions=2, duration_s=6, files=source_files(DEFAULT_FILES), warmup_s=1, think_rate=0.5

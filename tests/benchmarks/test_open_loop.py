@@ -6,17 +6,17 @@ import statistics
 import sysconfig
 from pathlib import Path
 
-from benchmarks.eval.tasks import build_tasks
-from benchmarks.open_loop import (
+from ghostpen.benchmarks.eval.tasks import build_tasks
+from ghostpen.benchmarks.open_loop import (
     GhostpenTarget,
     OpenAITarget,
     arrival_gaps,
     markdown,
     run_open_loop,
 )
-from benchmarks.peers import running_peer
-from context.template import load_template
-from server.model_store import resolve
+from ghostpen.benchmarks.peers import running_peer
+from ghostpen.context.template import load_template
+from ghostpen.server.model_store import resolve
 
 TREE = Path(sysconfig.get_paths()["stdlib"]) / "json"
 

@@ -1,6 +1,6 @@
 import pytest
 
-from context.chunker import ChunkedFile, chunk_file, edit_tree
+from ghostpen.context.chunker import ChunkedFile, chunk_file, edit_tree
 
 PYTHON = '''import os
 

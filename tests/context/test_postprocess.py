@@ -1,6 +1,6 @@
 import pytest
 
-from context.postprocess import CursorSurroundings, Finish, Mode, Truncator, resolve_mode
+from ghostpen.context.postprocess import CursorSurroundings, Finish, Mode, Truncator, resolve_mode
 
 STOP = ("<|endoftext|>", "<|file_sep|>")
 

@@ -3,10 +3,10 @@ import itertools
 
 import pytest
 
-from context.chunker import Chunk, chunk_file
-from context.prompt import Document, build_prompt
-from context.settings import ContextSettings
-from context.template import available_templates, load_template
+from ghostpen.context.chunker import Chunk, chunk_file
+from ghostpen.context.prompt import Document, build_prompt
+from ghostpen.context.settings import ContextSettings
+from ghostpen.context.template import available_templates, load_template
 
 SETTINGS = ContextSettings()
 QWEN = load_template("qwen25-coder-repo-fim")

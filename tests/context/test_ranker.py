@@ -1,5 +1,5 @@
-from context.chunker import Chunk
-from context.ranker import Exclusion, query_text, rank_chunks
+from ghostpen.context.chunker import Chunk
+from ghostpen.context.ranker import Exclusion, query_text, rank_chunks
 
 NOWHERE = Exclusion("", 0, 0)
 

@@ -12,8 +12,8 @@ import pytest_asyncio
 from lsprotocol import types
 from pygls.lsp.client import LanguageClient
 
-from benchmarks.editor_agent import insertion
-from server.telemetry.store import Store
+from ghostpen.benchmarks.editor_agent import insertion
+from ghostpen.server.telemetry.store import Store
 
 CODE = "def add(a, b):\n    return a + b\n\n\ndef multiply(a, b):\n    return "
 
@@ -40,7 +40,7 @@ async def agent(server, tmp_path: Path) -> AsyncIterator[tuple[LanguageClient, s
     client = LanguageClient("ghostpen-tests", "0")
     logs: list[str] = []
     client.feature(types.WINDOW_LOG_MESSAGE)(lambda params: logs.append(params.message))
-    await client.start_io(sys.executable, "-m", "server.cli", "agent", "--stdio")
+    await client.start_io(sys.executable, "-m", "ghostpen", "agent", "--stdio")
     result = await client.initialize_async(
         types.InitializeParams(
             capabilities=types.ClientCapabilities(),
@@ -147,7 +147,7 @@ async def test_workspace_configuration_overrides_initialization_options(server, 
         asked.extend(item.section for item in params.items)
         return [{"server": f"127.0.0.1:{server.port}"}]
 
-    await client.start_io(sys.executable, "-m", "server.cli", "agent", "--stdio")
+    await client.start_io(sys.executable, "-m", "ghostpen", "agent", "--stdio")
     await client.initialize_async(
         types.InitializeParams(
             capabilities=types.ClientCapabilities(
@@ -171,7 +171,7 @@ async def test_workspace_configuration_overrides_initialization_options(server, 
 
 async def test_unknown_settings_fail_initialization_with_the_known_names(tmp_path):
     client = LanguageClient("ghostpen-tests", "0")
-    await client.start_io(sys.executable, "-m", "server.cli", "agent", "--stdio")
+    await client.start_io(sys.executable, "-m", "ghostpen", "agent", "--stdio")
     with pytest.raises(Exception, match="unknown ghostpen setting 'sever'; known: server"):
         await client.initialize_async(
             types.InitializeParams(

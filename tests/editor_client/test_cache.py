@@ -1,4 +1,4 @@
-from editor_client.cache import Anchor, CompletionCache, Suggestion
+from ghostpen.editor_client.cache import Anchor, CompletionCache, Suggestion
 
 BEFORE = "def area(r):\n    return "
 AFTER = "\n"

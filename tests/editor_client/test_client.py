@@ -6,17 +6,17 @@ import dataclasses
 import grpc
 import pytest
 
-from benchmarks.server_process import free_port
-from editor_client.client import SessionClient
-from editor_client.feedback import Feedback
-from editor_client.recent_files import RecentFiles, TextEdit
-from editor_client.settings import ClientSettings
-from proto import ghostpen_pb2 as pb
-from proto import ghostpen_pb2_grpc as pb_grpc
-from server.app import RunningServer, start_server
-from server.engines.factory import start_engine
-from server.metrics import Metrics
-from server.settings import Settings
+from ghostpen.benchmarks.server_process import free_port
+from ghostpen.editor_client.client import SessionClient
+from ghostpen.editor_client.feedback import Feedback
+from ghostpen.editor_client.recent_files import RecentFiles, TextEdit
+from ghostpen.editor_client.settings import ClientSettings
+from ghostpen.proto import ghostpen_pb2 as pb
+from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
+from ghostpen.server.app import RunningServer, start_server
+from ghostpen.server.engines.factory import start_engine
+from ghostpen.server.metrics import Metrics
+from ghostpen.server.settings import Settings
 
 CODE = "def add(a, b):\n    return a + b\n\n\ndef multiply(a, b):\n    return "
 
@@ -71,7 +71,7 @@ async def test_an_unreachable_server_costs_nothing_and_is_said_once(settings) ->
     client, said = new_client(port)
     client.files.open("math.py", "python", CODE, 1)
     client.start()
-    await asyncio.sleep(1.0)  # several retries
+    await until(lambda: client.failed_attempts >= 3)
     assert await client.complete("math.py", len(CODE)) is None
     assert len(said) == 1 and f"127.0.0.1:{port} unavailable" in said[0]
 

@@ -1,7 +1,7 @@
 import pytest
 
-from editor_client.debounce import AdaptiveDebounce, automatic_request_allowed
-from editor_client.settings import ClientSettings
+from ghostpen.editor_client.debounce import AdaptiveDebounce, automatic_request_allowed
+from ghostpen.editor_client.settings import ClientSettings
 
 
 @pytest.mark.parametrize(

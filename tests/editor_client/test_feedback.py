@@ -1,7 +1,7 @@
 import pytest
 
-from editor_client.feedback import Feedback
-from proto import ghostpen_pb2 as pb
+from ghostpen.editor_client.feedback import Feedback
+from ghostpen.proto import ghostpen_pb2 as pb
 
 
 class Clock:

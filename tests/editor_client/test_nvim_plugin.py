@@ -14,11 +14,11 @@ from typing import Any
 import pynvim
 import pytest
 
-from benchmarks.server_process import free_port, running_server
+from ghostpen.benchmarks.server_process import free_port, running_server
 
 PLUGIN = Path(__file__).parents[2] / "editor_client" / "nvim"
 CODE = "def add(a, b):\n    return a + b\n\n\ndef multiply(a, b):\n"
-AGENT = [sys.executable, "-m", "server.cli", "agent", "--stdio"]
+AGENT = [sys.executable, "-m", "ghostpen", "agent", "--stdio"]
 
 
 def wait_for(probe: Callable[[], Any], timeout: float = 60.0) -> Any:
@@ -45,6 +45,8 @@ class Editor:
         path.write_text(CODE)
         self.nvim.command(f"edit {path}")
         self.nvim.command("setlocal noautoindent nosmartindent indentexpr=")  # keys as typed
+        # A developer's first keys reach the agent once it runs; the tests type after that.
+        wait_for(lambda: self.status()["attached"])
 
     def type(self, keys: str, pause: float = 0.03) -> None:
         """One key at a time, as a developer types; `<Esc>` and the like are one key."""

@@ -1,4 +1,4 @@
-from editor_client.recent_files import RecentFiles, TextEdit
+from ghostpen.editor_client.recent_files import RecentFiles, TextEdit
 
 
 def recent(max_files: int = 3, max_bytes: int = 100) -> tuple[RecentFiles, list[str]]:

@@ -1,4 +1,4 @@
-from editor_client.retention import INTERVALS_S, RetentionCheck, RetentionTracker
+from ghostpen.editor_client.retention import INTERVALS_S, RetentionCheck, RetentionTracker
 
 ACCEPTED = "total = sum(item.price for item in cart)\n"
 BEFORE = "def checkout(cart):\n    "

@@ -1,6 +1,6 @@
 import pytest
 
-from editor_client.settings import ClientSettings
+from ghostpen.editor_client.settings import ClientSettings
 
 
 def test_editor_options_are_checked_by_name_and_type() -> None:

@@ -9,7 +9,7 @@ import time
 import grpc
 import pytest
 
-from proto import ghostpen_pb2 as pb
+from ghostpen.proto import ghostpen_pb2 as pb
 from tests.conftest import SessionStream, engine_idle
 
 SMALL = "def add(a, b):\n    return "

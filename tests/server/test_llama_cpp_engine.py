@@ -10,9 +10,9 @@ from contextlib import aclosing
 import pytest
 import pytest_asyncio
 
-from server.engines.base import EngineRequest
-from server.engines.factory import start_in_process
-from server.errors import InvalidInput, LimitExceeded, ModelError
+from ghostpen.server.engines.base import EngineRequest
+from ghostpen.server.engines.factory import start_in_process
+from ghostpen.server.errors import InvalidInput, LimitExceeded, ModelError
 
 COUNT_PROMPT = "<|fim_prefix|>numbers = [\n    1,\n    2,\n    3,\n<|fim_suffix|>]\n<|fim_middle|>"
 TIMEOUT_S = 120

@@ -10,10 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from server import model_store
-from server.errors import ModelError
-from server.model_store import REGISTRY, RegistryModel, models_dir, resolve, sha256_of, verify
-from server.settings import Settings
+from ghostpen.server import model_store
+from ghostpen.server.errors import ModelError
+from ghostpen.server.model_store import (
+    REGISTRY,
+    RegistryModel,
+    models_dir,
+    resolve,
+    sha256_of,
+    verify,
+)
+from ghostpen.server.settings import Settings
 
 DEFAULT = REGISTRY["qwen2.5-coder-0.5b-instruct-q4_k_m"]
 
@@ -76,7 +83,7 @@ def test_serve_refuses_a_tampered_default_model(tmp_path: Path) -> None:
     with target.open("wb") as handle:  # sparse: the right size, the wrong bytes
         handle.truncate(DEFAULT.size)
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--engine", "llama.cpp", "--port", "0"],
+        [sys.executable, "-m", "ghostpen", "serve", "--engine", "llama.cpp", "--port", "0"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.engines.sequences import SequenceTable
+from ghostpen.server.engines.sequences import SequenceTable
 
 
 def served(table: SequenceTable, key: str, prompt: list[int], now: float, adapter: str = ""):

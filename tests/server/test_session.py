@@ -6,14 +6,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from context.postprocess import Finish, Mode
-from context.template import load_template
-from server.completion import Completer, CompletionEvent
-from server.engines.base import Engine, EngineDelta, EngineRequest
-from server.metrics import Metrics
-from server.session import RequestError, RequestSpec, Session
-from server.settings import Settings
-from server.workspace import FileChange
+from ghostpen.context.postprocess import Finish, Mode
+from ghostpen.context.template import load_template
+from ghostpen.server.completion import Completer, CompletionEvent
+from ghostpen.server.engines.base import Engine, EngineDelta, EngineRequest
+from ghostpen.server.metrics import Metrics
+from ghostpen.server.session import RequestError, RequestSpec, Session
+from ghostpen.server.settings import Settings
+from ghostpen.server.workspace import FileChange
 
 
 class ScriptedEngine(Engine):
@@ -25,6 +25,7 @@ class ScriptedEngine(Engine):
     def __init__(self, text: str, delay: float = 0.0, fail: bool = False) -> None:
         self.text, self.delay, self.fail = text, delay, fail
         self.closed: list[str] = []
+        self.streaming = asyncio.Event()  # set once a consumer has taken a delta
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
         try:
@@ -33,6 +34,7 @@ class ScriptedEngine(Engine):
             for count, char in enumerate(self.text, 1):
                 await asyncio.sleep(self.delay)
                 yield EngineDelta(char, count, 10, 0.0)
+                self.streaming.set()
             yield EngineDelta("", len(self.text), 10, 0.0, finished=True)
         finally:
             self.closed.append(request.request_id)
@@ -72,7 +74,7 @@ async def test_latest_wins_and_the_superseded_stream_is_closed() -> None:
     engine = ScriptedEngine("compute_total()\n", delay=0.01)
     session, sent, metrics, recorded = make_session(engine)
     session.start(spec("first"))
-    await asyncio.sleep(0.03)
+    await asyncio.wait_for(engine.streaming.wait(), 10)
     session.start(spec("second"))
     await session.drain()
     finals = [e for e in sent if isinstance(e, CompletionEvent) and e.final]

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from server.settings import Settings
+from ghostpen.server.settings import Settings
 
 
 def test_defaults_need_nothing() -> None:

@@ -19,14 +19,14 @@ import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from proto import ghostpen_pb2 as pb
-from proto import ghostpen_pb2_grpc as pb_grpc
-from server.app import RunningServer, start_server
-from server.engines.base import EngineRequest
-from server.engines.factory import start_engine
-from server.errors import EngineUnavailable, ModelError
-from server.metrics import Metrics
-from server.settings import Settings
+from ghostpen.proto import ghostpen_pb2 as pb
+from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
+from ghostpen.server.app import RunningServer, start_server
+from ghostpen.server.engines.base import EngineRequest
+from ghostpen.server.engines.factory import start_engine
+from ghostpen.server.errors import EngineUnavailable, ModelError
+from ghostpen.server.metrics import Metrics
+from ghostpen.server.settings import Settings
 from tests.conftest import SessionStream
 
 SOURCE = "def fibonacci(n):\n    "
@@ -179,7 +179,7 @@ def test_the_server_exits_non_zero_when_the_engine_cannot_start(tmp_path) -> Non
         [
             sys.executable,
             "-m",
-            "server.cli",
+            "ghostpen",
             "serve",
             "--port",
             "0",

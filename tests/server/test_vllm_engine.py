@@ -11,14 +11,14 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from proto import ghostpen_pb2 as pb
-from proto import ghostpen_pb2_grpc as pb_grpc
-from server.app import start_server
-from server.engines.base import EngineRequest
-from server.engines.vllm import VllmEngine
-from server.errors import InvalidInput
-from server.metrics import Metrics
-from server.settings import Settings
+from ghostpen.proto import ghostpen_pb2 as pb
+from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
+from ghostpen.server.app import start_server
+from ghostpen.server.engines.base import EngineRequest
+from ghostpen.server.engines.vllm import VllmEngine
+from ghostpen.server.errors import InvalidInput
+from ghostpen.server.metrics import Metrics
+from ghostpen.server.settings import Settings
 from tests.lora_adapter import build_peft_lora
 from tests.tiny_model import build_tiny_llama
 

@@ -1,8 +1,14 @@
 import pytest
 
-from server.errors import CursorOutOfRange, InvalidInput, LimitExceeded, StaleVersion, UnknownFile
-from server.settings import LimitSettings
-from server.workspace import ChunkCache, FileChange, TextEdit, Workspace, check_cursor
+from ghostpen.server.errors import (
+    CursorOutOfRange,
+    InvalidInput,
+    LimitExceeded,
+    StaleVersion,
+    UnknownFile,
+)
+from ghostpen.server.settings import LimitSettings
+from ghostpen.server.workspace import ChunkCache, FileChange, TextEdit, Workspace, check_cursor
 
 LIMITS = LimitSettings(max_files=3, max_file_bytes=100, max_edits_per_update=2)
 

@@ -19,14 +19,14 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from benchmarks.server_process import free_port
-from proto import ghostpen_pb2 as pb
-from proto import ghostpen_pb2_grpc as pb_grpc
-from server.app import RunningServer, start_server
-from server.metrics import Metrics
-from server.settings import Settings
-from server.telemetry.report import ReportFilter, build_report, to_html
-from server.telemetry.store import Store
+from ghostpen.benchmarks.server_process import free_port
+from ghostpen.proto import ghostpen_pb2 as pb
+from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
+from ghostpen.server.app import RunningServer, start_server
+from ghostpen.server.metrics import Metrics
+from ghostpen.server.settings import Settings
+from ghostpen.server.telemetry.report import ReportFilter, build_report, to_html
+from ghostpen.server.telemetry.store import Store
 
 ARTIFACTS = Path(__file__).parents[3] / "test-artifacts"
 CHROMIUM_FLAGS = [

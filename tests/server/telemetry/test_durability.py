@@ -10,10 +10,10 @@ from pathlib import Path
 
 import grpc
 
-from benchmarks.server_process import running_server
-from proto import ghostpen_pb2 as pb
-from proto import ghostpen_pb2_grpc as pb_grpc
-from server.telemetry.store import Store
+from ghostpen.benchmarks.server_process import running_server
+from ghostpen.proto import ghostpen_pb2 as pb
+from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
+from ghostpen.server.telemetry.store import Store
 
 
 async def test_acknowledged_events_survive_sigkill(tmp_path: Path) -> None:

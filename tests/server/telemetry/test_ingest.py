@@ -8,8 +8,8 @@ import uuid
 import grpc
 import pytest
 
-from proto import ghostpen_pb2 as pb
-from server.telemetry.store import Store
+from ghostpen.proto import ghostpen_pb2 as pb
+from ghostpen.server.telemetry.store import Store
 from tests.conftest import SessionStream
 
 SOURCE = "def add(a, b):\n    return "

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from server.telemetry.records import CompletionRecord, TelemetryEvent
-from server.telemetry.report import ReportFilter, build_report, to_csv, to_html
-from server.telemetry.store import Store
+from ghostpen.server.telemetry.records import CompletionRecord, TelemetryEvent
+from ghostpen.server.telemetry.report import ReportFilter, build_report, to_csv, to_html
+from ghostpen.server.telemetry.store import Store
 from tests.postgres import drop_database, start_database
 
 DAY = 86_400_000
@@ -93,6 +93,7 @@ def test_report_numbers(store: Store) -> None:
     assert later["overall"]["served"] == 1
 
 
+@pytest.mark.system
 def test_sqlite_and_postgresql_give_the_same_report(tmp_path: Path) -> None:
     reports = []
     url, name = start_database()
@@ -129,7 +130,7 @@ def test_grafana_dashboard_asks_only_for_series_the_server_exports() -> None:
     import json
     import re
 
-    from server.metrics import Metrics
+    from ghostpen.server.metrics import Metrics
 
     dashboard = json.loads(
         (Path(__file__).parents[3] / "server/telemetry/grafana_dashboard.json").read_text()

@@ -207,6 +207,9 @@ function M.status()
   local lsp = client()
   return {
     running = lsp ~= nil and not lsp.is_stopped(),
+    -- the agent has initialized and holds the current buffer
+    attached = lsp ~= nil and lsp.initialized == true
+      and vim.lsp.buf_is_attached(api.nvim_get_current_buf(), lsp.id),
     suggestion = state.suggestion and state.suggestion.text or nil,
     before = state.suggestion and state.suggestion.before or nil, -- the line before the cursor
     completion_id = state.suggestion and state.suggestion.completion_id or nil,

@@ -9,9 +9,8 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from server.engines.factory import ENGINES
-from server.errors import ModelError
-from server.settings import Settings
+from ghostpen.server.errors import ModelError
+from ghostpen.server.settings import ENGINES, Settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, flag) is not None:
                 overrides[flag] = str(getattr(args, flag))
     if args.command == "agent":
-        from editor_client.agent import run_stdio
+        from ghostpen.editor_client.agent import run_stdio
 
         run_stdio()
         return 0
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             import uvloop
 
-            from server.app import serve as run_server
+            from ghostpen.server.app import serve as run_server
 
             uvloop.run(run_server(settings))
             return 0
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import uvloop
 
-    from benchmarks.load import (
+    from ghostpen.benchmarks.load import (
         DEFAULT_FILES,
         LoadConfig,
         markdown,
@@ -146,7 +145,7 @@ def _bench(args: argparse.Namespace) -> int:
         save,
         source_files,
     )
-    from benchmarks.server_process import running_server
+    from ghostpen.benchmarks.server_process import running_server
 
     counts = [int(n) for n in args.sweep.split(",")] if args.sweep else [args.sessions]
     files = source_files(args.files or DEFAULT_FILES)
@@ -170,8 +169,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_open_loop(args: argparse.Namespace, settings: Settings) -> int:
-    from benchmarks.load import DEFAULT_FILES
-    from benchmarks.open_loop import OpenLoopConfig, markdown, run_comparison
+    from ghostpen.benchmarks.load import DEFAULT_FILES
+    from ghostpen.benchmarks.open_loop import OpenLoopConfig, markdown, run_comparison
 
     config = OpenLoopConfig(
         tree=args.files or DEFAULT_FILES,
@@ -201,12 +200,12 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
     import dataclasses
     import json
 
-    from benchmarks.eval.run import evaluate, markdown, summarize, variants
-    from benchmarks.eval.tasks import build_tasks
-    from context.template import load_template
-    from server.completion import Completer
-    from server.engines.factory import start_in_process
-    from server.metrics import Metrics
+    from ghostpen.benchmarks.eval.run import evaluate, markdown, summarize, variants
+    from ghostpen.benchmarks.eval.tasks import build_tasks
+    from ghostpen.context.template import load_template
+    from ghostpen.server.completion import Completer
+    from ghostpen.server.engines.factory import start_in_process
+    from ghostpen.server.metrics import Metrics
 
     chosen = variants(
         [name for name in args.strategies.split(",") if name],
@@ -260,8 +259,14 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _report(args: argparse.Namespace, settings: Settings) -> int:
-    from server.telemetry.report import ReportFilter, build_report, to_csv, to_html, to_json
-    from server.telemetry.store import Store
+    from ghostpen.server.telemetry.report import (
+        ReportFilter,
+        build_report,
+        to_csv,
+        to_html,
+        to_json,
+    )
+    from ghostpen.server.telemetry.store import Store
 
     chosen = ReportFilter(
         since_ms=_unix_ms(args.since) if args.since else 0,
@@ -292,7 +297,7 @@ def _unix_ms(moment: str) -> int:
 
 
 def _models(args: argparse.Namespace, settings: Settings) -> int:
-    from server import model_store
+    from ghostpen.server import model_store
 
     name = getattr(args, "name", None) or settings.engine.model
     cache = settings.cache_dir
@@ -324,7 +329,3 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
             out = args.out or gguf.with_suffix("")
         print(model_store.convert(gguf, out))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
