@@ -147,6 +147,7 @@ def test_a_request_superseded_by_typing_never_renders(editor) -> None:
     assert len(renders) < len("result = multiply(add(1, 2), 3)")
 
 
+@pytest.mark.system
 def test_with_the_server_down_the_editor_stays_responsive_and_reconnects(tmp_path) -> None:
     port = free_port()
     editor = Editor(f"127.0.0.1:{port}", tmp_path / "calc.py")

@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import grpc
+import pytest
 
 from ghostpen.benchmarks.server_process import running_server
 from ghostpen.proto import ghostpen_pb2 as pb
@@ -16,6 +17,7 @@ from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
 from ghostpen.server.telemetry.store import Store
 
 
+@pytest.mark.system
 async def test_acknowledged_events_survive_sigkill(tmp_path: Path) -> None:
     database = tmp_path / "killed.db"
     events = []
