@@ -142,14 +142,31 @@ async def initialized(ls: GhostpenLanguageServer, params: types.InitializedParam
     agent = _agent()
     capabilities = ls.client_capabilities.workspace
     if capabilities and capabilities.configuration:
-        with contextlib.suppress(Exception):
+        try:
             (section,) = await ls.workspace_configuration_async(
                 types.ConfigurationParams(items=[types.ConfigurationItem(section="ghostpen")])
             )
-            if isinstance(section, Mapping) and section:
+        except Exception as error:  # the editor could not answer: its options stand
+            section = None
+            _tell(ls, types.MessageType.Warning, f"workspace configuration unreadable: {error}")
+        if isinstance(section, Mapping) and section:
+            try:
                 configured = _settings(dataclasses.asdict(agent.settings), section)
+            except JsonRpcInvalidParams as error:
+                _tell(
+                    ls,
+                    types.MessageType.Error,
+                    f"the 'ghostpen' workspace configuration is ignored: {error}",
+                )
+            else:
                 ls.agent = agent = Agent(configured, agent.workspace, ls)
     agent.start()
+
+
+def _tell(ls: GhostpenLanguageServer, kind: types.MessageType, message: str) -> None:
+    """Shown to the developer, not only logged: a setting that silently does nothing costs an
+    afternoon."""
+    ls.window_show_message(types.ShowMessageParams(type=kind, message=f"ghostpen: {message}"))
 
 
 @server.feature(types.SHUTDOWN)
@@ -284,6 +301,7 @@ def stats(ls: GhostpenLanguageServer, params: Any) -> dict[str, Any]:
         },
         "connected": agent.client.connected,
         "sessions": agent.client.sessions,
+        "failed_attempts": agent.client.failed_attempts,
         "unacknowledged_events": agent.client.unacknowledged_events,
     }
 

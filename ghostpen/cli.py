@@ -205,7 +205,6 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
     from ghostpen.context.template import load_template
     from ghostpen.server.completion import Completer
     from ghostpen.server.engines.factory import start_in_process
-    from ghostpen.server.metrics import Metrics
 
     chosen = variants(
         [name for name in args.strategies.split(",") if name],
@@ -226,14 +225,8 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
 
     async def run() -> list:
         engine = await start_in_process(engine_settings, settings.cache_dir)
-        completer = Completer(
-            engine,
-            load_template(settings.context.template),
-            settings.context,
-            settings.limits,
-            Metrics(),
-            record=lambda _: None,  # an evaluation serves nobody: nothing to store
-        )
+        # An evaluation serves nobody: its outcomes are neither counted nor stored.
+        completer = Completer.from_settings(engine, settings, sink=lambda _: None)
         try:
             return await evaluate(completer, tasks, chosen, args.tree.name)
         finally:

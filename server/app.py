@@ -12,13 +12,12 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ghostpen.context.template import load_template
-from ghostpen.proto import ghostpen_pb2 as pb
-from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
+from ghostpen.server import wire
 from ghostpen.server.auth import TokenCheck
 from ghostpen.server.completion import Completer
 from ghostpen.server.engines.base import Engine
 from ghostpen.server.engines.factory import start_engine
+from ghostpen.server.ledger import Ledger
 from ghostpen.server.metrics import Metrics
 from ghostpen.server.service import CompletionService
 from ghostpen.server.settings import Settings
@@ -28,7 +27,7 @@ from ghostpen.server.telemetry.writer import TelemetryWriter
 from ghostpen.server.web import start_web
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Completion"].full_name
+SERVICE_NAME = wire.SERVICE.full_name
 
 
 @dataclass
@@ -66,16 +65,9 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
     )
     writer.start()
     telemetry = Telemetry(writer, metrics, settings.limits.max_request_id_chars)
-    completer = Completer(
-        engine,
-        load_template(settings.context.template),
-        settings.context,
-        settings.limits,
-        metrics,
-        telemetry.record,
-    )
-    pb_grpc.add_CompletionServicer_to_server(
-        CompletionService(completer, telemetry, settings, metrics), server
+    completer = Completer.from_settings(engine, settings, Ledger(metrics, telemetry.record))
+    server.add_generic_rpc_handlers(
+        (wire.handlers(CompletionService(completer, telemetry, settings, metrics)),)
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,12 +1,14 @@
-"""One completion, from a resolved request to streamed events: context, engine, post-processing.
+"""One completion, from a checked request to streamed events: context, engine, post-processing.
 
-Both RPCs end here, so a Session request and a stateless Complete call are served the same way.
+Both RPCs end here, so a Session request and a stateless Complete call are served the same way:
+`Completer.job` builds the job, `Completer.run` streams it and hands its `Outcome` to one sink.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -14,13 +16,25 @@ from dataclasses import dataclass
 from ghostpen.context.chunker import Chunk
 from ghostpen.context.postprocess import CursorSurroundings, Finish, Mode, Truncator
 from ghostpen.context.prompt import Document, Prompt, build_prompt
+from ghostpen.context.ranker import Ranker, rank_chunks
 from ghostpen.context.settings import ContextSettings
-from ghostpen.context.template import Template
+from ghostpen.context.template import Template, load_template
 from ghostpen.server.engines.base import Engine, EngineDelta, EngineRequest
 from ghostpen.server.errors import DeadlinePassed
-from ghostpen.server.metrics import Metrics, Timings
-from ghostpen.server.settings import LimitSettings
-from ghostpen.server.telemetry.records import CompletionRecord
+from ghostpen.server.metrics import Timings
+from ghostpen.server.settings import LimitSettings, Settings
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """What either RPC asks of one completion, checked at the wire."""
+
+    request_id: str
+    mode: Mode
+    max_tokens: int  # 0: the default for the mode
+    adapter: str  # "": the base model
+    deadline_s: float  # seconds left, as the edge computed it on arrival
+    received: float  # time.monotonic() at arrival
 
 
 @dataclass(frozen=True)
@@ -39,17 +53,38 @@ class CompletionJob:
 
 
 @dataclass(frozen=True)
+class Outcome:
+    """How one completion ended, handed once to the sink: finished, or stopped and why."""
+
+    job: CompletionJob
+    engine: str
+    model_id: str  # the base model; job.adapter names the adapter, if any
+    template: Template
+    mode: Mode  # as resolved at the cursor (AUTO becomes single or multi line)
+    finish: Finish
+    stopped: str  # "": finished; else client | superseded | disconnect | deadline | error
+    timings: Timings
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    chars: int  # characters shown
+
+    @property
+    def model(self) -> str:
+        return model_name(self.model_id, self.job.adapter)
+
+
+@dataclass(frozen=True)
 class CompletionEvent:
     request_id: str
     completion_id: str
     text: str
     final: bool = False
     finish: Finish | None = None
-    timings: Timings | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_prompt_tokens: int = 0
-    model: str = ""  # on the final event: the model that served it (model_name)
+    outcome: Outcome | None = None  # on the final event of a completion that finished
+
+
+Sink = Callable[[Outcome], None]
 
 
 def remaining_s(deadline_unix_ms: int, default_timeout_ms: int, now_unix: float) -> float:
@@ -71,25 +106,50 @@ class Completer:
         template: Template,
         context: ContextSettings,
         limits: LimitSettings,
-        metrics: Metrics,
-        record: Callable[[CompletionRecord], None],
+        sink: Sink,
     ) -> None:
         self.engine = engine
-        self._record = record
         self.template = template
         self.context_settings = context
         self._limits = limits
-        self._metrics = metrics
+        self._sink = sink
 
-    def prompt(
-        self, repo: str, document: Document, chunks: Sequence[Chunk], previous: Sequence[Chunk] = ()
-    ) -> Prompt:
-        return build_prompt(repo, document, chunks, self.template, self.context_settings, previous)
+    @classmethod
+    def from_settings(cls, engine: Engine, settings: Settings, sink: Sink) -> Completer:
+        """The one way the server, the evaluation and the tests build it."""
+        template = load_template(settings.context.template)
+        return cls(engine, template, settings.context, settings.limits, sink)
 
     def with_template(self, template: Template) -> Completer:
         """The same engine and settings behind another prompt template (for ablations)."""
-        return Completer(
-            self.engine, template, self.context_settings, self._limits, self._metrics, self._record
+        return Completer(self.engine, template, self.context_settings, self._limits, self._sink)
+
+    def job(
+        self,
+        spec: RequestSpec,
+        document: Document,
+        chunks: Sequence[Chunk],
+        repo: str,
+        previous: Sequence[Chunk] = (),
+        cache_key: str = "",
+        rank: Ranker = rank_chunks,
+    ) -> CompletionJob:
+        """Build the prompt and the job: the one constructor both RPCs use."""
+        prompt = build_prompt(
+            repo, document, chunks, self.template, self.context_settings, previous, rank
+        )
+        return CompletionJob(
+            request_id=spec.request_id,
+            completion_id=uuid.uuid4().hex,
+            document=document,
+            prompt=prompt,
+            mode=spec.mode,
+            max_tokens=spec.max_tokens,
+            received=spec.received,
+            prompted=time.monotonic(),
+            deadline=spec.received + spec.deadline_s,
+            cache_key=cache_key,
+            adapter=spec.adapter,
         )
 
     def max_tokens(self, mode: Mode) -> int:
@@ -99,102 +159,107 @@ class Completer:
         return self._limits.default_max_tokens_multi_line
 
     async def run(self, job: CompletionJob) -> AsyncIterator[CompletionEvent]:
-        """Stream the completion. Cancelling the consumer aborts the engine request; a passed
-        deadline raises DeadlinePassed after aborting it."""
+        """Stream the completion, truncated where it should end.
+
+        Cancelling the consumer aborts the engine request (`task.cancel(reason)` names why); a
+        passed deadline aborts it and raises DeadlinePassed. Either way, and on success, the sink
+        gets the outcome once."""
         document = job.document
         cursor = CursorSurroundings.around(
             document.prefix, document.suffix, job.mode, self.template.stop, document.language
         )
-        engine_start = time.monotonic()
-        max_tokens = job.max_tokens or self.max_tokens(cursor.mode)
         truncator = Truncator(cursor)
-        finish, first_token_at, last = Finish.STOP, 0.0, None
         request = EngineRequest(
             job.request_id,
             job.prompt.text,
-            max_tokens,
+            job.max_tokens or self.max_tokens(cursor.mode),
             job.cache_key,
             adapter=job.adapter,
             deadline=job.deadline,
         )
-        engine_done = engine_start
+        clock = _Clock(job)
+        finish, stopped, last = Finish.STOP, "error", None
         try:
-            try:
-                async with asyncio.timeout_at(_loop_time(job.deadline)):
-                    async with aclosing(self.engine.generate(request)) as deltas:
-                        async for delta in deltas:
-                            engine_done = time.monotonic()
-                            first_token_at = first_token_at or engine_done
-                            last = delta
-                            text = truncator.feed(delta.text)
-                            if text:
-                                yield CompletionEvent(job.request_id, job.completion_id, text)
-                            if truncator.finish is not None:
-                                break
-                            if delta.finished:
-                                finish = _engine_finish(delta)
-            except BaseException:  # cancelled, superseded or dropped: its tokens were wasted
-                if last is not None:
-                    wasted = self._metrics.wasted_tokens.labels(
-                        self.engine.name, self.engine.model_id
-                    )
-                    wasted.inc(last.completion_tokens)
-                raise
+            async with asyncio.timeout_at(_loop_time(job.deadline)):
+                async with aclosing(self.engine.generate(request)) as deltas:
+                    async for delta in deltas:
+                        clock.delta()
+                        last = delta
+                        text = truncator.feed(delta.text)
+                        if text:
+                            yield CompletionEvent(job.request_id, job.completion_id, text)
+                        if truncator.finish is not None:
+                            break
+                        if delta.finished:
+                            finish = _engine_finish(delta)
+            stopped = ""
         except TimeoutError:
-            self._metrics.cancellations.labels(self.engine.name, "deadline").inc()
+            stopped = "deadline"
             raise DeadlinePassed(
                 f"the deadline passed {1000 * (time.monotonic() - job.deadline):.0f} ms ago, "
                 f"{1000 * (time.monotonic() - job.received):.0f} ms after the request arrived; "
                 "it was dropped"
             ) from None
+        except asyncio.CancelledError as cancel:
+            stopped = str(cancel.args[0]) if cancel.args else "disconnect"
+            raise
+        except GeneratorExit:  # the consumer stopped reading: its stream is gone
+            stopped = "disconnect"
+            raise
+        finally:
+            if stopped:
+                self._sink(self._outcome(job, cursor.mode, finish, stopped, clock, last, 0))
         rest, finish = truncator.close(finish)
-        done = time.monotonic()
-        timings = Timings(
-            context_s=job.prompted - job.received,
-            queue_s=last.queue_s if last else 0.0,
-            first_token_s=(first_token_at or done) - job.received,
-            total_s=done - job.received,
-            engine_s=engine_done - engine_start,
-        )
-        tokens = last.completion_tokens if last else 0
-        model = model_name(self.engine.model_id, job.adapter)
-        self._record(
-            CompletionRecord(
-                completion_id=job.completion_id,
-                created_ms=int(time.time() * 1000),
-                model=model,
-                template_id=self.template.template_id,
-                template_hash=self.template.content_hash,
-                engine=self.engine.name,
-                language=job.document.language or "unknown",
-                mode=cursor.mode.value,
-                prompt_tokens=last.prompt_tokens if last else 0,
-                completion_tokens=tokens,
-                first_token_ms=timings.first_token_s * 1000,
-                total_ms=timings.total_s * 1000,
-                finish=finish.value,
-                chars=len(truncator.text),
-            )
-        )
-        self._metrics.observe(
-            self.engine.name,
-            self.engine.model_id,
-            self.template.template_id,
-            finish.value,
-            timings,
-            tokens,
-        )
-        yield CompletionEvent(
-            job.request_id,
-            job.completion_id,
-            rest,
-            True,
-            finish,
-            timings,
+        outcome = self._outcome(job, cursor.mode, finish, "", clock, last, len(truncator.text))
+        self._sink(outcome)
+        yield CompletionEvent(job.request_id, job.completion_id, rest, True, finish, outcome)
+
+    def _outcome(
+        self,
+        job: CompletionJob,
+        mode: Mode,
+        finish: Finish,
+        stopped: str,
+        clock: _Clock,
+        last: EngineDelta | None,
+        chars: int,
+    ) -> Outcome:
+        return Outcome(
+            job=job,
+            engine=self.engine.name,
+            model_id=self.engine.model_id,
+            template=self.template,
+            mode=mode,
+            finish=finish,
+            stopped=stopped,
+            timings=clock.timings(last.queue_s if last else 0.0),
             prompt_tokens=last.prompt_tokens if last else 0,
-            completion_tokens=tokens,
-            cached_prompt_tokens=last.cached_tokens if last else 0,
-            model=model,
+            completion_tokens=last.completion_tokens if last else 0,
+            cached_tokens=last.cached_tokens if last else 0,
+            chars=chars,
+        )
+
+
+class _Clock:
+    """When the engine started, answered first and last, from the job's arrival."""
+
+    def __init__(self, job: CompletionJob) -> None:
+        self._job = job
+        self._engine_start = self._last = time.monotonic()
+        self._first = 0.0
+
+    def delta(self) -> None:
+        self._last = time.monotonic()
+        self._first = self._first or self._last
+
+    def timings(self, queue_s: float) -> Timings:
+        done, job = time.monotonic(), self._job
+        return Timings(
+            context_s=job.prompted - job.received,
+            queue_s=queue_s,
+            first_token_s=(self._first or done) - job.received,
+            total_s=done - job.received,
+            engine_s=self._last - self._engine_start,
         )
 
 

@@ -1,75 +1,92 @@
-"""Errors a request can end with, and the one table that maps them to gRPC status codes.
+"""Errors a request can end with, split by whether the caller can recover.
 
 GhostpenError
-├── InvalidInput        INVALID_ARGUMENT    malformed field, bad UTF-8, bad edit range
-├── LimitExceeded       RESOURCE_EXHAUSTED  a named setting's limit was passed
-├── UnknownFile         NOT_FOUND           the session does not hold the file
-├── UnknownRequest      NOT_FOUND           cancel for a request id not in flight
-├── StaleVersion        FAILED_PRECONDITION the request names another version than the session holds
-├── CursorOutOfRange    OUT_OF_RANGE        the cursor is outside the file
-├── DeadlinePassed      DEADLINE_EXCEEDED   the request's deadline passed before it was served
-├── DuplicateRequest    ALREADY_EXISTS      a request id already in flight
-├── EngineFailure       INTERNAL            the inference engine failed
-├── EngineUnavailable   UNAVAILABLE         the engine process died or is restarting: retry
-└── InternalError       INTERNAL            a bug of ours, logged with its traceback
+├── RecoverableError      the caller can fix the request, resend its state, or retry later
+│   ├── InvalidInput        malformed field, bad UTF-8, bad edit range, unparsable message
+│   ├── LimitExceeded       a named setting's limit was passed
+│   ├── UnknownFile         the session does not hold the file: send its full text
+│   ├── UnknownRequest      cancel or event for a request or completion this server does not know
+│   ├── StaleVersion        the request names another version than the session holds
+│   ├── CursorOutOfRange    the cursor is outside the file
+│   ├── DeadlinePassed      the request's deadline passed before it was served
+│   ├── DuplicateRequest    a request id already in flight
+│   ├── EngineUnavailable   the engine process died or is restarting: retry
+│   └── StoreUnavailable    the telemetry database refused a read or write: retry
+└── FatalError            retrying the same request fails the same way; ours to fix
+    ├── EngineFailure       the inference engine failed
+    └── InternalError       a bug of ours, logged with its traceback
 
 ModelError is separate: it stops the server from starting (a model file missing or not matching).
+The gRPC status of each is in one table at the edge (`server/wire.py`); nothing here knows gRPC.
 """
 
 from __future__ import annotations
-
-import grpc
 
 
 class GhostpenError(Exception):
     """A request failed in a way the caller can be told about."""
 
-    status: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+class RecoverableError(GhostpenError):
+    """The caller can act: correct the request, resend a file, or retry."""
 
 
-class InvalidInput(GhostpenError):
-    status = grpc.StatusCode.INVALID_ARGUMENT
+class FatalError(GhostpenError):
+    """The server failed; the same request would fail again."""
 
 
-class LimitExceeded(GhostpenError):
-    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+class InvalidInput(RecoverableError):
+    pass
 
 
-class UnknownFile(GhostpenError):
-    status = grpc.StatusCode.NOT_FOUND
+class LimitExceeded(RecoverableError):
+    pass
 
 
-class UnknownRequest(GhostpenError):
-    status = grpc.StatusCode.NOT_FOUND
+class UnknownFile(RecoverableError):
+    pass
 
 
-class StaleVersion(GhostpenError):
-    status = grpc.StatusCode.FAILED_PRECONDITION
+class UnknownRequest(RecoverableError):
+    pass
 
 
-class CursorOutOfRange(GhostpenError):
-    status = grpc.StatusCode.OUT_OF_RANGE
+class StaleVersion(RecoverableError):
+    pass
 
 
-class DeadlinePassed(GhostpenError):
-    status = grpc.StatusCode.DEADLINE_EXCEEDED
+class CursorOutOfRange(RecoverableError):
+    pass
 
 
-class DuplicateRequest(GhostpenError):
-    status = grpc.StatusCode.ALREADY_EXISTS
+class DeadlinePassed(RecoverableError):
+    pass
 
 
-class EngineFailure(GhostpenError):
-    status = grpc.StatusCode.INTERNAL
+class DuplicateRequest(RecoverableError):
+    pass
 
 
-class EngineUnavailable(GhostpenError):
-    status = grpc.StatusCode.UNAVAILABLE
+class EngineUnavailable(RecoverableError):
+    pass
 
 
-class InternalError(GhostpenError):
-    status = grpc.StatusCode.INTERNAL
+class StoreUnavailable(RecoverableError):
+    pass
+
+
+class EngineFailure(FatalError):
+    pass
+
+
+class InternalError(FatalError):
+    pass
 
 
 class ModelError(Exception):
     """The model cannot be served: missing, unverified, or of an unknown kind."""
+
+
+def over_limit(what: str, setting: str, limit: int) -> str:
+    """The one wording of a passed limit: what was sent, and the setting that bounds it."""
+    return f"{what}; the limit is {setting}={limit}"

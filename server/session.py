@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from ghostpen.context.chunker import Chunk
-from ghostpen.context.postprocess import Finish, Mode
+from ghostpen.context.postprocess import Finish
 from ghostpen.context.prompt import Document
-from ghostpen.server.completion import Completer, CompletionEvent, CompletionJob
-from ghostpen.server.errors import DuplicateRequest, EngineFailure, GhostpenError, UnknownRequest
-from ghostpen.server.metrics import Metrics
+from ghostpen.server.completion import Completer, CompletionEvent, CompletionJob, RequestSpec
+from ghostpen.server.errors import (
+    DuplicateRequest,
+    EngineFailure,
+    GhostpenError,
+    UnknownRequest,
+)
 from ghostpen.server.settings import Settings
 from ghostpen.server.workspace import FileChange, Workspace, check_cursor
 
@@ -24,16 +27,23 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class RequestSpec:
-    request_id: str
+class Hello:
+    workspace: str  # the repository's name or root, for the prompt
+
+
+@dataclass(frozen=True)
+class FileRequest:
+    """A completion at a cursor in a file the session holds, at the version named."""
+
+    spec: RequestSpec
     path: str
     version: int
     cursor: int
-    mode: Mode
-    max_tokens: int
-    adapter: str  # "": the base model
-    deadline_s: float  # seconds left, as the edge computed it on arrival
-    received: float  # time.monotonic()
+
+
+@dataclass(frozen=True)
+class Cancel:
+    request_id: str
 
 
 @dataclass(frozen=True)
@@ -45,64 +55,79 @@ class FileAck:
 
 @dataclass(frozen=True)
 class RequestError:
+    """An error to send on the stream, naming what it answers."""
+
     request_id: str
     path: str
     error: GhostpenError
+    event_id: str = ""
 
 
+@dataclass(frozen=True)
+class _Running:
+    task: asyncio.Task[None]
+    completion_id: str
+
+
+Inbound = Hello | FileChange | FileRequest | Cancel
 Outbound = CompletionEvent | FileAck | RequestError
 
 
 class Session:
     def __init__(
         self,
+        session_id: str,
         completer: Completer,
         settings: Settings,
-        metrics: Metrics,
         send: Callable[[Outbound], None],
     ) -> None:
-        self.session_id = uuid.uuid4().hex
+        self.session_id = session_id
         self.repo = ""
         self._completer = completer
-        self._metrics = metrics
         self._send = send
         self.workspace = Workspace(settings.limits, settings.context.chunk_max_lines)
-        self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._cancel_reasons: dict[str, str] = {}
+        self._inflight: dict[str, _Running] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._last_context: tuple[Chunk, ...] = ()
+
+    def handle(self, message: Inbound) -> FileAck | None:
+        """Apply one client message; a GhostpenError refuses it and the session goes on."""
+        match message:
+            case Hello(workspace):
+                self.repo = workspace
+            case FileChange():
+                return self.update(message)
+            case FileRequest():
+                self.start(message)
+            case Cancel(request_id):
+                self.cancel(request_id)
+        return None
 
     def update(self, change: FileChange) -> FileAck:
         evicted = self.workspace.apply(change)
         return FileAck(change.path, change.version, tuple(evicted))
 
-    def start(self, spec: RequestSpec) -> None:
+    def start(self, request: FileRequest) -> None:
         """Validate against the workspace, supersede what is in flight, and start serving."""
-        if spec.request_id in self._inflight:
-            raise DuplicateRequest(f"request id {spec.request_id!r} is already in flight")
-        held = self.workspace.get(spec.path, spec.version)
-        check_cursor(spec.path, held.text, spec.cursor)
-        for request_id in list(self._inflight):
-            self._stop(request_id, "superseded")
-        document = Document(held.path, held.language, held.text, spec.cursor)
-        prompt = self._completer.prompt(
-            self.repo, document, self.workspace.chunks(stale_ok=True), self._last_context
-        )
-        self._last_context = tuple(ranked.chunk for ranked in prompt.context)
-        job = CompletionJob(
-            request_id=spec.request_id,
-            completion_id=uuid.uuid4().hex,
-            document=document,
-            prompt=prompt,
-            mode=spec.mode,
-            max_tokens=spec.max_tokens,
-            received=spec.received,
-            prompted=time.monotonic(),
-            deadline=spec.received + spec.deadline_s,
+        request_id = request.spec.request_id
+        if request_id in self._inflight:
+            raise DuplicateRequest(f"request id {request_id!r} is already in flight")
+        held = self.workspace.get(request.path, request.version)
+        check_cursor(request.path, held.text, request.cursor)
+        for running in list(self._inflight):
+            self._stop(running, "superseded")
+        job = self._completer.job(
+            request.spec,
+            Document(held.path, held.language, held.text, request.cursor),
+            self.workspace.chunks(stale_ok=True),
+            self.repo,
+            previous=self._last_context,
             cache_key=self.session_id,
-            adapter=spec.adapter,
         )
-        self._inflight[spec.request_id] = asyncio.create_task(self._serve(job))
+        self._last_context = tuple(ranked.chunk for ranked in job.prompt.context)
+        task = asyncio.create_task(self._serve(job))
+        self._inflight[request_id] = _Running(task, job.completion_id)
+        task.add_done_callback(partial(self._done, request_id))
         # Runs once the request waits on the engine: the next keystroke finds fresh chunks.
         asyncio.get_running_loop().call_soon(self.workspace.refresh)
 
@@ -117,7 +142,8 @@ class Session:
     async def drain(self) -> None:
         """Wait for the requests in flight (the client closed its side of the stream)."""
         while self._inflight:
-            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+            running = [r.task for r in self._inflight.values()]
+            await asyncio.gather(*running, return_exceptions=True)
 
     async def close(self) -> None:
         """The stream is gone: stop everything in the engine."""
@@ -126,37 +152,29 @@ class Session:
         await self.drain()
 
     def _stop(self, request_id: str, reason: str) -> None:
-        task = self._inflight.get(request_id)
-        if task is not None and not task.done():
-            self._cancel_reasons[request_id] = reason
-            task.cancel()
+        """Cancel with the reason (the completer books it) and answer at once: a cancelled task
+        sends nothing more, so its final chunk always precedes its successor's."""
+        running = self._inflight.get(request_id)
+        if running is None or running.task.done() or not running.task.cancel(reason):
+            return
+        if reason != "disconnect":
+            self._send(
+                CompletionEvent(request_id, running.completion_id, "", True, Finish.CANCELLED)
+            )
 
     async def _serve(self, job: CompletionJob) -> None:
         try:
             async for event in self._completer.run(job):
                 self._send(event)
-        except asyncio.CancelledError:
-            reason = self._cancel_reasons.pop(job.request_id, "disconnect")
-            self._metrics.cancellations.labels(self._completer.engine.name, reason).inc()
-            if reason != "disconnect":
-                self._send(
-                    CompletionEvent(
-                        job.request_id,
-                        job.completion_id,
-                        "",
-                        True,
-                        Finish.CANCELLED,
-                        completion_tokens=0,
-                    )
-                )
         except GhostpenError as error:
             self._send(RequestError(job.request_id, job.document.path, error))
         except Exception as exc:
             log.exception("request %s failed", job.request_id)
             self._send(RequestError(job.request_id, job.document.path, EngineFailure(str(exc))))
-        finally:
-            self._inflight.pop(job.request_id, None)
-            self._cancel_reasons.pop(job.request_id, None)
-            self._finished[job.request_id] = None
-            if len(self._finished) > FINISHED_KEPT:
-                self._finished.popitem(last=False)
+
+    def _done(self, request_id: str, _task: asyncio.Task[None]) -> None:
+        """Bookkeeping in a done callback: it runs even for a task cancelled before it started."""
+        self._inflight.pop(request_id, None)
+        self._finished[request_id] = None
+        if len(self._finished) > FINISHED_KEPT:
+            self._finished.popitem(last=False)

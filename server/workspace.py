@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -14,6 +13,7 @@ from ghostpen.server.errors import (
     LimitExceeded,
     StaleVersion,
     UnknownFile,
+    over_limit,
 )
 from ghostpen.server.settings import LimitSettings
 
@@ -80,7 +80,7 @@ def check_size(path: str, text: str, limits: LimitSettings) -> None:
     size = len(text.encode("utf-8"))
     if size > limits.max_file_bytes:
         raise LimitExceeded(
-            f"file {path!r} is {size} bytes; the limit is max_file_bytes={limits.max_file_bytes}"
+            over_limit(f"file {path!r} is {size} bytes", "max_file_bytes", limits.max_file_bytes)
         )
 
 
@@ -161,28 +161,10 @@ class Workspace:
             )
         if len(change.edits) > self._limits.max_edits_per_update:
             raise LimitExceeded(
-                f"{len(change.edits)} edits in one update; the limit is "
-                f"max_edits_per_update={self._limits.max_edits_per_update}"
+                over_limit(
+                    f"{len(change.edits)} edits in one update",
+                    "max_edits_per_update",
+                    self._limits.max_edits_per_update,
+                )
             )
         return held.edited(change.version, change.edits)
-
-
-class ChunkCache:
-    """Chunks of inline files (the stateless Complete call), keyed by content, least recent out."""
-
-    def __init__(self, chunk_max_lines: int, capacity: int = 256) -> None:
-        self._chunk_max_lines = chunk_max_lines
-        self._capacity = capacity
-        self._entries: OrderedDict[tuple[str, str, bytes], tuple[Chunk, ...]] = OrderedDict()
-
-    def chunks(self, path: str, language: str, text: str) -> tuple[Chunk, ...]:
-        key = (path, language, hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest())
-        found = self._entries.get(key)
-        if found is None:
-            found = chunk_file(path, language, text, self._chunk_max_lines).chunks
-            self._entries[key] = found
-            if len(self._entries) > self._capacity:
-                self._entries.popitem(last=False)
-        else:
-            self._entries.move_to_end(key)
-        return found

@@ -18,11 +18,11 @@ from ghostpen.benchmarks.eval.strategies import STRATEGIES, identifiers
 from ghostpen.benchmarks.eval.tasks import Task
 from ghostpen.context.chunker import Chunk
 from ghostpen.context.postprocess import Mode
-from ghostpen.context.prompt import Document, build_prompt
+from ghostpen.context.prompt import Document
 from ghostpen.context.template import Template
-from ghostpen.server.completion import Completer, CompletionJob
+from ghostpen.server.completion import Completer, CompletionJob, RequestSpec
 from ghostpen.server.engines.base import EngineRequest
-from ghostpen.server.workspace import ChunkCache
+from ghostpen.server.inline import ChunkCache
 
 DESIGN_STRATEGY = "edit-distance"
 
@@ -73,35 +73,20 @@ async def evaluate(
         for variant in chosen:
             runner = completer.with_template(variant.template) if variant.template else completer
             received = time.monotonic()
-            prompt = build_prompt(
-                repo,
-                document,
-                chunks,
-                runner.template,
-                runner.context_settings,
-                rank=STRATEGIES[variant.strategy],
-            )
-            job = CompletionJob(
-                request_id=f"eval-{number}-{variant.name}",
-                completion_id="",
-                document=document,
-                prompt=prompt,
-                mode=mode,
-                max_tokens=0,
-                received=received,
-                prompted=time.monotonic(),
-                deadline=received + 120,
-            )
+            spec = RequestSpec(f"eval-{number}-{variant.name}", mode, 0, "", 120.0, received)
+            job = runner.job(spec, document, chunks, repo, rank=STRATEGIES[variant.strategy])
             if variant.truncate:
-                text = ""
+                text, timings = "", None
                 async for event in runner.run(job):
                     text += event.text
-                context_ms, total_ms = event.timings.context_s, event.timings.total_s
+                    timings = event.outcome.timings if event.outcome else timings
+                assert timings is not None, "a finished completion has its outcome"
+                context_ms, total_ms = timings.context_s, timings.total_s
             else:
                 text = await _raw(runner, job)
                 context_ms, total_ms = job.prompted - received, time.monotonic() - received
             exact_ids, f1 = identifier_match(text, task.expected)
-            picked = {r.chunk for r in prompt.context}
+            picked = {r.chunk for r in job.prompt.context}
             outcomes.append(
                 Outcome(
                     variant.name,

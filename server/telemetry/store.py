@@ -1,17 +1,20 @@
 """The telemetry database: SQLite (WAL) embedded by default, PostgreSQL for teams.
 
 One schema, migrations applied at start, the same SQL on both (written with `?` placeholders,
-turned into `%s` for psycopg). Writes come from one thread, the batched writer.
+turned into `%s` for psycopg). Writes come from one thread, the batched writer. A database error
+leaves this module as StoreUnavailable, raised from the driver's own error.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import astuple, fields
 from pathlib import Path
 from typing import Any
 
+from ghostpen.server.errors import StoreUnavailable
 from ghostpen.server.telemetry.records import CompletionRecord, TelemetryEvent
 
 MIGRATIONS: tuple[str, ...] = (
@@ -60,6 +63,12 @@ class Store:
     def __init__(self, connection: Any, postgres: bool) -> None:
         self._db = connection
         self._postgres = postgres
+        if postgres:
+            import psycopg
+
+            self._errors: tuple[type[Exception], ...] = (psycopg.Error,)
+        else:
+            self._errors = (sqlite3.Error,)
 
     @classmethod
     def open(cls, database: str, cache_dir: Path) -> Store:
@@ -93,6 +102,12 @@ class Store:
     ) -> set[str]:
         """Commit both in one transaction; returns the ids of events that were stored before.
         An id repeated within `events` is stored once, from its first occurrence."""
+        with self._mapped("store telemetry"):
+            return self._write(completions, events)
+
+    def _write(
+        self, completions: Sequence[CompletionRecord], events: Sequence[TelemetryEvent]
+    ) -> set[str]:
         before = set(self._existing_events([e.event_id for e in events]))
         seen: set[str] = set()
         fresh = []
@@ -125,6 +140,13 @@ class Store:
         return {row[0]: CompletionRecord(*row) for row in rows}
 
     def query(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple]:
+        with self._mapped("read telemetry"):
+            return self._query(sql, parameters)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _query(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple]:
         cursor = self._db.cursor()
         try:
             cursor.execute(self._sql(sql), tuple(parameters))
@@ -135,14 +157,22 @@ class Store:
             self._db.commit()  # end the read transaction psycopg opened
         return rows
 
-    def close(self) -> None:
-        self._db.close()
+    @contextmanager
+    def _mapped(self, doing: str) -> Iterator[None]:
+        """The one place a driver's error becomes ours."""
+        try:
+            yield
+        except self._errors as exc:
+            kind = "PostgreSQL" if self._postgres else "SQLite"
+            raise StoreUnavailable(
+                f"the telemetry database ({kind}) could not {doing}: {exc}; retry later"
+            ) from exc
 
     def _existing_events(self, event_ids: list[str]) -> list[str]:
         if not event_ids:
             return []
         marks = ",".join("?" * len(event_ids))
-        rows = self.query(f"SELECT event_id FROM events WHERE event_id IN ({marks})", event_ids)
+        rows = self._query(f"SELECT event_id FROM events WHERE event_id IN ({marks})", event_ids)
         return [row[0] for row in rows]
 
     def _insert(self, table: str, columns: list[str]) -> str:

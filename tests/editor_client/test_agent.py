@@ -181,3 +181,41 @@ async def test_unknown_settings_fail_initialization_with_the_known_names(tmp_pat
         )
     client.exit(None)
     await client.stop()
+
+
+async def test_an_invalid_workspace_configuration_is_shown_and_the_options_stand(tmp_path):
+    """No server needed: the agent starts, is refused nothing, and tells the developer."""
+    client = LanguageClient("ghostpen-tests", "0")
+    shown: list[types.ShowMessageParams] = []
+    told = asyncio.Event()
+
+    @client.feature(types.WINDOW_SHOW_MESSAGE)
+    def show(params: types.ShowMessageParams) -> None:
+        shown.append(params)
+        told.set()
+
+    @client.feature(types.WORKSPACE_CONFIGURATION)
+    def configuration(params: types.ConfigurationParams) -> list[dict]:
+        return [{"debounce_max_ms": "soon"}]
+
+    await client.start_io(sys.executable, "-m", "ghostpen", "agent", "--stdio")
+    await client.initialize_async(
+        types.InitializeParams(
+            capabilities=types.ClientCapabilities(
+                workspace=types.WorkspaceClientCapabilities(configuration=True)
+            ),
+            root_uri=tmp_path.as_uri(),
+            initialization_options={"server": "127.0.0.1:1", "debounce_max_ms": 50},
+        )
+    )
+    client.initialized(types.InitializedParams())
+    await asyncio.wait_for(told.wait(), 30)
+    [message] = shown
+    assert message.type == types.MessageType.Error
+    assert "'ghostpen' workspace configuration is ignored" in message.message
+    assert "'debounce_max_ms' must be a int" in message.message
+    stats = await agent_stats(client)  # the agent runs, on its initialization options
+    assert stats["connected"] is False
+    await client.shutdown_async(None)
+    client.exit(None)
+    await client.stop()

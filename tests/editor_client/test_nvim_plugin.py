@@ -57,6 +57,16 @@ class Editor:
     def status(self) -> dict:
         return self.nvim.exec_lua("return require('ghostpen').status()")
 
+    def agent_stats(self) -> dict:
+        """The agent's own counters (`ghostpen/stats`), asked through Neovim's LSP client."""
+        return self.nvim.exec_lua(
+            "for _, lsp in ipairs(vim.lsp.get_active_clients()) do "
+            "  if lsp.name == 'ghostpen' then "
+            "    return lsp.request_sync('ghostpen/stats', {}, 5000, 0).result "
+            "  end "
+            "end"
+        )
+
     def suggestion_after(self, line: str) -> dict:
         """The status once a suggestion shows for the cursor at the end of `line`."""
         return wait_for(lambda: (status := self.status()).get("before") == line and status)
@@ -132,7 +142,7 @@ def test_the_trigger_key_asks_where_no_automatic_request_goes(editor) -> None:
     editor.type("Go    return  # the product<Esc>")
     editor.nvim.call("cursor", 6, 11)
     editor.nvim.input("a")  # insert mode after "return ", real text after the cursor
-    time.sleep(0.5)
+    wait_for(lambda: editor.status().get("pending") is None)  # every answer to the typing is in
     assert editor.status().get("suggestion") is None
     editor.nvim.input("<M-Bslash>")
     assert editor.suggestion_after("    return ")["suggestion"].strip()
@@ -157,8 +167,9 @@ def test_with_the_server_down_the_editor_stays_responsive_and_reconnects(tmp_pat
         assert editor.lines()[-1] == "    return "
         assert time.monotonic() - started < 5
         wait_for(lambda: editor.status()["messages"])
-        time.sleep(1.0)  # more retries: still one message
-        (message,) = editor.status()["messages"]
+        failed = editor.agent_stats()["failed_attempts"]
+        wait_for(lambda: editor.agent_stats()["failed_attempts"] >= failed + 2)
+        (message,) = editor.status()["messages"]  # more retries: still one message
         assert f"127.0.0.1:{port} unavailable" in message
         with running_server("--engine", "llama.cpp", port=port):
             wait_for(lambda: len(editor.status()["messages"]) == 2)

@@ -7,8 +7,9 @@ from ghostpen.server.errors import (
     StaleVersion,
     UnknownFile,
 )
+from ghostpen.server.inline import ChunkCache
 from ghostpen.server.settings import LimitSettings
-from ghostpen.server.workspace import ChunkCache, FileChange, TextEdit, Workspace, check_cursor
+from ghostpen.server.workspace import FileChange, TextEdit, Workspace, check_cursor
 
 LIMITS = LimitSettings(max_files=3, max_file_bytes=100, max_edits_per_update=2)
 

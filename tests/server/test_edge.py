@@ -1,0 +1,146 @@
+"""The servicer's edge over real gRPC, with a scripted engine and a real SQLite store: corrupt
+bytes, refusals, and storage failures get a status or an `Error` naming what failed. The engine is
+a fake because these tests are about the code around it."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from ghostpen.proto import ghostpen_pb2 as pb
+from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
+from ghostpen.server.app import start_server
+from ghostpen.server.metrics import Metrics
+from ghostpen.server.settings import Settings
+from tests.conftest import SessionStream
+from tests.scripted_engine import ScriptedEngine
+
+SERVICE = "/ghostpen.v1.Completion/"
+CORRUPT = b"\x0a\xff\xff\xff"  # field 1, a length running past the end
+
+
+@dataclass
+class Edge:
+    channel: grpc.aio.Channel
+    stub: pb_grpc.CompletionStub
+    database: str
+    metrics: Metrics
+
+    def break_store(self) -> None:
+        """What a failed disk or a dropped schema looks like to the server: its SQL fails."""
+        with sqlite3.connect(self.database) as db:
+            db.execute("DROP TABLE events")
+            db.execute("DROP TABLE completions")
+
+    def errors(self, rpc: str, code: str) -> float | None:
+        return self.metrics.registry.get_sample_value(
+            "ghostpen_errors_total", {"rpc": rpc, "code": code}
+        )
+
+
+@pytest_asyncio.fixture
+async def edge(tmp_path) -> AsyncIterator[Edge]:
+    database = str(tmp_path / "telemetry.db")
+    settings = Settings.load({"port": "0", "metrics_port": "-1", "database": database})
+    metrics = Metrics()
+    running = await start_server(settings, ScriptedEngine("total()\n"), metrics)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        yield Edge(channel, pb_grpc.CompletionStub(channel), database, metrics)
+    await running.stop(1.0)
+
+
+def event(completion_id: str) -> pb.TelemetryEvent:
+    return pb.TelemetryEvent(
+        event_id=uuid.uuid4().hex, completion_id=completion_id, shown=pb.Shown()
+    )
+
+
+async def test_corrupt_bytes_on_unary_calls_are_invalid_argument(edge: Edge) -> None:
+    for method, kind in (("Report", "unary_unary"), ("Complete", "unary_stream")):
+        call = getattr(edge.channel, kind)(SERVICE + method)(CORRUPT)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call if kind == "unary_unary" else [m async for m in call]
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT, method
+        assert f"not a valid ghostpen.v1.{method}Request" in refused.value.details()
+        assert edge.errors(method, "INVALID_ARGUMENT") == 1
+
+
+async def test_a_corrupt_message_on_the_session_is_answered_and_the_stream_goes_on(
+    edge: Edge,
+) -> None:
+    call = edge.channel.stream_stream(
+        SERVICE + "Session", response_deserializer=pb.ServerMessage.FromString
+    )()
+    await call.write(CORRUPT)
+    reply = await call.read()
+    assert reply.error.status == "INVALID_ARGUMENT"
+    assert "not a valid ghostpen.v1.ClientMessage" in reply.error.message
+    await call.write(pb.ClientMessage(hello=pb.Hello(workspace="shop")).SerializeToString())
+    assert (await call.read()).welcome.engine == "scripted"
+    await call.done_writing()
+
+
+async def test_complete_refuses_an_unknown_mode_as_the_session_does(edge: Edge) -> None:
+    request = pb.CompleteRequest(request_id="m", path="a.py", prefix=b"x = ", mode=9)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        [chunk async for chunk in edge.stub.Complete(request)]
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown mode 9" in refused.value.details()
+    session = SessionStream(edge.stub)
+    session.send(completion_request=pb.CompletionRequest(request_id="m", path="a.py", mode=9))
+    reply = await session.read()
+    assert reply.error.status == "INVALID_ARGUMENT"
+    assert reply.error.message == refused.value.details()
+    session.close()
+
+
+async def test_complete_streams_and_its_final_chunk_says_what_served_it(edge: Edge) -> None:
+    request = pb.CompleteRequest(request_id="c", path="a.py", prefix=b"x = ", suffix=b"\n")
+    chunks = [chunk async for chunk in edge.stub.Complete(request)]
+    final = chunks[-1]
+    assert "".join(c.text for c in chunks) == "total()"
+    assert (final.final, final.finish_reason) == (True, pb.FINISH_REASON_LINE_END)
+    assert (final.engine, final.model_id, final.completion_tokens) == (
+        "scripted",
+        "scripted-model",
+        8,
+    )
+    assert final.template_id and final.timings.total_ms > 0
+
+
+async def test_a_failed_store_is_unavailable_on_report(edge: Edge) -> None:
+    edge.break_store()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await edge.stub.Report(pb.ReportRequest(events=[event("c1")]))
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "telemetry database (SQLite) could not read telemetry" in refused.value.details()
+    assert "no such table" in refused.value.details()
+
+
+async def test_a_failed_store_answers_a_session_event_with_an_error_naming_it(edge: Edge) -> None:
+    session = SessionStream(edge.stub)
+    session.send(hello=pb.Hello())
+    await session.read()
+    await session.open_file("a.py", "x = ")
+    _, final = await session.complete(request_id="r", path="a.py", version=1, cursor_offset=4)
+    completion_id = final.chunk.completion_id
+    edge.break_store()
+    sent = event(completion_id)
+    session.send(event=sent)
+    reply = await session.read()
+    assert (reply.error.status, reply.error.event_id) == ("UNAVAILABLE", sent.event_id)
+    assert "could not store telemetry" in reply.error.message
+    assert edge.errors("Session", "UNAVAILABLE") == 1
+    await still_completes(session)
+    session.close()
+
+
+async def still_completes(session: SessionStream) -> None:
+    _, final = await session.complete(request_id="again", path="a.py", version=1, cursor_offset=4)
+    assert final.chunk.final, final
