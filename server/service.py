@@ -3,7 +3,8 @@
 Every failure reaches the caller through one of two doors: an `Error` message on the Session
 stream (`_Stream.send`), or the call's status on Complete and Report (`_abort`). Both count it
 and take its status from `wire.status_of`; an exception that is not a GhostpenError is a bug of
-ours, logged with its traceback and answered INTERNAL.
+ours, logged with its traceback and answered INTERNAL. A Session message that does not parse ends
+the stream with INVALID_ARGUMENT, after an Error for each request in flight.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ghostpen.server.session import (
     RequestError,
     Session,
 )
-from ghostpen.server.settings import Settings
+from ghostpen.server.settings import LimitSettings, Settings
 from ghostpen.server.telemetry.ingest import Telemetry
 from ghostpen.server.telemetry.records import TelemetryEvent
 from ghostpen.server.workspace import FileChange
@@ -57,11 +58,13 @@ class CompletionService:
     async def Session(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        stream = _Stream(self._metrics)
+        stream = _Stream(self._metrics, self._limits)
         session = Session(uuid.uuid4().hex, self._completer, self._settings, stream.send)
         reader = asyncio.create_task(self._read(session, request_iterator, stream))
         try:
             while (message := await stream.queue.get()) is not None:
+                if isinstance(message, GhostpenError):  # the stream ends for it
+                    await self._abort(context, "Session", message)
                 yield message
         finally:
             reader.cancel()
@@ -74,6 +77,11 @@ class CompletionService:
         acks: set[asyncio.Task[None]] = set()
         try:
             async for message in request_iterator:
+                if isinstance(message, wire.Corrupt):
+                    # The client's encoder is broken: what else it sent cannot be trusted.
+                    await session.close(message.error())
+                    stream.queue.put_nowait(message.error())
+                    return
                 item = wire.client_message(message, self._limits, time.monotonic())
                 if isinstance(item, RequestError):
                     stream.send(item)
@@ -135,20 +143,22 @@ class CompletionService:
         error = _ours(exc)
         status = wire.status_of(error)
         self._metrics.errors.labels(rpc, status.name).inc()
-        await context.abort(status, str(error))
+        await context.abort(status, wire.message_of(error, self._limits.max_error_chars))
 
 
 class _Stream:
-    """The Session stream's outbound queue; None ends it."""
+    """The Session stream's outbound queue: messages; a GhostpenError ends the call with its
+    status, None with OK."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, limits: LimitSettings) -> None:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self._metrics = metrics
+        self._limits = limits
 
     def send(self, item: Outbound) -> None:
         if isinstance(item, RequestError):
             self._metrics.errors.labels("Session", wire.status_of(item.error).name).inc()
-        self.put(wire.server_message(item))
+        self.put(wire.server_message(item, self._limits))
 
     def put(self, message: Any) -> None:
         self.queue.put_nowait(message)

@@ -67,6 +67,7 @@ class RequestError:
 class _Running:
     task: asyncio.Task[None]
     completion_id: str
+    path: str
 
 
 Inbound = Hello | FileChange | FileRequest | Cancel
@@ -126,7 +127,7 @@ class Session:
         )
         self._last_context = tuple(ranked.chunk for ranked in job.prompt.context)
         task = asyncio.create_task(self._serve(job))
-        self._inflight[request_id] = _Running(task, job.completion_id)
+        self._inflight[request_id] = _Running(task, job.completion_id, request.path)
         task.add_done_callback(partial(self._done, request_id))
         # Runs once the request waits on the engine: the next keystroke finds fresh chunks.
         asyncio.get_running_loop().call_soon(self.workspace.refresh)
@@ -145,9 +146,12 @@ class Session:
             running = [r.task for r in self._inflight.values()]
             await asyncio.gather(*running, return_exceptions=True)
 
-    async def close(self) -> None:
-        """The stream is gone: stop everything in the engine."""
-        for request_id in list(self._inflight):
+    async def close(self, error: GhostpenError | None = None) -> None:
+        """The stream is gone: stop everything in the engine. With `error` (the stream is being
+        ended for it), each request in flight gets it as its terminal message."""
+        for request_id, running in list(self._inflight.items()):
+            if error is not None and not running.task.done():
+                self._send(RequestError(request_id, running.path, error))
             self._stop(request_id, "disconnect")
         await self.drain()
 

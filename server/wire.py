@@ -363,7 +363,14 @@ def welcome(session_id: str, model_id: str, engine: str, limits: LimitSettings) 
     )
 
 
-def server_message(item: Outbound) -> pb.ServerMessage:
+def message_of(error: GhostpenError, limit: int) -> str:
+    """The error's text cut to `limit` characters: a message may quote what the client sent, and
+    a status travels in trailers, which grpc refuses past 16 KB."""
+    text = str(error)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
+
+
+def server_message(item: Outbound, limits: LimitSettings) -> pb.ServerMessage:
     if isinstance(item, CompletionEvent):
         return pb.ServerMessage(chunk=chunk(item))
     if isinstance(item, FileAck):
@@ -377,7 +384,7 @@ def server_message(item: Outbound) -> pb.ServerMessage:
             path=item.path,
             code=code.value[0],
             status=code.name,
-            message=str(item.error),
+            message=message_of(item.error, limits.max_error_chars),
             event_id=item.event_id,
         )
     )

@@ -137,6 +137,21 @@ async def test_no_automatic_request_in_the_middle_of_a_word_and_bad_reports_are_
         )
 
 
+async def start_configurable(client: LanguageClient, root: Path, options: dict) -> None:
+    """Start the agent for an editor that keeps settings in its workspace configuration."""
+    await client.start_io(sys.executable, "-m", "ghostpen", "agent", "--stdio")
+    await client.initialize_async(
+        types.InitializeParams(
+            capabilities=types.ClientCapabilities(
+                workspace=types.WorkspaceClientCapabilities(configuration=True)
+            ),
+            root_uri=root.as_uri(),
+            initialization_options=options,
+        )
+    )
+    client.initialized(types.InitializedParams())
+
+
 async def test_workspace_configuration_overrides_initialization_options(server, tmp_path):
     """An editor that keeps settings in its configuration (VS Code, Helix) is asked for them."""
     client = LanguageClient("ghostpen-tests", "0")
@@ -147,17 +162,7 @@ async def test_workspace_configuration_overrides_initialization_options(server, 
         asked.extend(item.section for item in params.items)
         return [{"server": f"127.0.0.1:{server.port}"}]
 
-    await client.start_io(sys.executable, "-m", "ghostpen", "agent", "--stdio")
-    await client.initialize_async(
-        types.InitializeParams(
-            capabilities=types.ClientCapabilities(
-                workspace=types.WorkspaceClientCapabilities(configuration=True)
-            ),
-            root_uri=tmp_path.as_uri(),
-            initialization_options={"server": "127.0.0.1:1"},  # nothing listens there
-        )
-    )
-    client.initialized(types.InitializedParams())
+    await start_configurable(client, tmp_path, {"server": "127.0.0.1:1"})  # nothing listens
 
     async def connected() -> bool:
         return (await agent_stats(client))["connected"]
@@ -198,17 +203,7 @@ async def test_an_invalid_workspace_configuration_is_shown_and_the_options_stand
     def configuration(params: types.ConfigurationParams) -> list[dict]:
         return [{"debounce_max_ms": "soon"}]
 
-    await client.start_io(sys.executable, "-m", "ghostpen", "agent", "--stdio")
-    await client.initialize_async(
-        types.InitializeParams(
-            capabilities=types.ClientCapabilities(
-                workspace=types.WorkspaceClientCapabilities(configuration=True)
-            ),
-            root_uri=tmp_path.as_uri(),
-            initialization_options={"server": "127.0.0.1:1", "debounce_max_ms": 50},
-        )
-    )
-    client.initialized(types.InitializedParams())
+    await start_configurable(client, tmp_path, {"server": "127.0.0.1:1", "debounce_max_ms": 50})
     await asyncio.wait_for(told.wait(), 30)
     [message] = shown
     assert message.type == types.MessageType.Error

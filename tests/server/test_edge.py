@@ -27,6 +27,7 @@ CORRUPT = b"\x0a\xff\xff\xff"  # field 1, a length running past the end
 
 @dataclass
 class Edge:
+    engine: ScriptedEngine
     channel: grpc.aio.Channel
     stub: pb_grpc.CompletionStub
     database: str
@@ -49,9 +50,10 @@ async def edge(tmp_path) -> AsyncIterator[Edge]:
     database = str(tmp_path / "telemetry.db")
     settings = Settings.load({"port": "0", "metrics_port": "-1", "database": database})
     metrics = Metrics()
-    running = await start_server(settings, ScriptedEngine("total()\n"), metrics)
+    engine = ScriptedEngine("total()\n")
+    running = await start_server(settings, engine, metrics)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        yield Edge(channel, pb_grpc.CompletionStub(channel), database, metrics)
+        yield Edge(engine, channel, pb_grpc.CompletionStub(channel), database, metrics)
     await running.stop(1.0)
 
 
@@ -71,19 +73,43 @@ async def test_corrupt_bytes_on_unary_calls_are_invalid_argument(edge: Edge) -> 
         assert edge.errors(method, "INVALID_ARGUMENT") == 1
 
 
-async def test_a_corrupt_message_on_the_session_is_answered_and_the_stream_goes_on(
+async def test_a_corrupt_message_ends_the_session_after_an_error_for_each_request_in_flight(
     edge: Edge,
 ) -> None:
+    edge.engine.text, edge.engine.delay = "x" * 400, 0.01  # seconds in flight
     call = edge.channel.stream_stream(
         SERVICE + "Session", response_deserializer=pb.ServerMessage.FromString
     )()
+
+    async def send(**kind: object) -> None:
+        await call.write(pb.ClientMessage(**kind).SerializeToString())
+
+    await send(file_update=pb.FileUpdate(path="a.py", version=1, text=b"x = "))
+    assert (await call.read()).file_ack.version == 1
+    request = pb.CompletionRequest(
+        request_id="r", path="a.py", version=1, cursor_offset=4, max_tokens=400
+    )
+    await send(completion_request=request)
+    assert (await call.read()).chunk.text == "x"  # in flight
     await call.write(CORRUPT)
-    reply = await call.read()
-    assert reply.error.status == "INVALID_ARGUMENT"
-    assert "not a valid ghostpen.v1.ClientMessage" in reply.error.message
-    await call.write(pb.ClientMessage(hello=pb.Hello(workspace="shop")).SerializeToString())
-    assert (await call.read()).welcome.engine == "scripted"
-    await call.done_writing()
+    replies = []
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        while True:
+            replies.append(await call.read())
+    error = next(m.error for m in replies if m.HasField("error"))
+    assert (error.request_id, error.path, error.status) == ("r", "a.py", "INVALID_ARGUMENT")
+    assert not any(m.chunk.final for m in replies)  # the Error is its terminal message
+    assert ended.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid ghostpen.v1.ClientMessage" in ended.value.details()
+    assert edge.engine.closed == ["r"]  # stopped in the engine too
+
+
+async def test_a_status_never_echoes_unbounded_input(edge: Edge) -> None:
+    unknown = event("c" * 100_000)  # quoted in the message: "... for completion 'ccc...'"
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await edge.stub.Report(pb.ReportRequest(events=[unknown]))
+    assert refused.value.code() is grpc.StatusCode.NOT_FOUND  # not INTERNAL: trailers too big
+    assert len(refused.value.details()) < 1100
 
 
 async def test_complete_refuses_an_unknown_mode_as_the_session_does(edge: Edge) -> None:
@@ -144,3 +170,22 @@ async def test_a_failed_store_answers_a_session_event_with_an_error_naming_it(ed
 async def still_completes(session: SessionStream) -> None:
     _, final = await session.complete(request_id="again", path="a.py", version=1, cursor_offset=4)
     assert final.chunk.final, final
+
+
+async def test_corrupt_bytes_without_a_token_are_refused_for_the_token_first(tmp_path) -> None:
+    settings = Settings.load(
+        {
+            "port": "0",
+            "metrics_port": "-1",
+            "database": str(tmp_path / "telemetry.db"),
+            "auth_token": "secret",
+        }
+    )
+    running = await start_server(settings, ScriptedEngine("1\n"), Metrics())
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await channel.unary_unary(SERVICE + "Report")(CORRUPT)
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await running.stop(1.0)

@@ -153,7 +153,7 @@ def test_hello_and_an_empty_message() -> None:
 
 def test_an_error_names_its_event() -> None:
     message = wire.server_message(
-        RequestError("", "", errors.StoreUnavailable("disk full"), event_id="e1")
+        RequestError("", "", errors.StoreUnavailable("disk full"), event_id="e1"), LIMITS
     )
     assert (message.error.status, message.error.event_id) == ("UNAVAILABLE", "e1")
     assert message.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
@@ -171,3 +171,13 @@ class _Details(grpc.HandlerCallDetails):
     def __init__(self, method: str) -> None:
         self.method = method
         self.invocation_metadata = ()
+
+
+def test_an_error_message_never_echoes_unbounded_input() -> None:
+    limits = LimitSettings(max_error_chars=100)
+    error = errors.UnknownRequest(f"completion {'c' * 100_000!r} was never served")
+    text = wire.message_of(error, limits.max_error_chars)
+    assert text.startswith("completion 'ccc") and text.endswith("(99930 more characters)")
+    assert len(text) < 130
+    message = wire.server_message(RequestError("r", "", error), limits)
+    assert message.error.message == text
