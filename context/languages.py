@@ -76,12 +76,19 @@ def _grammar(language: str) -> object | None:
     return None
 
 
-@cache
+GRAMMARS = frozenset({"python", "javascript", "typescript", "tsx", "go", "rust", "java"})
+
+
 def parser_for(language: str) -> tree_sitter.Parser | None:
-    """A parser for the language, or None where we have no grammar (line windows are used then)."""
+    """A parser for the language, or None where we have no grammar (line windows are used then).
+    A language is a client's string: only those with a grammar reach the cache."""
+    return _parser(language) if language in GRAMMARS else None
+
+
+@cache
+def _parser(language: str) -> tree_sitter.Parser:
     grammar = _grammar(language)
-    if grammar is None:
-        return None
+    assert grammar is not None, f"GRAMMARS names {language!r} but _grammar has none"
     return tree_sitter.Parser(tree_sitter.Language(grammar))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ from ghostpen.context.chunker import Chunk, chunk_file
 from ghostpen.context.languages import language_of
 from ghostpen.context.prompt import Document
 from ghostpen.server.completion import Completer, CompletionJob, RequestSpec
+from ghostpen.server.errors import DeadlinePassed
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,14 @@ class InlineCompletions:
         self._cache = ChunkCache(completer.context_settings.chunk_max_lines)
 
     def job(self, request: InlineRequest) -> CompletionJob:
+        """DeadlinePassed before any chunking if the request's time is already spent."""
+        spec = request.spec
+        late = time.monotonic() - (spec.received + spec.deadline_s)
+        if late >= 0:
+            raise DeadlinePassed(
+                f"the deadline passed {late * 1000:.0f} ms before the context was read; "
+                "it was dropped"
+            )
         chunks = [
             chunk
             for item in request.context

@@ -39,6 +39,7 @@ class LimitSettings:
     max_edits_per_update: int = 1000
     max_request_id_chars: int = 128
     max_path_chars: int = 1024
+    max_language_chars: int = 64  # an editor's language id ("python", "typescriptreact")
     max_error_chars: int = 1024  # an error's message is cut here: it must not echo unbounded input
     max_tokens_limit: int = 512  # the most a request may ask for
     default_max_tokens_single_line: int = 48

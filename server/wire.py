@@ -164,6 +164,7 @@ def client_message(
 
 def file_change(update: pb.FileUpdate, limits: LimitSettings) -> FileChange:
     _check_path(update.path, limits)
+    _check_language(update.language, limits)
     if update.version == 0:
         raise InvalidInput(f"file update for {update.path!r} has no version (must be >= 1)")
     content = update.WhichOneof("content")
@@ -215,12 +216,14 @@ def inline_request(
                 limits.max_context_files,
             )
         )
+    _check_language(request.language, limits)
     prefix = _decode(request.prefix, f"prefix of {request.path!r}")
     suffix = _decode(request.suffix, f"suffix of {request.path!r}")
     check_size(request.path, prefix + suffix, limits)
     context = []
     for item in request.context_files:
         _check_path(item.path, limits)
+        _check_language(item.language, limits)
         text = _decode(item.text, repr(item.path))
         check_size(item.path, text, limits)
         context.append(InlineFile(item.path, item.language, text))
@@ -337,6 +340,17 @@ def _check_path(path: str, limits: LimitSettings) -> None:
     if len(path) > limits.max_path_chars:
         raise InvalidInput(
             over_limit(f"path has {len(path)} characters", "max_path_chars", limits.max_path_chars)
+        )
+
+
+def _check_language(language: str, limits: LimitSettings) -> None:
+    if len(language) > limits.max_language_chars:
+        raise InvalidInput(
+            over_limit(
+                f"language has {len(language)} characters",
+                "max_language_chars",
+                limits.max_language_chars,
+            )
         )
 
 

@@ -159,3 +159,13 @@ def test_incremental_reparse_gives_the_same_chunks_as_a_fresh_parse() -> None:
     assert incremental.chunks == fresh.chunks
     unchanged = next(c for c in incremental.chunks if "def other" in c.text)
     assert any(unchanged.tokens is c.tokens for c in first.chunks)  # reused, not re-encoded
+
+
+def test_a_language_without_a_grammar_never_reaches_the_parser_cache() -> None:
+    from ghostpen.context.languages import _parser, parser_for
+
+    before = _parser.cache_info().currsize
+    for n in range(50):  # what a hostile client sends as its language
+        assert parser_for(f"lang-{n}-" + "x" * 10_000) is None
+    assert _parser.cache_info().currsize == before
+    assert parser_for("python") is parser_for("python")  # known ones are kept

@@ -112,6 +112,15 @@ def test_a_complete_call_takes_the_earlier_deadline_and_a_bounded_workspace() ->
             pb.CompleteRequest(request_id="r", path="a.py", context_files=[pb.ContextFile()]),
             "path is empty",
         ),
+        (pb.CompleteRequest(request_id="r", path="a.py", language="x" * 65), "max_language_chars"),
+        (
+            pb.CompleteRequest(
+                request_id="r",
+                path="a.py",
+                context_files=[pb.ContextFile(path="b", language="x" * 65)],
+            ),
+            "max_language_chars=64",
+        ),
     ],
 )
 def test_inline_files_are_checked(message: pb.CompleteRequest, needle: str) -> None:
@@ -181,3 +190,10 @@ def test_an_error_message_never_echoes_unbounded_input() -> None:
     assert len(text) < 130
     message = wire.server_message(RequestError("r", "", error), limits)
     assert message.error.message == text
+
+
+def test_a_file_update_with_a_long_language_is_refused() -> None:
+    update = pb.FileUpdate(path="a.py", version=1, language="x" * 65, text=b"")
+    item = wire.client_message(pb.ClientMessage(file_update=update), LIMITS, 0.0)
+    assert isinstance(item, RequestError) and item.path == "a.py"
+    assert "language has 65 characters; the limit is max_language_chars=64" in str(item.error)
