@@ -3,6 +3,8 @@ table. Table-driven and without a server."""
 
 from __future__ import annotations
 
+import re
+
 import grpc
 import pytest
 
@@ -66,7 +68,8 @@ def test_both_rpcs_check_a_request_the_same_way(
         wire.inline_request(pb.CompleteRequest(**fields), LIMITS, 0.0, None)
     for error in (session_item.error, complete_error.value):
         assert wire.status_of(error) is status and needle in str(error), error
-    assert str(session_item.error) == str(complete_error.value)
+    same = [re.sub(r"\d+", "N", str(e)) for e in (session_item.error, complete_error.value)]
+    assert same[0] == same[1]  # the same words (a deadline's milliseconds move on)
 
 
 def test_a_session_request_becomes_a_file_request() -> None:
