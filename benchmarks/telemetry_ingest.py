@@ -17,13 +17,17 @@ from pathlib import Path
 
 from ghostpen.server.telemetry.records import CompletionRecord, TelemetryEvent
 from ghostpen.server.telemetry.store import Store
+from ghostpen.server.telemetry.store_process import StoreProcess
 from ghostpen.server.telemetry.writer import TelemetryWriter
 
 
 async def ingest(database: str, events: int, per_submit: int, clients: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as scratch:
-        store = Store.open(database or str(Path(scratch) / "bench.db"), Path(scratch))
-        writer = TelemetryWriter(store, batch_max=5000, known_max=100_000)
+        store = StoreProcess(
+            "writer", database or str(Path(scratch) / "bench.db"), Path(scratch), 1.0
+        )
+        await store.start()
+        writer = TelemetryWriter(store, batch_max=5000, known_max=100_000, retry_s=1.0)
         writer.start()
         completions = [
             CompletionRecord(
@@ -64,7 +68,7 @@ async def ingest(database: str, events: int, per_submit: int, clients: int) -> d
         start = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
         seconds = time.perf_counter() - start
-        stored = store.query("SELECT COUNT(*) FROM events")[0][0]
+        [(stored,)] = await store.call(Store.query, "SELECT COUNT(*) FROM events")
         await writer.close()
     return {"events": stored, "seconds": seconds, "events_per_s": stored / seconds}
 
@@ -72,22 +76,10 @@ async def ingest(database: str, events: int, per_submit: int, clients: int) -> d
 async def run(args: argparse.Namespace) -> dict[str, object]:
     results: dict[str, object] = {"per_submit": args.per_submit, "clients": args.clients}
     results["sqlite"] = await ingest("", args.events, args.per_submit, args.clients)
-    postgres = args.postgres
-    name = None
-    if args.start_postgres:
-        from tests.postgres import start_database
-
-        postgres, name = start_database()
-    if postgres:
-        try:
-            results["postgresql"] = await ingest(
-                postgres, args.events, args.per_submit, args.clients
-            )
-        finally:
-            if name:
-                from tests.postgres import drop_database
-
-                drop_database(name)
+    if args.postgres:
+        results["postgresql"] = await ingest(
+            args.postgres, args.events, args.per_submit, args.clients
+        )
     return results
 
 

@@ -203,7 +203,7 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
     from ghostpen.benchmarks.eval.run import evaluate, markdown, summarize, variants
     from ghostpen.benchmarks.eval.tasks import build_tasks
     from ghostpen.context.template import load_template
-    from ghostpen.server.completion import Completer
+    from ghostpen.server.completion import Completer, Discard
     from ghostpen.server.engines.factory import start_in_process
 
     chosen = variants(
@@ -226,7 +226,7 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
     async def run() -> list:
         engine = await start_in_process(engine_settings, settings.cache_dir)
         # An evaluation serves nobody: its outcomes are neither counted nor stored.
-        completer = Completer.from_settings(engine, settings, sink=lambda _: None)
+        completer = Completer.from_settings(engine, settings, sink=Discard())
         try:
             return await evaluate(completer, tasks, chosen, args.tree.name)
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -22,9 +23,9 @@ from ghostpen.server.metrics import Metrics
 from ghostpen.server.service import CompletionService
 from ghostpen.server.settings import Settings
 from ghostpen.server.telemetry.ingest import Telemetry
-from ghostpen.server.telemetry.store import Store
+from ghostpen.server.telemetry.store_process import StoreProcess
 from ghostpen.server.telemetry.writer import TelemetryWriter
-from ghostpen.server.web import start_web
+from ghostpen.server.web import ReportCache, start_web
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = wire.SERVICE.full_name
@@ -39,11 +40,14 @@ class RunningServer:
     port: int
     web: web.AppRunner | None = None
     web_port: int = 0
+    dashboard: StoreProcess | None = None  # the web side's own reader
 
     async def stop(self, grace_s: float) -> None:
         await self.server.stop(grace_s)
         if self.web is not None:
             await self.web.cleanup()
+        if self.dashboard is not None:
+            await self.dashboard.close()
         await self.writer.close()
         await self.engine.close()
 
@@ -59,13 +63,16 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
             ("grpc.max_send_message_length", limit),
         ],
     )
-    store = await asyncio.to_thread(Store.open, settings.telemetry.database, settings.cache_dir)
+    stored = settings.telemetry
+    store = StoreProcess("writer", stored.database, settings.cache_dir, stored.store_probe_s)
+    await store.start()  # a database that cannot be opened stops the start, with its reason
     writer = TelemetryWriter(
-        store, settings.telemetry.write_batch_max, settings.telemetry.known_completions
+        store, stored.write_batch_max, stored.known_completions, stored.retry_s
     )
     writer.start()
     telemetry = Telemetry(writer, metrics, settings.limits.max_request_id_chars)
-    completer = Completer.from_settings(engine, settings, Ledger(metrics, telemetry.record))
+    ledger = Ledger(metrics, telemetry.record, stored.record_commit_wait_ms / 1000)
+    completer = Completer.from_settings(engine, settings, ledger)
     server.add_generic_rpc_handlers(
         (wire.handlers(CompletionService(completer, telemetry, settings, metrics)),)
     )
@@ -93,19 +100,32 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
 
     await set_health(True)
     health_updates: set[asyncio.Task[None]] = set()
+    parts = {"engine": True, "store": True}  # serving while every part is
 
-    def on_engine(serving: bool) -> None:
-        task = asyncio.get_running_loop().create_task(set_health(serving))
-        health_updates.add(task)
-        task.add_done_callback(health_updates.discard)
+    def watcher(part: str) -> Callable[[bool], None]:
+        def changed(ok: bool) -> None:
+            parts[part] = ok
+            task = asyncio.get_running_loop().create_task(set_health(all(parts.values())))
+            health_updates.add(task)
+            task.add_done_callback(health_updates.discard)
 
-    engine.watch(on_engine)
+        return changed
+
+    engine.watch(watcher("engine"))
+    store.watch(watcher("store"))
     metrics.watch_engine(engine.stats)
     running = RunningServer(server, engine, metrics, writer, port)
     if settings.server.metrics_port >= 0:
-        running.web, running.web_port = await start_web(
-            settings.server.host, settings.server.metrics_port, metrics, writer
+        reader = StoreProcess(
+            "dashboard", stored.database, settings.cache_dir, stored.store_probe_s
         )
+        running.web, running.web_port = await start_web(
+            settings.server.host,
+            settings.server.metrics_port,
+            metrics,
+            ReportCache(reader, stored.dashboard_cache_s),
+        )
+        running.dashboard = reader
     return running
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Protocol
 
 from ghostpen.context.chunker import Chunk
 from ghostpen.context.postprocess import CursorSurroundings, Finish, Mode, Truncator
@@ -84,7 +85,25 @@ class CompletionEvent:
     outcome: Outcome | None = None  # on the final event of a completion that finished
 
 
-Sink = Callable[[Outcome], None]
+class Sink(Protocol):
+    """Where each outcome goes, once."""
+
+    def stopped(self, outcome: Outcome) -> None:
+        """A completion that did not finish; called while its task may be being cancelled, so
+        it must not wait."""
+
+    async def finished(self, outcome: Outcome) -> None:
+        """A completion that finished, awaited before its final chunk goes out."""
+
+
+class Discard:
+    """The sink of an evaluation, which serves nobody: nothing is counted or stored."""
+
+    def stopped(self, outcome: Outcome) -> None:
+        pass
+
+    async def finished(self, outcome: Outcome) -> None:
+        pass
 
 
 def remaining_s(deadline_unix_ms: int, default_timeout_ms: int, now_unix: float) -> float:
@@ -163,7 +182,7 @@ class Completer:
 
         Cancelling the consumer aborts the engine request (`task.cancel(reason)` names why); a
         passed deadline aborts it and raises DeadlinePassed. Either way, and on success, the sink
-        gets the outcome once."""
+        gets the outcome once; a finished one before the final event."""
         document = job.document
         cursor = CursorSurroundings.around(
             document.prefix, document.suffix, job.mode, self.template.stop, document.language
@@ -208,10 +227,10 @@ class Completer:
             raise
         finally:
             if stopped:
-                self._sink(self._outcome(job, cursor.mode, finish, stopped, clock, last, 0))
+                self._sink.stopped(self._outcome(job, cursor.mode, finish, stopped, clock, last, 0))
         rest, finish = truncator.close(finish)
         outcome = self._outcome(job, cursor.mode, finish, "", clock, last, len(truncator.text))
-        self._sink(outcome)
+        await self._sink.finished(outcome)
         yield CompletionEvent(job.request_id, job.completion_id, rest, True, finish, outcome)
 
     def _outcome(

@@ -6,28 +6,42 @@ and what the database keeps come from the same facts.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 
 from ghostpen.server.completion import Outcome
+from ghostpen.server.errors import StoreUnavailable
 from ghostpen.server.metrics import Metrics
 from ghostpen.server.telemetry.records import CompletionRecord
 
 
 class Ledger:
-    def __init__(self, metrics: Metrics, record: Callable[[CompletionRecord], None]) -> None:
+    """`record` queues a completion's record and returns a future resolved once it is committed;
+    a finished completion waits for it up to `commit_wait_s`, so that its final chunk normally
+    leaves only once the record is safe. A store that is down never holds a completion longer."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        record: Callable[[CompletionRecord], asyncio.Future[None]],
+        commit_wait_s: float,
+    ) -> None:
         self._metrics = metrics
         self._record = record
+        self._commit_wait_s = commit_wait_s
 
-    def __call__(self, outcome: Outcome) -> None:
+    def stopped(self, outcome: Outcome) -> None:
+        metrics = self._metrics
+        if outcome.stopped != "error":
+            metrics.cancellations.labels(outcome.engine, outcome.stopped).inc()
+        if outcome.completion_tokens:  # generated for nobody
+            wasted = metrics.wasted_tokens.labels(outcome.engine, outcome.model_id)
+            wasted.inc(outcome.completion_tokens)
+
+    async def finished(self, outcome: Outcome) -> None:
         metrics, job = self._metrics, outcome.job
-        if outcome.stopped:
-            if outcome.stopped != "error":
-                metrics.cancellations.labels(outcome.engine, outcome.stopped).inc()
-            if outcome.completion_tokens:  # generated for nobody
-                wasted = metrics.wasted_tokens.labels(outcome.engine, outcome.model_id)
-                wasted.inc(outcome.completion_tokens)
-            return
         template = outcome.template
         metrics.observe(
             outcome.engine,
@@ -37,7 +51,7 @@ class Ledger:
             outcome.timings,
             outcome.completion_tokens,
         )
-        self._record(
+        committed = self._record(
             CompletionRecord(
                 completion_id=job.completion_id,
                 created_ms=int(time.time() * 1000),
@@ -55,3 +69,5 @@ class Ledger:
                 chars=outcome.chars,
             )
         )
+        with contextlib.suppress(TimeoutError, StoreUnavailable):  # kept and written again
+            await asyncio.wait_for(asyncio.shield(committed), self._commit_wait_s)

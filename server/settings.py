@@ -107,6 +107,12 @@ class TelemetrySettings:
     max_events_per_report: int = 1000
     write_batch_max: int = 5000  # queued items written per transaction
     known_completions: int = 100_000  # completions kept in memory to join events without a query
+    # A finished completion's final chunk waits this long for its record's commit (normally a
+    # few ms); past it, or with the store down, the chunk goes and the record is written later.
+    record_commit_wait_ms: int = 100
+    retry_s: float = 1.0  # records of a failed write are written again after this
+    store_probe_s: float = 1.0  # while the store is down (health NOT_SERVING), tried this often
+    dashboard_cache_s: float = 5.0  # /dashboard and /dashboard.json reuse a report this long
 
 
 @dataclass(frozen=True)

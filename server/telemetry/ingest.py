@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 from ghostpen.server.metrics import Metrics
@@ -15,8 +16,9 @@ class Telemetry:
         self._metrics = metrics
         self._max_id_chars = max_id_chars
 
-    def record(self, completion: CompletionRecord) -> None:
-        self._writer.record(completion)
+    def record(self, completion: CompletionRecord) -> asyncio.Future[None]:
+        """Resolves once the record is committed."""
+        return self._writer.record(completion)
 
     async def report(self, events: Sequence[TelemetryEvent]) -> list[bool]:
         """Store the events (all or, on a bad one, none). Returns, per event, whether it is a

@@ -127,6 +127,24 @@ class Store:
                 )
         return before
 
+    def ping(self) -> None:
+        """Fails unless the connection can write. SQLite opens a file it cannot write read-only,
+        where reads (and BEGIN IMMEDIATE) still succeed: it is asked to write, then rolled back."""
+        with self._mapped("write"):
+            if self._postgres:
+                self._query("SELECT 1")
+                return
+            cursor = self._db.cursor()
+            try:
+                cursor.execute("BEGIN IMMEDIATE")
+                try:
+                    (version,) = cursor.execute("PRAGMA user_version").fetchone()
+                    cursor.execute(f"PRAGMA user_version = {int(version)}")
+                finally:
+                    cursor.execute("ROLLBACK")
+            finally:
+                cursor.close()
+
     def known_completions(self, completion_ids: Iterable[str]) -> dict[str, CompletionRecord]:
         ids = list(set(completion_ids))
         if not ids:

@@ -1,7 +1,9 @@
 """The one writer: batches completions and events into transactions off the completion path.
 
-`record` is fire-and-forget (a completion's metadata must not slow the completion);
-`submit` resolves once the events are committed, so an acknowledgement means stored.
+`record` returns a future that resolves once the completion's record is committed; the completer
+waits on it (briefly) before the final chunk goes out, so an editor's later events find it even
+after a SIGKILL. `submit` resolves once the events are committed, so an acknowledgement means
+stored. Records of a batch that failed are written again with the next one, or after `retry_s`.
 """
 
 from __future__ import annotations
@@ -9,44 +11,51 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
 
-from ghostpen.server.errors import UnknownRequest
+from ghostpen.server.errors import StoreUnavailable, UnknownRequest
 from ghostpen.server.telemetry.records import CompletionRecord, TelemetryEvent
 from ghostpen.server.telemetry.store import Store
+from ghostpen.server.telemetry.store_process import StoreProcess
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclass
 class _Batch:
     completions: list[CompletionRecord] = field(default_factory=list)
+    committed: list[asyncio.Future[None]] = field(default_factory=list)
     events: list[TelemetryEvent] = field(default_factory=list)
     waiters: list[tuple[list[TelemetryEvent], asyncio.Future[set[str]]]] = field(
         default_factory=list
     )
 
 
+_RETRY = object()  # a queue item that only wakes the writer to write what failed before
+
+
 class TelemetryWriter:
-    def __init__(self, store: Store, batch_max: int, known_max: int) -> None:
+    def __init__(self, store: StoreProcess, batch_max: int, known_max: int, retry_s: float) -> None:
         self.store = store
         self._batch_max = batch_max
         self._known_max = known_max
-        self._queue: asyncio.Queue[CompletionRecord | tuple] = asyncio.Queue()
+        self._retry_s = retry_s
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._known: OrderedDict[str, CompletionRecord] = OrderedDict()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="telemetry")
+        self._failed: OrderedDict[str, CompletionRecord] = OrderedDict()  # to write again
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def record(self, completion: CompletionRecord) -> None:
+    def record(self, completion: CompletionRecord) -> asyncio.Future[None]:
+        """Queue the record; the future resolves once it is committed, or fails with the
+        store's error (the record is kept and written again)."""
         self._remember(completion)
-        self._queue.put_nowait(completion)
+        committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        committed.add_done_callback(_retrieved)  # a caller that stopped waiting is no error
+        self._queue.put_nowait((completion, committed))
+        return committed
 
     async def completions_for(self, events: list[TelemetryEvent]) -> dict[str, CompletionRecord]:
         """The completion of every event; UnknownRequest names the first that has none."""
@@ -57,11 +66,7 @@ class TelemetryWriter:
         }
         missing = {e.completion_id for e in events} - found.keys()
         if missing:
-            loop = asyncio.get_running_loop()
-            stored = await loop.run_in_executor(
-                self._executor, self.store.known_completions, missing
-            )
-            found.update(stored)
+            found.update(await self.store.call(Store.known_completions, missing))
         for event in events:
             if event.completion_id not in found:
                 raise UnknownRequest(
@@ -69,10 +74,6 @@ class TelemetryWriter:
                     "which this server never served"
                 )
         return found
-
-    async def read(self, query: Callable[[Store], T]) -> T:
-        """Run a read on the store's thread, between writes (a connection is not shared)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, query, self.store)
 
     async def submit(self, events: list[TelemetryEvent]) -> set[str]:
         """Wait until the events are committed; returns the ids that were stored before
@@ -87,43 +88,72 @@ class TelemetryWriter:
             await self._queue.join()
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._executor.shutdown(wait=True)
-        self.store.close()
+        await self.store.close()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             items = [await self._queue.get()]
             while len(items) < self._batch_max and not self._queue.empty():
                 items.append(self._queue.get_nowait())
-            batch = _Batch()
-            for item in items:
-                if isinstance(item, CompletionRecord):
-                    batch.completions.append(item)
-                else:
-                    batch.events.extend(item[0])
-                    batch.waiters.append(item)
             try:
-                duplicates = await loop.run_in_executor(
-                    self._executor, self.store.write, batch.completions, batch.events
-                )
-            except Exception as exc:
-                log.exception("telemetry write of %d items failed", len(items))
-                for _, future in batch.waiters:
-                    if not future.done():
-                        future.set_exception(exc)
-            else:
-                claimed = set(duplicates)  # an id belongs to the first submitter that sent it
-                for events, future in batch.waiters:
-                    ids = {e.event_id for e in events}
-                    if not future.done():
-                        future.set_result(ids & claimed)
-                    claimed |= ids
+                await self._write(items)
             finally:
                 for _ in items:
                     self._queue.task_done()
+
+    async def _write(self, items: list[object]) -> None:
+        batch = _Batch(completions=list(self._failed.values()))
+        self._failed.clear()
+        for item in items:
+            if item is _RETRY:
+                continue
+            body, future = item  # type: ignore[misc]
+            if isinstance(body, CompletionRecord):
+                batch.completions.append(body)
+                batch.committed.append(future)
+            else:
+                batch.events.extend(body)
+                batch.waiters.append((body, future))
+        if not batch.completions and not batch.events:
+            return
+        try:
+            duplicates = await self.store.call(Store.write, batch.completions, batch.events)
+        except StoreUnavailable as error:
+            self._failed_batch(batch, error)
+        except Exception as exc:  # a bug of ours; the callers still get an answer
+            log.exception("telemetry write of %d items failed", len(items))
+            self._failed_batch(batch, StoreUnavailable(f"telemetry write failed: {exc}"))
+        else:
+            for future in batch.committed:
+                if not future.done():
+                    future.set_result(None)
+            claimed = set(duplicates)  # an id belongs to the first submitter that sent it
+            for events, waiter in batch.waiters:
+                ids = {e.event_id for e in events}
+                if not waiter.done():
+                    waiter.set_result(ids & claimed)
+                claimed |= ids
+
+    def _failed_batch(self, batch: _Batch, error: StoreUnavailable) -> None:
+        log.warning(
+            "telemetry write failed (%s); %d completion records kept to write again",
+            error,
+            len(batch.completions),
+        )
+        for future in [*batch.committed, *(waiter for _, waiter in batch.waiters)]:
+            if not future.done():
+                future.set_exception(error)
+        for completion in batch.completions[-self._known_max :]:
+            self._failed[completion.completion_id] = completion
+        if batch.completions:
+            asyncio.get_running_loop().call_later(self._retry_s, self._queue.put_nowait, _RETRY)
 
     def _remember(self, completion: CompletionRecord) -> None:
         self._known[completion.completion_id] = completion
         if len(self._known) > self._known_max:
             self._known.popitem(last=False)
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()

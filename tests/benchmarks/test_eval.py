@@ -94,11 +94,11 @@ def test_every_strategy_finds_the_chunk_that_shares_the_names(name: str) -> None
 
 async def test_the_harness_runs_tasks_through_the_real_pipeline(server, settings, tmp_path) -> None:
     from ghostpen.benchmarks.eval.run import evaluate, markdown, summarize, variants
-    from ghostpen.server.completion import Completer
+    from ghostpen.server.completion import Completer, Discard
 
     write_tree(tmp_path)
     tasks = build_tasks(tmp_path, 2, seed=1, max_files=12, max_bytes=10_000)
-    completer = Completer.from_settings(server.engine, settings, sink=lambda _: None)
+    completer = Completer.from_settings(server.engine, settings, sink=Discard())
     chosen = variants(
         ["none", "edit-distance"], [load_template("generic-prefix")], ablate_truncation=True
     )

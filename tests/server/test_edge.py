@@ -4,18 +4,25 @@ a fake because these tests are about the code around it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
 import sqlite3
+import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
 import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ghostpen.proto import ghostpen_pb2 as pb
 from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
-from ghostpen.server.app import start_server
+from ghostpen.server.app import RunningServer, start_server
 from ghostpen.server.metrics import Metrics
 from ghostpen.server.settings import Settings
 from tests.conftest import SessionStream
@@ -32,12 +39,28 @@ class Edge:
     stub: pb_grpc.CompletionStub
     database: str
     metrics: Metrics
+    running: RunningServer
 
     def break_store(self) -> None:
-        """What a failed disk or a dropped schema looks like to the server: its SQL fails."""
+        """What a failed disk or a lost schema looks like to the server: its SQL fails."""
+        self._rename(("events", "events_away"), ("completions", "completions_away"))
+
+    def heal_store(self) -> None:
+        self._rename(("completions_away", "completions"), ("events_away", "events"))
+
+    def _rename(self, *pairs: tuple[str, str]) -> None:
         with sqlite3.connect(self.database) as db:
-            db.execute("DROP TABLE events")
-            db.execute("DROP TABLE completions")
+            for old, new in pairs:
+                db.execute(f"ALTER TABLE {old} RENAME TO {new}")
+
+    def rows(self, sql: str, *parameters: object) -> list[tuple]:
+        with contextlib.closing(sqlite3.connect(self.database)) as db:
+            return db.execute(sql, parameters).fetchall()
+
+    async def health(self) -> int:
+        health = health_pb2_grpc.HealthStub(self.channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        return reply.status
 
     def errors(self, rpc: str, code: str) -> float | None:
         return self.metrics.registry.get_sample_value(
@@ -48,12 +71,21 @@ class Edge:
 @pytest_asyncio.fixture
 async def edge(tmp_path) -> AsyncIterator[Edge]:
     database = str(tmp_path / "telemetry.db")
-    settings = Settings.load({"port": "0", "metrics_port": "-1", "database": database})
+    settings = Settings.load(
+        {
+            "port": "0",
+            "metrics_port": "-1",
+            "database": database,
+            "record_commit_wait_ms": "30000",  # a slow disk must not make these tests flaky
+            "retry_s": "0.05",
+            "store_probe_s": "0.05",
+        }
+    )
     metrics = Metrics()
     engine = ScriptedEngine("total()\n")
     running = await start_server(settings, engine, metrics)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        yield Edge(engine, channel, pb_grpc.CompletionStub(channel), database, metrics)
+        yield Edge(engine, channel, pb_grpc.CompletionStub(channel), database, metrics, running)
     await running.stop(1.0)
 
 
@@ -189,3 +221,85 @@ async def test_corrupt_bytes_without_a_token_are_refused_for_the_token_first(tmp
         assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
     finally:
         await running.stop(1.0)
+
+
+async def until(probe, timeout_s: float = 30.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not await probe():
+            await asyncio.sleep(0.02)
+
+
+async def complete(edge: Edge, request_id: str) -> pb.CompletionChunk:
+    request = pb.CompleteRequest(request_id=request_id, path="a.py", prefix=b"x = ")
+    chunks = [chunk async for chunk in edge.stub.Complete(request)]
+    assert chunks[-1].final
+    return chunks[-1]
+
+
+async def test_a_completion_is_recorded_before_its_final_chunk_goes_out(edge: Edge) -> None:
+    final = await complete(edge, "durable")
+    # Read at once, from another connection: a SIGKILL now would not lose it.
+    rows = edge.rows("SELECT finish FROM completions WHERE completion_id = ?", final.completion_id)
+    assert rows == [("line_end",)]
+
+
+async def test_records_that_failed_are_written_once_the_store_is_back(edge: Edge) -> None:
+    edge.break_store()
+    final = await complete(edge, "while-down")  # served all the same
+    assert await edge.health() == health_pb2.HealthCheckResponse.NOT_SERVING
+    edge.heal_store()
+
+    async def stored() -> bool:
+        found = "SELECT COUNT(*) FROM completions WHERE completion_id = ?"
+        return edge.rows(found, final.completion_id) == [(1,)]
+
+    await until(stored)
+
+    async def serving() -> bool:
+        return await edge.health() == health_pb2.HealthCheckResponse.SERVING
+
+    await until(serving)
+
+
+async def test_a_store_process_killed_by_sigbus_costs_one_answer_not_the_server(
+    edge: Edge,
+) -> None:
+    final = await complete(edge, "before")
+    store = edge.running.writer.store
+    os.kill(store.pid(), signal.SIGBUS)  # what a fault on SQLite's mapped -shm file does
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await edge.stub.Report(pb.ReportRequest(events=[event(final.completion_id)]))
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "telemetry writer process died (killed by SIGBUS)" in refused.value.details()
+    again = await edge.stub.Report(pb.ReportRequest(events=[event(final.completion_id)]))
+    assert len(again.acks) == 1  # a new process took over
+    assert (await complete(edge, "after")).final
+
+    async def serving() -> bool:
+        return await edge.health() == health_pb2.HealthCheckResponse.SERVING
+
+    await until(serving)
+
+
+@pytest.mark.system  # root, and chattr on the disk's file system
+async def test_an_immutable_database_is_unavailable_not_a_crash(edge: Edge) -> None:
+    """The issue's reproduction: SQLite's mapped -shm file turns unwritable, and the process that
+    touches it gets SIGBUS. That process is the store's, not the server's."""
+    final = await complete(edge, "before")
+    files = [str(path) for path in Path(edge.database).parent.glob("telemetry.db*")]
+    subprocess.run(["chattr", "+i", *files], check=True)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await edge.stub.Report(pb.ReportRequest(events=[event(final.completion_id)]))
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE, refused.value.details()
+        assert (await complete(edge, "meanwhile")).final  # completions go on
+    finally:
+        subprocess.run(["chattr", "-i", *files], check=True)
+
+    async def serving() -> bool:
+        return await edge.health() == health_pb2.HealthCheckResponse.SERVING
+
+    await until(serving)
+    again = await edge.stub.Report(pb.ReportRequest(events=[event(final.completion_id)]))
+    assert len(again.acks) == 1

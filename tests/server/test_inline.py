@@ -7,7 +7,7 @@ import time
 import pytest
 
 from ghostpen.context.postprocess import Mode
-from ghostpen.server.completion import Completer, RequestSpec
+from ghostpen.server.completion import Completer, Discard, RequestSpec
 from ghostpen.server.errors import DeadlinePassed
 from ghostpen.server.inline import InlineCompletions, InlineFile, InlineRequest
 from ghostpen.server.settings import Settings
@@ -23,7 +23,7 @@ def inline_request(deadline_s: float, received: float) -> InlineRequest:
 
 def completions() -> InlineCompletions:
     settings = Settings.load(environ={})
-    return InlineCompletions(Completer.from_settings(ScriptedEngine("1"), settings, lambda _: None))
+    return InlineCompletions(Completer.from_settings(ScriptedEngine("1"), settings, Discard()))
 
 
 def test_context_is_chunked_and_the_language_guessed() -> None:

@@ -21,7 +21,14 @@ def make_session(engine: Engine) -> tuple[Session, list[object], Metrics, list[C
     settings = Settings.load(environ={})
     metrics = Metrics()
     recorded: list[CompletionRecord] = []
-    completer = Completer.from_settings(engine, settings, Ledger(metrics, recorded.append))
+
+    def record(completion: CompletionRecord) -> asyncio.Future[None]:
+        recorded.append(completion)
+        committed = asyncio.get_running_loop().create_future()
+        committed.set_result(None)
+        return committed
+
+    completer = Completer.from_settings(engine, settings, Ledger(metrics, record, 1.0))
     sent: list[object] = []
     session = Session("s1", completer, settings, sent.append)
     session.update(FileChange("a.py", "python", 1, text="x = "))
