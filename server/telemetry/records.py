@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import operator
+from dataclasses import dataclass, fields
 
 from ghostpen.server.errors import InvalidInput
 
@@ -29,6 +30,10 @@ class CompletionRecord:
     finish: str
     chars: int
 
+    def row(self) -> tuple:
+        """Its fields in order, as the database stores them."""
+        return _COMPLETION_ROW(self)
+
 
 @dataclass(frozen=True)
 class TelemetryEvent:
@@ -45,6 +50,10 @@ class TelemetryEvent:
     fraction: float | None = None
     present: bool | None = None
     file_closed: bool | None = None
+
+    def row(self) -> tuple:
+        """Its fields in order, as the database stores them."""
+        return _EVENT_ROW(self)
 
     def check(self, max_id_chars: int) -> None:
         if not self.event_id or len(self.event_id) > max_id_chars:
@@ -67,3 +76,7 @@ class TelemetryEvent:
                 raise InvalidInput(
                     f"retained_fraction {self.fraction} of event {self.event_id!r} is outside 0..1"
                 )
+
+
+_COMPLETION_ROW = operator.attrgetter(*(f.name for f in fields(CompletionRecord)))
+_EVENT_ROW = operator.attrgetter(*(f.name for f in fields(TelemetryEvent)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import astuple, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -102,29 +102,27 @@ class Store:
     ) -> set[str]:
         """Commit both in one transaction; returns the ids of events that were stored before.
         An id repeated within `events` is stored once, from its first occurrence."""
+        return self.write_rows([c.row() for c in completions], [e.row() for e in events])
+
+    def write_rows(self, completions: Sequence[tuple], events: Sequence[tuple]) -> set[str]:
+        """`write` for rows (`.row()`), which cross to the store's process ten times cheaper than
+        the dataclasses."""
         with self._mapped("store telemetry"):
             return self._write(completions, events)
 
-    def _write(
-        self, completions: Sequence[CompletionRecord], events: Sequence[TelemetryEvent]
-    ) -> set[str]:
-        before = set(self._existing_events([e.event_id for e in events]))
+    def _write(self, completions: Sequence[tuple], events: Sequence[tuple]) -> set[str]:
+        before = set(self._existing_events([row[0] for row in events]))
         seen: set[str] = set()
         fresh = []
-        for event in events:
-            if event.event_id not in before and event.event_id not in seen:
-                seen.add(event.event_id)
-                fresh.append(event)
+        for row in events:
+            if row[0] not in before and row[0] not in seen:
+                seen.add(row[0])
+                fresh.append(_event_row(row))
         with self._transaction() as cursor:
             if completions:
-                cursor.executemany(
-                    self._insert("completions", _COMPLETION_COLUMNS),
-                    [astuple(c) for c in completions],
-                )
+                cursor.executemany(self._insert("completions", _COMPLETION_COLUMNS), completions)
             if fresh:
-                cursor.executemany(
-                    self._insert("events", _EVENT_COLUMNS), [_event_row(e) for e in fresh]
-                )
+                cursor.executemany(self._insert("events", _EVENT_COLUMNS), fresh)
         return before
 
     def ping(self) -> None:
@@ -231,9 +229,12 @@ class _Transaction:
             self._cursor.close()
 
 
-def _event_row(event: TelemetryEvent) -> tuple:
-    row = list(astuple(event))
-    for name in ("present", "file_closed"):
-        index = _EVENT_COLUMNS.index(name)
-        row[index] = None if row[index] is None else int(row[index])
-    return tuple(row)
+_FLAGS = [_EVENT_COLUMNS.index(name) for name in ("present", "file_closed")]
+
+
+def _event_row(row: tuple) -> tuple:
+    """Booleans as integers: PostgreSQL's INTEGER columns take no booleans."""
+    values = list(row)
+    for index in _FLAGS:
+        values[index] = None if values[index] is None else int(values[index])
+    return tuple(values)

@@ -117,7 +117,11 @@ class TelemetryWriter:
         if not batch.completions and not batch.events:
             return
         try:
-            duplicates = await self.store.call(Store.write, batch.completions, batch.events)
+            duplicates = await self.store.call(
+                Store.write_rows,
+                [c.row() for c in batch.completions],
+                [e.row() for e in batch.events],
+            )
         except StoreUnavailable as error:
             self._failed_batch(batch, error)
         except Exception as exc:  # a bug of ours; the callers still get an answer
