@@ -61,6 +61,11 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
+            # A peer that vanished (laptop closed, network gone) is found and its session freed.
+            ("grpc.keepalive_time_ms", int(settings.server.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(settings.server.keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
         ],
     )
     stored = settings.telemetry

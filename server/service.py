@@ -13,15 +13,22 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+from functools import partial
 from typing import Any, NoReturn
 
 import grpc
 
 from ghostpen.server import wire
 from ghostpen.server.completion import Completer
-from ghostpen.server.errors import GhostpenError, InternalError
+from ghostpen.server.errors import (
+    DeadlinePassed,
+    GhostpenError,
+    InternalError,
+    LimitExceeded,
+    over_limit,
+)
 from ghostpen.server.inline import InlineCompletions
 from ghostpen.server.metrics import Metrics
 from ghostpen.server.session import (
@@ -54,29 +61,71 @@ class CompletionService:
         self._limits = settings.limits
         self._max_events = settings.telemetry.max_events_per_report
         self._metrics = metrics
+        self._open_sessions = 0
+        self._background: set[asyncio.Task[None]] = set()
 
     async def Session(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        stream = _Stream(self._metrics, self._limits)
+        limits = self._limits
+        if self._open_sessions >= limits.max_sessions:
+            opened = f"{self._open_sessions} sessions are open"
+            await self._abort(
+                context,
+                "Session",
+                LimitExceeded(over_limit(opened, "max_sessions", limits.max_sessions)),
+            )
+        self._open_sessions += 1
+        stream = _Stream(self._metrics, limits)
         session = Session(uuid.uuid4().hex, self._completer, self._settings, stream.send)
         reader = asyncio.create_task(self._read(session, request_iterator, stream))
+        stream.on_overflow(partial(self._cut_off, session, asyncio.current_task()))
         try:
             while (message := await stream.queue.get()) is not None:
                 if isinstance(message, GhostpenError):  # the stream ends for it
                     await self._abort(context, "Session", message)
                 yield message
         finally:
+            self._open_sessions -= 1
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
             await session.close()
+
+    def _cut_off(self, session: Session, handler: asyncio.Task | None) -> None:
+        """A client that does not read: its work stops now, and what it still sends is read and
+        dropped (a client blocked on a write would see grpc's INTERNAL instead of our status,
+        grpc/grpc#36066). Its stream ends RESOURCE_EXHAUSTED once it reads again, or is
+        cancelled after keepalive_timeout_s."""
+        closing = asyncio.get_running_loop().create_task(session.close())
+        self._background.add(closing)
+        closing.add_done_callback(self._background.discard)
+        if handler is not None:
+            grace = self._settings.server.keepalive_timeout_s
+            asyncio.get_running_loop().call_later(grace, handler.cancel)
 
     async def _read(
         self, session: Session, request_iterator: AsyncIterator[Any], stream: _Stream
     ) -> None:
         acks: set[asyncio.Task[None]] = set()
+        messages = aiter(request_iterator)
+        idle_s = self._limits.session_idle_s
         try:
-            async for message in request_iterator:
+            while True:
+                try:
+                    async with asyncio.timeout(idle_s):
+                        message = await anext(messages)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    idle = DeadlinePassed(
+                        f"no message for {idle_s:.0f} s (session_idle_s): the session is closed; "
+                        "open a new one"
+                    )
+                    await session.close(idle)
+                    stream.queue.put_nowait(idle)
+                    return
+                if stream.cut:
+                    continue
                 if isinstance(message, wire.Corrupt):
                     # The client's encoder is broken: what else it sent cannot be trusted.
                     await session.close(message.error())
@@ -154,6 +203,11 @@ class _Stream:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self._metrics = metrics
         self._limits = limits
+        self._overflow: Callable[[], None] | None = None
+        self.cut = False  # past max_queued_messages: nothing more is sent
+
+    def on_overflow(self, callback: Callable[[], None]) -> None:
+        self._overflow = callback
 
     def send(self, item: Outbound) -> None:
         if isinstance(item, RequestError):
@@ -161,6 +215,19 @@ class _Stream:
         self.put(wire.server_message(item, self._limits))
 
     def put(self, message: Any) -> None:
+        """Queue a reply; past max_queued_messages the queue is dropped for one LimitExceeded."""
+        if self.cut:
+            return
+        limit = self._limits.max_queued_messages
+        if self.queue.qsize() >= limit:
+            self.cut = True
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            waiting = f"{limit} replies wait for a client that does not read them"
+            self.queue.put_nowait(LimitExceeded(over_limit(waiting, "max_queued_messages", limit)))
+            if self._overflow is not None:
+                self._overflow()
+            return
         self.queue.put_nowait(message)
 
 

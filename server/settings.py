@@ -29,6 +29,8 @@ class ServerSettings:
     shutdown_grace_s: float = 5.0
     max_message_bytes: int = 8 * 1024 * 1024  # a gRPC message larger than this is refused
     auth_token: str = ""  # when set, calls must send `authorization: Bearer <token>`
+    keepalive_s: float = 60.0  # the server pings an idle connection this often
+    keepalive_timeout_s: float = 20.0  # and closes it if the ping is not answered in this time
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,10 @@ class LimitSettings:
     max_request_id_chars: int = 128
     max_path_chars: int = 1024
     max_language_chars: int = 64  # an editor's language id ("python", "typescriptreact")
+    max_sessions: int = 1000  # open Session streams; one more is refused RESOURCE_EXHAUSTED
+    # Replies waiting for a client that does not read; past it the stream ends RESOURCE_EXHAUSTED.
+    max_queued_messages: int = 4096
+    session_idle_s: float = 1800.0  # a Session without a client message this long is ended
     max_error_chars: int = 1024  # an error's message is cut here: it must not echo unbounded input
     max_tokens_limit: int = 512  # the most a request may ask for
     default_max_tokens_single_line: int = 48

@@ -68,8 +68,8 @@ class Edge:
         )
 
 
-@pytest_asyncio.fixture
-async def edge(tmp_path) -> AsyncIterator[Edge]:
+@contextlib.asynccontextmanager
+async def edge_server(tmp_path: Path, **overrides: str) -> AsyncIterator[Edge]:
     database = str(tmp_path / "telemetry.db")
     settings = Settings.load(
         {
@@ -79,14 +79,24 @@ async def edge(tmp_path) -> AsyncIterator[Edge]:
             "record_commit_wait_ms": "30000",  # a slow disk must not make these tests flaky
             "retry_s": "0.05",
             "store_probe_s": "0.05",
+            **overrides,
         }
     )
     metrics = Metrics()
     engine = ScriptedEngine("total()\n")
     running = await start_server(settings, engine, metrics)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        yield Edge(engine, channel, pb_grpc.CompletionStub(channel), database, metrics, running)
-    await running.stop(1.0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.CompletionStub(channel)
+            yield Edge(engine, channel, stub, database, metrics, running)
+    finally:
+        await running.stop(1.0)
+
+
+@pytest_asyncio.fixture
+async def edge(tmp_path) -> AsyncIterator[Edge]:
+    async with edge_server(tmp_path) as opened:
+        yield opened
 
 
 def event(completion_id: str) -> pb.TelemetryEvent:
@@ -303,3 +313,57 @@ async def test_an_immutable_database_is_unavailable_not_a_crash(edge: Edge) -> N
     await until(serving)
     again = await edge.stub.Report(pb.ReportRequest(events=[event(final.completion_id)]))
     assert len(again.acks) == 1
+
+
+async def test_sessions_past_max_sessions_are_refused_until_one_closes(tmp_path) -> None:
+    async with edge_server(tmp_path, max_sessions="2") as edge:
+        opened = [SessionStream(edge.stub) for _ in range(2)]
+        for session in opened:
+            session.send(hello=pb.Hello())
+            assert (await session.read()).HasField("welcome")
+        third = edge.stub.Session()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await third.read()
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 sessions are open; the limit is max_sessions=2" in refused.value.details()
+        opened.pop().close()
+
+        async def admitted() -> bool:
+            session = SessionStream(edge.stub)
+            session.send(hello=pb.Hello())
+            try:
+                return (await session.read()).HasField("welcome")
+            except grpc.aio.AioRpcError:
+                return False
+            finally:
+                session.close()
+
+        await until(admitted)
+        opened[0].close()
+
+
+async def test_an_idle_session_is_ended_with_a_clear_status(tmp_path) -> None:
+    async with edge_server(tmp_path, session_idle_s="0.2") as edge:
+        call = edge.stub.Session()
+        await call.write(pb.ClientMessage(hello=pb.Hello()))
+        assert (await call.read()).HasField("welcome")
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(call.read(), 30)
+        assert ended.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "session_idle_s" in ended.value.details()
+
+
+async def test_a_client_that_never_reads_is_cut_off_at_max_queued_messages(tmp_path) -> None:
+    async with edge_server(tmp_path, max_queued_messages="4096") as edge:
+        call = edge.stub.Session()
+        bad = pb.ClientMessage(file_update=pb.FileUpdate(path="p" * 1000))  # ~2 KB Error each
+
+        for _ in range(10_000):  # 20 MB of replies, unread: past every transport window
+            await call.write(bad)
+        await call.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            async with asyncio.timeout(60):
+                while True:
+                    await call.read()
+        assert ended.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, ended.value.details()
+        assert "max_queued_messages=4096" in ended.value.details()
