@@ -121,15 +121,13 @@ class CompletionService:
                         f"no message for {idle_s:.0f} s (session_idle_s): the session is closed; "
                         "open a new one"
                     )
-                    await session.close(idle)
-                    stream.queue.put_nowait(idle)
+                    await stream.end(session, idle)
                     return
                 if stream.cut:
                     continue
                 if isinstance(message, wire.Corrupt):
                     # The client's encoder is broken: what else it sent cannot be trusted.
-                    await session.close(message.error())
-                    stream.queue.put_nowait(message.error())
+                    await stream.end(session, message.error())
                     return
                 item = wire.client_message(message, self._limits, time.monotonic())
                 if isinstance(item, RequestError):
@@ -208,6 +206,11 @@ class _Stream:
 
     def on_overflow(self, callback: Callable[[], None]) -> None:
         self._overflow = callback
+
+    async def end(self, session: Session, error: GhostpenError) -> None:
+        """End the call with `error`'s status, after an Error for each request in flight."""
+        await session.close(error)
+        self.queue.put_nowait(error)
 
     def send(self, item: Outbound) -> None:
         if isinstance(item, RequestError):
