@@ -10,7 +10,6 @@ server stores a repeated event id once).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import random
@@ -82,10 +81,15 @@ class SessionClient:
         self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
+        """Stop the session, waiting at most close_timeout_s: grpc's asyncio channel can fail
+        to finish a cancelled connection attempt, and an editor's shutdown must not hang."""
         if self._task:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            done, _ = await asyncio.wait({self._task}, timeout=self._settings.close_timeout_s)
+            if not done:
+                log.warning(
+                    "the session did not stop in %.1f s; left", self._settings.close_timeout_s
+                )
         self._disconnected()
 
     @property

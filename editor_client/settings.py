@@ -29,6 +29,7 @@ class ClientSettings:
     max_tokens: int = 0  # 0: the server's default for the mode
     adapter: str = ""  # a LoRA adapter the server loaded (a team's); "": the base model
     connect_timeout_s: float = 3.0  # waiting for the server's welcome
+    close_timeout_s: float = 2.0  # at shutdown, waiting for the session to stop
     reconnect_initial_s: float = 0.25  # first wait after a lost connection; doubles...
     reconnect_max_s: float = 10.0  # ...up to this
     max_pending_events: int = 10_000  # telemetry kept while the server is unreachable

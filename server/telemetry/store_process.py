@@ -17,7 +17,10 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
+import os
 import signal
+import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -127,6 +130,16 @@ def _locate(database: str, cache_dir: Path) -> None:
     global _location
     _location = (database, cache_dir)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops the child, not a Ctrl-C
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
+
+
+def _exit_with_parent() -> None:
+    """A server killed with SIGKILL cannot stop its child: the child stops itself, instead of
+    holding the database open forever."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(0)
 
 
 def _run(function: Callable[..., T], args: tuple[Any, ...]) -> T:
