@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 
 def free_port() -> int:
@@ -60,9 +61,14 @@ def _tree(pid: int) -> list[int]:
 
 @contextlib.contextmanager
 def running_server(
-    *serve_args: str, env: dict[str, str] | None = None, port: int = 0
+    *serve_args: str,
+    env: dict[str, str] | None = None,
+    port: int = 0,
+    stderr: IO[str] | int = subprocess.DEVNULL,
+    own_group: bool = False,
 ) -> Iterator[ServerProcess]:
-    """Yields once the server printed that it serves; terminates it afterwards if still alive."""
+    """Yields once the server printed that it serves; terminates it afterwards if still alive.
+    `own_group` starts it in a process group of its own, as a terminal would, for a Ctrl-C."""
     port = port or free_port()
     command = [
         sys.executable,
@@ -78,8 +84,9 @@ def running_server(
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr,
         text=True,
+        start_new_session=own_group,
         env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
     )
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,11 +30,14 @@ from ghostpen.server.web import ReportCache, start_web
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = wire.SERVICE.full_name
+SETTLE_S = 1.0  # after the drain, for handlers to write the statuses it decided
 
 
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
+    service: CompletionService
+    health: health.aio.HealthServicer
     engine: Engine
     metrics: Metrics
     writer: TelemetryWriter
@@ -41,9 +45,17 @@ class RunningServer:
     web: web.AppRunner | None = None
     web_port: int = 0
     dashboard: StoreProcess | None = None  # the web side's own reader
+    stopped: bool = False
 
     async def stop(self, grace_s: float) -> None:
-        await self.server.stop(grace_s)
+        """Drain, then close: health turns NOT_SERVING at once (and stays so), work in flight
+        gets `grace_s`, and queued telemetry is written before the store closes. Idempotent."""
+        if self.stopped:
+            return
+        self.stopped = True
+        await self.health.enter_graceful_shutdown()
+        await self.service.drain(grace_s)
+        await self.server.stop(min(SETTLE_S, grace_s))
         if self.web is not None:
             await self.web.cleanup()
         if self.dashboard is not None:
@@ -78,9 +90,8 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
     telemetry = Telemetry(writer, metrics, settings.limits.max_request_id_chars)
     ledger = Ledger(metrics, telemetry.record, stored.record_commit_wait_ms / 1000)
     completer = Completer.from_settings(engine, settings, ledger)
-    server.add_generic_rpc_handlers(
-        (wire.handlers(CompletionService(completer, telemetry, settings, metrics)),)
-    )
+    service = CompletionService(completer, telemetry, settings, metrics)
+    server.add_generic_rpc_handlers((wire.handlers(service),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -119,7 +130,7 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
     engine.watch(watcher("engine"))
     store.watch(watcher("store"))
     metrics.watch_engine(engine.stats)
-    running = RunningServer(server, engine, metrics, writer, port)
+    running = RunningServer(server, service, health_servicer, engine, metrics, writer, port)
     if settings.server.metrics_port >= 0:
         reader = StoreProcess(
             "dashboard", stored.database, settings.cache_dir, stored.store_probe_s
@@ -151,5 +162,8 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down (grace %.1f s)", settings.server.shutdown_grace_s)
-    await running.stop(settings.server.shutdown_grace_s)
+    grace_s = settings.server.shutdown_grace_s
+    log.info("draining (shutdown_grace_s=%g)", grace_s)
+    started = time.monotonic()
+    await running.stop(grace_s)
+    log.info("stopped in %.2f s", time.monotonic() - started)

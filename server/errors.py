@@ -11,7 +11,8 @@ GhostpenError
 │   ├── DeadlinePassed      the request's deadline passed before it was served
 │   ├── DuplicateRequest    a request id already in flight
 │   ├── EngineUnavailable   the engine process died or is restarting: retry
-│   └── StoreUnavailable    the telemetry database refused a read or write: retry
+│   ├── StoreUnavailable    the telemetry database refused a read or write: retry
+│   └── ShuttingDown        the server is draining: retry on another replica or after restart
 └── FatalError            retrying the same request fails the same way; ours to fix
     ├── EngineFailure       the inference engine failed
     └── InternalError       a bug of ours, logged with its traceback
@@ -72,6 +73,10 @@ class EngineUnavailable(RecoverableError):
 
 
 class StoreUnavailable(RecoverableError):
+    pass
+
+
+class ShuttingDown(RecoverableError):
     pass
 
 

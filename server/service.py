@@ -5,6 +5,9 @@ stream (`_Stream.send`), or the call's status on Complete and Report (`_abort`).
 and take its status from `wire.status_of`; an exception that is not a GhostpenError is a bug of
 ours, logged with its traceback and answered INTERNAL. A Session message that does not parse ends
 the stream with INVALID_ARGUMENT, after an Error for each request in flight.
+
+`drain` is the graceful half of a shutdown: new work is refused UNAVAILABLE, idle sessions end at
+once, and what is in flight gets the grace period to finish, then ends UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from typing import Any, NoReturn
 import grpc
 
 from ghostpen.server import wire
-from ghostpen.server.completion import Completer
+from ghostpen.server.completion import Completer, CompletionEvent, CompletionJob
 from ghostpen.server.errors import (
     DeadlinePassed,
     GhostpenError,
     InternalError,
     LimitExceeded,
+    ShuttingDown,
     over_limit,
 )
 from ghostpen.server.inline import InlineCompletions
@@ -61,23 +65,58 @@ class CompletionService:
         self._limits = settings.limits
         self._max_events = settings.telemetry.max_events_per_report
         self._metrics = metrics
-        self._open_sessions = 0
+        self._sessions: dict[Session, _Stream] = {}
+        self._jobs: set[asyncio.Task[None]] = set()  # Complete calls' completions
         self._background: set[asyncio.Task[None]] = set()
+        self._draining = False
+        self._late = _refused()  # what a request still in flight when the grace ran out gets
+
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new work, end idle sessions now, and give what is in flight `grace_s` to
+        finish; what has not by then ends UNAVAILABLE with a message saying so."""
+        self._draining = True
+        self._late = ShuttingDown(
+            f"the server shut down before the completion finished (shutdown_grace_s={grace_s:g});"
+            " retry on another replica or once it is back"
+        )
+
+        async def settle(session: Session, stream: _Stream) -> None:
+            drained = asyncio.create_task(session.drain())
+            _, late = await asyncio.wait({drained, *stream.acks}, timeout=grace_s)
+            drained.cancel()
+            if late:
+                await stream.end(session, self._late, "shutdown")
+            else:
+                await stream.end(session, _refused())
+
+        async def finish_jobs() -> None:
+            if not self._jobs:
+                return
+            _, running = await asyncio.wait(self._jobs, timeout=grace_s)
+            for job in running:
+                job.cancel("shutdown")
+            await asyncio.gather(*running, return_exceptions=True)
+
+        await asyncio.gather(
+            finish_jobs(), *(settle(session, stream) for session, stream in self._sessions.items())
+        )
 
     async def Session(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         limits = self._limits
-        if self._open_sessions >= limits.max_sessions:
-            opened = f"{self._open_sessions} sessions are open"
+        if self._draining:
+            await self._abort(context, "Session", _refused())
+        if len(self._sessions) >= limits.max_sessions:
+            opened = f"{len(self._sessions)} sessions are open"
             await self._abort(
                 context,
                 "Session",
                 LimitExceeded(over_limit(opened, "max_sessions", limits.max_sessions)),
             )
-        self._open_sessions += 1
         stream = _Stream(self._metrics, limits)
         session = Session(uuid.uuid4().hex, self._completer, self._settings, stream.send)
+        self._sessions[session] = stream
         reader = asyncio.create_task(self._read(session, request_iterator, stream))
         stream.on_overflow(partial(self._cut_off, session, asyncio.current_task()))
         try:
@@ -86,7 +125,7 @@ class CompletionService:
                     await self._abort(context, "Session", message)
                 yield message
         finally:
-            self._open_sessions -= 1
+            del self._sessions[session]
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
             await session.close()
@@ -106,7 +145,6 @@ class CompletionService:
     async def _read(
         self, session: Session, request_iterator: AsyncIterator[Any], stream: _Stream
     ) -> None:
-        acks: set[asyncio.Task[None]] = set()
         messages = aiter(request_iterator)
         idle_s = self._limits.session_idle_s
         try:
@@ -134,11 +172,13 @@ class CompletionService:
                     stream.send(item)
                 elif isinstance(item, TelemetryEvent):
                     task = asyncio.create_task(self._ack_event(item, stream))
-                    acks.add(task)
-                    task.add_done_callback(acks.discard)
+                    stream.acks.add(task)
+                    task.add_done_callback(stream.acks.discard)
+                elif isinstance(item, FileRequest) and self._draining:
+                    stream.send(RequestError(*_about(item), _refused()))
                 else:
                     self._apply(session, item, stream)
-            await asyncio.gather(*acks)
+            await asyncio.gather(*stream.acks)
             await session.drain()
         finally:
             stream.queue.put_nowait(None)
@@ -167,19 +207,40 @@ class CompletionService:
     async def Complete(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         received = time.monotonic()
         try:
+            if self._draining:
+                raise _refused()
             inline = wire.inline_request(request, self._limits, received, context.time_remaining())
             job = self._inline.job(inline)
         except Exception as exc:
             await self._abort(context, "Complete", exc)
         try:
-            async with aclosing(self._completer.run(job)) as events:
-                async for event in events:
-                    yield wire.chunk(event)
+            async for event in self._served(job):
+                yield wire.chunk(event)
+        except asyncio.CancelledError as cancel:
+            if cancel.args != ("shutdown",):
+                raise
+            await self._abort(context, "Complete", self._late)
         except Exception as exc:
             await self._abort(context, "Complete", exc)
 
+    async def _served(self, job: CompletionJob) -> AsyncIterator[CompletionEvent]:
+        """The job's events, produced by a task of its own: a cancel (the client left, or the
+        drain ran out of grace) then lands in the completer, never in grpc's write of a chunk."""
+        events: asyncio.Queue[CompletionEvent | None] = asyncio.Queue()
+        task = asyncio.create_task(_produce(self._completer.run(job), events))
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+        try:
+            while (event := await events.get()) is not None:
+                yield event
+            task.result()  # the job's error, or CancelledError("shutdown")
+        finally:
+            task.cancel("disconnect")
+
     async def Report(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if self._draining:
+                raise _refused()
             events = wire.report_events(request, self._max_events)
             duplicates = await self._telemetry.report(events)
         except Exception as exc:
@@ -203,13 +264,14 @@ class _Stream:
         self._limits = limits
         self._overflow: Callable[[], None] | None = None
         self.cut = False  # past max_queued_messages: nothing more is sent
+        self.acks: set[asyncio.Task[None]] = set()  # events being stored, to answer
 
     def on_overflow(self, callback: Callable[[], None]) -> None:
         self._overflow = callback
 
-    async def end(self, session: Session, error: GhostpenError) -> None:
+    async def end(self, session: Session, error: GhostpenError, reason: str = "disconnect") -> None:
         """End the call with `error`'s status, after an Error for each request in flight."""
-        await session.close(error)
+        await session.close(error, reason)
         self.queue.put_nowait(error)
 
     def send(self, item: Outbound) -> None:
@@ -232,6 +294,24 @@ class _Stream:
                 self._overflow()
             return
         self.queue.put_nowait(message)
+
+
+async def _produce(
+    events: AsyncIterator[CompletionEvent], queue: asyncio.Queue[CompletionEvent | None]
+) -> None:
+    try:
+        async with aclosing(events):
+            async for event in events:
+                queue.put_nowait(event)
+    finally:
+        queue.put_nowait(None)
+
+
+def _refused() -> ShuttingDown:
+    return ShuttingDown(
+        "the server is shutting down and takes no new work; "
+        "retry on another replica or once it is back"
+    )
 
 
 def _about(item: Inbound) -> tuple[str, str]:

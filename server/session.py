@@ -141,18 +141,19 @@ class Session:
         self._stop(request_id, "client")
 
     async def drain(self) -> None:
-        """Wait for the requests in flight (the client closed its side of the stream)."""
+        """Wait for the requests in flight (the client closed its side of the stream); a
+        cancelled wait leaves them running."""
         while self._inflight:
-            running = [r.task for r in self._inflight.values()]
-            await asyncio.gather(*running, return_exceptions=True)
+            await asyncio.wait([r.task for r in self._inflight.values()])
 
-    async def close(self, error: GhostpenError | None = None) -> None:
-        """The stream is gone: stop everything in the engine. With `error` (the stream is being
-        ended for it), each request in flight gets it as its terminal message."""
+    async def close(self, error: GhostpenError | None = None, reason: str = "disconnect") -> None:
+        """The stream is gone: stop everything in the engine, booked as `reason`. With `error`
+        (the stream is being ended for it), each request in flight gets it as its terminal
+        message."""
         for request_id, running in list(self._inflight.items()):
             if error is not None and not running.task.done():
                 self._send(RequestError(request_id, running.path, error))
-            self._stop(request_id, "disconnect")
+            self._stop(request_id, reason)
         await self.drain()
 
     def _stop(self, request_id: str, reason: str) -> None:
@@ -161,7 +162,7 @@ class Session:
         running = self._inflight.get(request_id)
         if running is None or running.task.done() or not running.task.cancel(reason):
             return
-        if reason != "disconnect":
+        if reason in ("client", "superseded"):  # otherwise the stream is gone or ends now
             self._send(
                 CompletionEvent(request_id, running.completion_id, "", True, Finish.CANCELLED)
             )

@@ -29,6 +29,7 @@ from ghostpen.server.errors import (
     InternalError,
     InvalidInput,
     LimitExceeded,
+    ShuttingDown,
     StaleVersion,
     StoreUnavailable,
     UnknownFile,
@@ -62,6 +63,7 @@ STATUS: dict[type[GhostpenError], grpc.StatusCode] = {
     DuplicateRequest: grpc.StatusCode.ALREADY_EXISTS,
     EngineUnavailable: grpc.StatusCode.UNAVAILABLE,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     EngineFailure: grpc.StatusCode.INTERNAL,
     InternalError: grpc.StatusCode.INTERNAL,
 }

@@ -4,7 +4,7 @@
 
 A crash in here (a CPU feature llama.cpp trips on, out of memory) ends this process only; the
 server sees the socket close, fails what was in flight and starts another. When the server goes,
-the socket closes and this process closes its engine and exits.
+the socket closes and this process closes its engine and exits; a Ctrl-C is the server's to handle.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -92,4 +93,6 @@ if __name__ == "__main__":
     import uvloop
 
     logging.basicConfig(level=logging.INFO, format="engine %(levelname)s %(name)s: %(message)s")
+    # A Ctrl-C reaches the whole process group; the server drains, then closes this process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(uvloop.run(main(int(sys.argv[1]))))

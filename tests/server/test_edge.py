@@ -5,104 +5,33 @@ a fake because these tests are about the code around it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import sqlite3
 import subprocess
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 import pytest_asyncio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from ghostpen.proto import ghostpen_pb2 as pb
-from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
-from ghostpen.server.app import RunningServer, start_server
+from ghostpen.server.app import start_server
 from ghostpen.server.metrics import Metrics
 from ghostpen.server.settings import Settings
 from tests.conftest import SessionStream
+from tests.edge_server import Edge, edge_server, event, until
 from tests.scripted_engine import ScriptedEngine
 
 SERVICE = "/ghostpen.v1.Completion/"
 CORRUPT = b"\x0a\xff\xff\xff"  # field 1, a length running past the end
 
 
-@dataclass
-class Edge:
-    engine: ScriptedEngine
-    channel: grpc.aio.Channel
-    stub: pb_grpc.CompletionStub
-    database: str
-    metrics: Metrics
-    running: RunningServer
-
-    def break_store(self) -> None:
-        """What a failed disk or a lost schema looks like to the server: its SQL fails."""
-        self._rename(("events", "events_away"), ("completions", "completions_away"))
-
-    def heal_store(self) -> None:
-        self._rename(("completions_away", "completions"), ("events_away", "events"))
-
-    def _rename(self, *pairs: tuple[str, str]) -> None:
-        with sqlite3.connect(self.database) as db:
-            for old, new in pairs:
-                db.execute(f"ALTER TABLE {old} RENAME TO {new}")
-
-    def rows(self, sql: str, *parameters: object) -> list[tuple]:
-        with contextlib.closing(sqlite3.connect(self.database)) as db:
-            return db.execute(sql, parameters).fetchall()
-
-    async def health(self) -> int:
-        health = health_pb2_grpc.HealthStub(self.channel)
-        reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
-        return reply.status
-
-    def errors(self, rpc: str, code: str) -> float | None:
-        return self.metrics.registry.get_sample_value(
-            "ghostpen_errors_total", {"rpc": rpc, "code": code}
-        )
-
-
-@contextlib.asynccontextmanager
-async def edge_server(tmp_path: Path, **overrides: str) -> AsyncIterator[Edge]:
-    database = str(tmp_path / "telemetry.db")
-    settings = Settings.load(
-        {
-            "port": "0",
-            "metrics_port": "-1",
-            "database": database,
-            "record_commit_wait_ms": "30000",  # a slow disk must not make these tests flaky
-            "retry_s": "0.05",
-            "store_probe_s": "0.05",
-            **overrides,
-        }
-    )
-    metrics = Metrics()
-    engine = ScriptedEngine("total()\n")
-    running = await start_server(settings, engine, metrics)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            stub = pb_grpc.CompletionStub(channel)
-            yield Edge(engine, channel, stub, database, metrics, running)
-    finally:
-        await running.stop(1.0)
-
-
 @pytest_asyncio.fixture
 async def edge(tmp_path) -> AsyncIterator[Edge]:
     async with edge_server(tmp_path) as opened:
         yield opened
-
-
-def event(completion_id: str) -> pb.TelemetryEvent:
-    return pb.TelemetryEvent(
-        event_id=uuid.uuid4().hex, completion_id=completion_id, shown=pb.Shown()
-    )
 
 
 async def test_corrupt_bytes_on_unary_calls_are_invalid_argument(edge: Edge) -> None:
@@ -231,12 +160,6 @@ async def test_corrupt_bytes_without_a_token_are_refused_for_the_token_first(tmp
         assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
     finally:
         await running.stop(1.0)
-
-
-async def until(probe, timeout_s: float = 30.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not await probe():
-            await asyncio.sleep(0.02)
 
 
 async def complete(edge: Edge, request_id: str) -> pb.CompletionChunk:
