@@ -49,8 +49,21 @@ def main(argv: list[str] | None = None) -> int:
         "--template", default="", help="a template id, e.g. qwen25-coder-repo-fim@v1"
     )
     report.add_argument("--language", default="")
+    report.add_argument("--user", default="")
+    report.add_argument("--team", default="")
+    report.add_argument("--tenant", default="")
     report.add_argument("--format", choices=("html", "json", "csv"), default="html")
     report.add_argument("--out", type=Path, help="a file to write; default: standard output")
+
+    tokens = commands.add_parser("tokens", help="per-user tokens: add, list, revoke")
+    token_actions = tokens.add_subparsers(dest="action", required=True)
+    add = token_actions.add_parser("add", help="a new token for a user, printed once")
+    add.add_argument("user")
+    add.add_argument("--team", default="")
+    add.add_argument("--tenant", default="default")
+    token_actions.add_parser("list", help="users and token ids (never the tokens)")
+    revoke = token_actions.add_parser("revoke", help="a token by its id, or all of a user's")
+    revoke.add_argument("who", help="a token id or a user")
 
     bench = commands.add_parser("bench", help="load: simulated developers typing real files")
     bench.add_argument("--sessions", type=int, default=4)
@@ -121,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "report":
             return _report(args, settings)
+        if args.command == "tokens":
+            return _tokens(args, settings)
         if args.command == "eval":
             return _eval(args, settings)
         if args.command == "bench":
@@ -267,6 +282,9 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
         model=args.model,
         template=args.template,
         language=args.language,
+        user=args.user,
+        team=args.team,
+        tenant=args.tenant,
     )
     store = Store.open(settings.telemetry.database, settings.cache_dir)
     try:
@@ -279,6 +297,32 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
         print(args.out)
     else:
         sys.stdout.write(text)
+    return 0
+
+
+def _tokens(args: argparse.Namespace, settings: Settings) -> int:
+    from ghostpen.server.auth import TokenFile
+
+    tokens = TokenFile.at(settings.auth, settings.cache_dir)
+    if args.action == "add":
+        token, entry = tokens.add(args.user, args.team, args.tenant)
+        print(f"token {entry.token_id} for {entry.user} (kept as its hash in {tokens.path}):")
+        print(token)
+        return 0
+    if args.action == "revoke":
+        gone = tokens.revoke(args.who)
+        if not gone:
+            print(f"ghostpen: no token or user {args.who!r} in {tokens.path}", file=sys.stderr)
+            return 1
+        for entry in gone:
+            print(f"revoked {entry.token_id} ({entry.user})")
+        return 0
+    print(f"{'id':8}  {'user':16}  {'team':16}  {'tenant':12}  created")
+    for entry in tokens.entries():
+        print(
+            f"{entry.token_id:8}  {entry.user:16}  {entry.team:16}  {entry.tenant:12}  "
+            f"{entry.created}"
+        )
     return 0
 
 

@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from aiohttp import web
@@ -15,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ghostpen.server import wire
-from ghostpen.server.auth import TokenCheck
+from ghostpen.server.auth import Authenticator, TokenFile
 from ghostpen.server.completion import Completer
 from ghostpen.server.engines.base import Engine
 from ghostpen.server.engines.factory import start_engine
@@ -67,9 +68,8 @@ class RunningServer:
 async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> RunningServer:
     """Start serving on settings.server (port 0 picks a free port; the bound one is returned)."""
     limit = settings.server.max_message_bytes
-    token = settings.server.auth_token
+    auth = Authenticator(settings.auth, TokenFile.at(settings.auth, settings.cache_dir))
     server = grpc.aio.server(
-        interceptors=[TokenCheck(token)] if token else [],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -90,7 +90,7 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
     telemetry = Telemetry(writer, metrics, settings.limits.max_request_id_chars)
     ledger = Ledger(metrics, telemetry.record, stored.record_commit_wait_ms / 1000)
     completer = Completer.from_settings(engine, settings, ledger)
-    service = CompletionService(completer, telemetry, settings, metrics)
+    service = CompletionService(completer, telemetry, settings, metrics, auth)
     server.add_generic_rpc_handlers((wire.handlers(service),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -102,7 +102,13 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
         ),
         server,
     )
-    port = server.add_insecure_port(f"{settings.server.host}:{settings.server.port}")
+    address = f"{settings.server.host}:{settings.server.port}"
+    if settings.auth.tls_cert:
+        key = Path(settings.auth.tls_key).read_bytes()
+        chain = Path(settings.auth.tls_cert).read_bytes()
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, chain)]))
+    else:
+        port = server.add_insecure_port(address)
     await server.start()
 
     async def set_health(serving: bool) -> None:
@@ -140,6 +146,8 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
             settings.server.metrics_port,
             metrics,
             ReportCache(reader, stored.dashboard_cache_s),
+            auth,
+            settings.auth,
         )
         running.dashboard = reader
     return running

@@ -22,6 +22,7 @@ from ghostpen.context.settings import ContextSettings
 from ghostpen.context.template import Template, load_template
 from ghostpen.server.engines.base import Engine, EngineDelta, EngineRequest
 from ghostpen.server.errors import DeadlinePassed
+from ghostpen.server.identity import LOCAL, Identity
 from ghostpen.server.metrics import Timings
 from ghostpen.server.settings import LimitSettings, Settings
 
@@ -51,6 +52,7 @@ class CompletionJob:
     deadline: float  # time.monotonic() past which the request is dropped
     cache_key: str = ""  # the session, so the engine can keep its prompt cache apart
     adapter: str = ""  # the LoRA adapter the request names; "": the base model
+    owner: Identity = LOCAL  # whom it was served to: only they may report on it
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,7 @@ class Completer:
         document: Document,
         chunks: Sequence[Chunk],
         repo: str,
+        owner: Identity = LOCAL,
         previous: Sequence[Chunk] = (),
         cache_key: str = "",
         rank: Ranker = rank_chunks,
@@ -169,6 +172,7 @@ class Completer:
             deadline=spec.received + spec.deadline_s,
             cache_key=cache_key,
             adapter=spec.adapter,
+            owner=owner,
         )
 
     def max_tokens(self, mode: Mode) -> int:
@@ -189,7 +193,7 @@ class Completer:
         )
         truncator = Truncator(cursor)
         request = EngineRequest(
-            job.request_id,
+            job.completion_id,  # minted here: a client's request ids never reach the engine
             job.prompt.text,
             job.max_tokens or self.max_tokens(cursor.mode),
             job.cache_key,

@@ -12,7 +12,9 @@ GhostpenError
 │   ├── DuplicateRequest    a request id already in flight
 │   ├── EngineUnavailable   the engine process died or is restarting: retry
 │   ├── StoreUnavailable    the telemetry database refused a read or write: retry
-│   └── ShuttingDown        the server is draining: retry on another replica or after restart
+│   ├── ShuttingDown        the server is draining: retry on another replica or after restart
+│   ├── Unauthenticated     no token, or one the server does not know
+│   └── PermissionDenied    the caller may not touch what it named (another user's completion)
 └── FatalError            retrying the same request fails the same way; ours to fix
     ├── EngineFailure       the inference engine failed
     └── InternalError       a bug of ours, logged with its traceback
@@ -77,6 +79,14 @@ class StoreUnavailable(RecoverableError):
 
 
 class ShuttingDown(RecoverableError):
+    pass
+
+
+class Unauthenticated(RecoverableError):
+    pass
+
+
+class PermissionDenied(RecoverableError):
     pass
 
 

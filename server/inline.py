@@ -12,6 +12,7 @@ from ghostpen.context.languages import language_of
 from ghostpen.context.prompt import Document
 from ghostpen.server.completion import Completer, CompletionJob, RequestSpec
 from ghostpen.server.errors import DeadlinePassed
+from ghostpen.server.identity import Identity
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class InlineCompletions:
         self._completer = completer
         self._cache = ChunkCache(completer.context_settings.chunk_max_lines)
 
-    def job(self, request: InlineRequest) -> CompletionJob:
+    def job(self, request: InlineRequest, owner: Identity) -> CompletionJob:
         """DeadlinePassed before any chunking if the request's time is already spent."""
         spec = request.spec
         late = time.monotonic() - (spec.received + spec.deadline_s)
@@ -77,4 +78,4 @@ class InlineCompletions:
         document = Document(
             file.path, language_of(file.path, file.language), file.text, request.cursor
         )
-        return self._completer.job(request.spec, document, chunks, request.repo)
+        return self._completer.job(request.spec, document, chunks, request.repo, owner)

@@ -67,6 +67,9 @@ class Ledger:
                 total_ms=outcome.timings.total_s * 1000,
                 finish=outcome.finish.value,
                 chars=outcome.chars,
+                user_id=job.owner.user,
+                team=job.owner.team,
+                tenant=job.owner.tenant,
             )
         )
         with contextlib.suppress(TimeoutError, StoreUnavailable):  # kept and written again

@@ -6,6 +6,9 @@ and take its status from `wire.status_of`; an exception that is not a GhostpenEr
 ours, logged with its traceback and answered INTERNAL. A Session message that does not parse ends
 the stream with INVALID_ARGUMENT, after an Error for each request in flight.
 
+Each call is authenticated first, before its request is looked at; what it creates (sessions,
+completions, events) belongs to the caller's Identity.
+
 `drain` is the graceful half of a shutdown: new work is refused UNAVAILABLE, idle sessions end at
 once, and what is in flight gets the grace period to finish, then ends UNAVAILABLE.
 """
@@ -13,9 +16,11 @@ once, and what is in flight gets the grace period to finish, then ends UNAVAILAB
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from functools import partial
@@ -24,6 +29,7 @@ from typing import Any, NoReturn
 import grpc
 
 from ghostpen.server import wire
+from ghostpen.server.auth import Authenticator
 from ghostpen.server.completion import Completer, CompletionEvent, CompletionJob
 from ghostpen.server.errors import (
     DeadlinePassed,
@@ -33,6 +39,7 @@ from ghostpen.server.errors import (
     ShuttingDown,
     over_limit,
 )
+from ghostpen.server.identity import Identity
 from ghostpen.server.inline import InlineCompletions
 from ghostpen.server.metrics import Metrics
 from ghostpen.server.session import (
@@ -50,15 +57,22 @@ from ghostpen.server.telemetry.records import TelemetryEvent
 from ghostpen.server.workspace import FileChange
 
 log = logging.getLogger(__name__)
+FIRST_MESSAGE_WAIT_S = 1.0  # how long a refused stream may take to send its first message
 
 
 class CompletionService:
     """Registered with `wire.handlers`, which parses requests (a `Corrupt` one included)."""
 
     def __init__(
-        self, completer: Completer, telemetry: Telemetry, settings: Settings, metrics: Metrics
+        self,
+        completer: Completer,
+        telemetry: Telemetry,
+        settings: Settings,
+        metrics: Metrics,
+        auth: Authenticator,
     ) -> None:
         self._completer = completer
+        self._auth = auth
         self._inline = InlineCompletions(completer)
         self._telemetry = telemetry
         self._settings = settings
@@ -66,6 +80,7 @@ class CompletionService:
         self._max_events = settings.telemetry.max_events_per_report
         self._metrics = metrics
         self._sessions: dict[Session, _Stream] = {}
+        self._sessions_of: Counter[str] = Counter()  # open sessions by user
         self._jobs: set[asyncio.Task[None]] = set()  # Complete calls' completions
         self._background: set[asyncio.Task[None]] = set()
         self._draining = False
@@ -104,19 +119,15 @@ class CompletionService:
     async def Session(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        limits = self._limits
-        if self._draining:
-            await self._abort(context, "Session", _refused())
-        if len(self._sessions) >= limits.max_sessions:
-            opened = f"{len(self._sessions)} sessions are open"
-            await self._abort(
-                context,
-                "Session",
-                LimitExceeded(over_limit(opened, "max_sessions", limits.max_sessions)),
-            )
-        stream = _Stream(self._metrics, limits)
-        session = Session(uuid.uuid4().hex, self._completer, self._settings, stream.send)
+        owner = await self._identify(context, "Session", request_iterator)
+        try:
+            self._admit(owner)
+        except GhostpenError as error:
+            await self._abort(context, "Session", error)
+        stream = _Stream(self._metrics, self._limits)
+        session = Session(uuid.uuid4().hex, self._completer, self._settings, stream.send, owner)
         self._sessions[session] = stream
+        self._sessions_of[owner.user] += 1
         reader = asyncio.create_task(self._read(session, request_iterator, stream))
         stream.on_overflow(partial(self._cut_off, session, asyncio.current_task()))
         try:
@@ -126,9 +137,43 @@ class CompletionService:
                 yield message
         finally:
             del self._sessions[session]
+            self._sessions_of[owner.user] -= 1
+            if not self._sessions_of[owner.user]:
+                del self._sessions_of[owner.user]
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
             await session.close()
+
+    def _admit(self, owner: Identity) -> None:
+        """A new session, unless draining or past max_sessions or max_sessions_per_user."""
+        limits = self._limits
+        if self._draining:
+            raise _refused()
+        if len(self._sessions) >= limits.max_sessions:
+            opened = f"{len(self._sessions)} sessions are open"
+            raise LimitExceeded(over_limit(opened, "max_sessions", limits.max_sessions))
+        if self._sessions_of[owner.user] >= limits.max_sessions_per_user:
+            opened = f"{self._sessions_of[owner.user]} sessions of user {owner.user!r} are open"
+            raise LimitExceeded(
+                over_limit(opened, "max_sessions_per_user", limits.max_sessions_per_user)
+            )
+
+    async def _identify(
+        self, context: grpc.aio.ServicerContext, rpc: str, requests: AsyncIterator[Any] | None
+    ) -> Identity:
+        """The caller, or the call ends UNAUTHENTICATED (RESOURCE_EXHAUSTED past the failures
+        allowed). A refused stream's first message is read first: grpc's asyncio client reports
+        a write that lands after the call ended as INTERNAL, not as our status (grpc/grpc#36066),
+        and every client writes at once."""
+        metadata = dict(context.invocation_metadata() or ())
+        try:
+            return self._auth.identify(str(metadata.get("authorization", "")), context.peer())
+        except GhostpenError as error:
+            if requests is not None:
+                with contextlib.suppress(TimeoutError, StopAsyncIteration):
+                    async with asyncio.timeout(FIRST_MESSAGE_WAIT_S):
+                        await anext(aiter(requests))
+            await self._abort(context, rpc, error)
 
     def _cut_off(self, session: Session, handler: asyncio.Task | None) -> None:
         """A client that does not read: its work stops now, and what it still sends is read and
@@ -167,11 +212,13 @@ class CompletionService:
                     # The client's encoder is broken: what else it sent cannot be trusted.
                     await stream.end(session, message.error())
                     return
-                item = wire.client_message(message, self._limits, time.monotonic())
+                item = wire.client_message(
+                    message, self._limits, time.monotonic(), session.owner.user
+                )
                 if isinstance(item, RequestError):
                     stream.send(item)
                 elif isinstance(item, TelemetryEvent):
-                    task = asyncio.create_task(self._ack_event(item, stream))
+                    task = asyncio.create_task(self._ack_event(session.owner, item, stream))
                     stream.acks.add(task)
                     task.add_done_callback(stream.acks.discard)
                 elif isinstance(item, FileRequest) and self._draining:
@@ -195,10 +242,10 @@ class CompletionService:
         elif reply is not None:
             stream.send(reply)
 
-    async def _ack_event(self, event: TelemetryEvent, stream: _Stream) -> None:
+    async def _ack_event(self, owner: Identity, event: TelemetryEvent, stream: _Stream) -> None:
         """Every event gets an answer: its ack once stored, or an Error naming it."""
         try:
-            [duplicate] = await self._telemetry.report([event])
+            [duplicate] = await self._telemetry.report(owner, [event])
         except Exception as exc:
             stream.send(RequestError("", "", _ours(exc), event_id=event.event_id))
         else:
@@ -206,11 +253,12 @@ class CompletionService:
 
     async def Complete(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         received = time.monotonic()
+        owner = await self._identify(context, "Complete", None)
         try:
             if self._draining:
                 raise _refused()
             inline = wire.inline_request(request, self._limits, received, context.time_remaining())
-            job = self._inline.job(inline)
+            job = self._inline.job(inline, owner)
         except Exception as exc:
             await self._abort(context, "Complete", exc)
         try:
@@ -238,11 +286,12 @@ class CompletionService:
             task.cancel("disconnect")
 
     async def Report(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        owner = await self._identify(context, "Report", None)
         try:
             if self._draining:
                 raise _refused()
-            events = wire.report_events(request, self._max_events)
-            duplicates = await self._telemetry.report(events)
+            events = wire.report_events(request, self._max_events, owner.user)
+            duplicates = await self._telemetry.report(owner, events)
         except Exception as exc:
             await self._abort(context, "Report", exc)
         return wire.report_response(events, duplicates)

@@ -19,6 +19,7 @@ from ghostpen.server.errors import (
     GhostpenError,
     UnknownRequest,
 )
+from ghostpen.server.identity import Identity
 from ghostpen.server.settings import Settings
 from ghostpen.server.workspace import FileChange, Workspace, check_cursor
 
@@ -81,8 +82,10 @@ class Session:
         completer: Completer,
         settings: Settings,
         send: Callable[[Outbound], None],
+        owner: Identity,
     ) -> None:
         self.session_id = session_id
+        self.owner = owner
         self.repo = ""
         self._completer = completer
         self._send = send
@@ -122,6 +125,7 @@ class Session:
             Document(held.path, held.language, held.text, request.cursor),
             self.workspace.chunks(stale_ok=True),
             self.repo,
+            owner=self.owner,
             previous=self._last_context,
             cache_key=self.session_id,
         )

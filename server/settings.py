@@ -28,9 +28,26 @@ class ServerSettings:
     metrics_port: int = 9464  # /metrics and /dashboard; 0 picks a free port, -1 turns them off
     shutdown_grace_s: float = 5.0
     max_message_bytes: int = 8 * 1024 * 1024  # a gRPC message larger than this is refused
-    auth_token: str = ""  # when set, calls must send `authorization: Bearer <token>`
     keepalive_s: float = 60.0  # the server pings an idle connection this often
     keepalive_timeout_s: float = 20.0  # and closes it if the ping is not answered in this time
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Who may call (server/auth.py). Authentication is on while the tokens file holds a token
+    or `auth_token` is set."""
+
+    tokens_file: str = ""  # "": cache_dir/tokens.json; written by `ghostpen tokens`
+    auth_token: str = ""  # one token shared by everyone, as the user "shared"
+    metrics_token: str = ""  # also admits Prometheus to /metrics (scrape configs hold one token)
+    auth_failures_max: int = 10  # failed attempts from one address within the window...
+    auth_failure_window_s: float = 60.0  # ...after which it is refused until the window passes
+    tls_cert: str = ""  # PEM certificate chain: gRPC and HTTP serve TLS only (with tls_key)
+    tls_key: str = ""  # PEM private key
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: set both, or neither")
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,7 @@ class LimitSettings:
     max_path_chars: int = 1024
     max_language_chars: int = 64  # an editor's language id ("python", "typescriptreact")
     max_sessions: int = 1000  # open Session streams; one more is refused RESOURCE_EXHAUSTED
+    max_sessions_per_user: int = 64  # open Session streams of one user
     # Replies waiting for a client that does not read; past it the stream ends RESOURCE_EXHAUSTED.
     max_queued_messages: int = 4096
     session_idle_s: float = 1800.0  # a Session without a client message this long is ended
@@ -125,6 +143,7 @@ class TelemetrySettings:
 class Settings:
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "ghostpen")
     server: ServerSettings = field(default_factory=ServerSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     context: ContextSettings = field(default_factory=ContextSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)

@@ -29,9 +29,11 @@ from ghostpen.server.errors import (
     InternalError,
     InvalidInput,
     LimitExceeded,
+    PermissionDenied,
     ShuttingDown,
     StaleVersion,
     StoreUnavailable,
+    Unauthenticated,
     UnknownFile,
     UnknownRequest,
     over_limit,
@@ -64,6 +66,8 @@ STATUS: dict[type[GhostpenError], grpc.StatusCode] = {
     EngineUnavailable: grpc.StatusCode.UNAVAILABLE,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     EngineFailure: grpc.StatusCode.INTERNAL,
     InternalError: grpc.StatusCode.INTERNAL,
 }
@@ -136,9 +140,9 @@ def _parser(message_class: type[Message]) -> Callable[[bytes], Message | Corrupt
 
 
 def client_message(
-    message: pb.ClientMessage | Corrupt, limits: LimitSettings, received: float
+    message: pb.ClientMessage | Corrupt, limits: LimitSettings, received: float, user: str
 ) -> Inbound | TelemetryEvent | RequestError:
-    """One Session message as a domain message, or the error that refuses it."""
+    """One Session message of `user`'s as a domain message, or the error that refuses it."""
     if isinstance(message, Corrupt):
         return RequestError("", "", message.error())
     kind = message.WhichOneof("kind")
@@ -152,7 +156,7 @@ def client_message(
         if kind == "cancel":
             return Cancel(message.cancel.request_id)
         if kind == "event":
-            return telemetry_event(message.event)
+            return telemetry_event(message.event, user)
         raise InvalidInput(
             "empty ClientMessage: set one of hello, file_update, completion_request, cancel, event"
         )
@@ -238,7 +242,9 @@ def inline_request(
     )
 
 
-def report_events(request: pb.ReportRequest | Corrupt, max_events: int) -> list[TelemetryEvent]:
+def report_events(
+    request: pb.ReportRequest | Corrupt, max_events: int, user: str
+) -> list[TelemetryEvent]:
     if isinstance(request, Corrupt):
         raise request.error()
     if len(request.events) > max_events:
@@ -247,11 +253,11 @@ def report_events(request: pb.ReportRequest | Corrupt, max_events: int) -> list[
                 f"{len(request.events)} events in one report", "max_events_per_report", max_events
             )
         )
-    return [telemetry_event(e) for e in request.events]
+    return [telemetry_event(e, user) for e in request.events]
 
 
-def telemetry_event(message: pb.TelemetryEvent) -> TelemetryEvent:
-    """An event without a kind becomes kind "" and fails its check."""
+def telemetry_event(message: pb.TelemetryEvent, user: str) -> TelemetryEvent:
+    """An event `user` sent; one without a kind becomes kind "" and fails its check."""
     kind = message.WhichOneof("kind") or ""
     common = {
         "event_id": message.event_id,
@@ -259,6 +265,7 @@ def telemetry_event(message: pb.TelemetryEvent) -> TelemetryEvent:
         "kind": kind,
         "client_ms": message.client_time_unix_ms,
         "received_ms": int(time.time() * 1000),
+        "user_id": user,
     }
     if kind == "accepted":
         body = message.accepted

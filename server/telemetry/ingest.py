@@ -1,10 +1,15 @@
-"""Take editor events: check them, join them to their completions, store, then count them."""
+"""Take editor events: check them, join them to their completions, store, then count them.
+
+An event is taken only from the user its completion was served to, and accepts at most the
+characters that completion showed: a client cannot write into another user's numbers."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
 
+from ghostpen.server.errors import InvalidInput, PermissionDenied
+from ghostpen.server.identity import Identity
 from ghostpen.server.metrics import Metrics
 from ghostpen.server.telemetry.records import CompletionRecord, TelemetryEvent
 from ghostpen.server.telemetry.writer import TelemetryWriter
@@ -20,18 +25,20 @@ class Telemetry:
         """Resolves once the record is committed."""
         return self._writer.record(completion)
 
-    async def report(self, events: Sequence[TelemetryEvent]) -> list[bool]:
-        """Store the events (all or, on a bad one, none). Returns, per event, whether it is a
-        duplicate: stored before, or repeated earlier in `events`."""
+    async def report(self, owner: Identity, events: Sequence[TelemetryEvent]) -> list[bool]:
+        """Store `owner`'s events (all or, on a bad one, none). Returns, per event, whether it
+        is a duplicate: stored before, or repeated earlier in `events`."""
         for event in events:
             event.check(self._max_id_chars)
         completions = await self._writer.completions_for(list(events))
+        for event in events:
+            _check_owned(owner, event, completions[event.completion_id])
         before = await self._writer.submit(list(events))
-        seen: set[str] = set()
+        seen: set[tuple[str, str]] = set()
         duplicate = []
         for event in events:
-            repeated = event.event_id in before or event.event_id in seen
-            seen.add(event.event_id)
+            repeated = event.key in before or event.key in seen
+            seen.add(event.key)
             duplicate.append(repeated)
             if not repeated:
                 self._count(event, completions[event.completion_id])
@@ -45,3 +52,16 @@ class Telemetry:
         self._metrics.completion_events.labels(*labels, event.kind).inc()
         if event.accepted_chars:
             self._metrics.accepted_chars.labels(*labels).inc(event.accepted_chars)
+
+
+def _check_owned(owner: Identity, event: TelemetryEvent, completion: CompletionRecord) -> None:
+    if (completion.user_id, completion.tenant) != (owner.user, owner.tenant):
+        raise PermissionDenied(
+            f"event {event.event_id!r} is for completion {event.completion_id!r}, which was "
+            "served to another user"
+        )
+    if event.accepted_chars is not None and event.accepted_chars > completion.chars:
+        raise InvalidInput(
+            f"event {event.event_id!r} accepts {event.accepted_chars} characters of completion "
+            f"{event.completion_id!r}, which showed {completion.chars}"
+        )

@@ -28,7 +28,10 @@ class CompletionRecord:
     first_token_ms: float
     total_ms: float
     finish: str
-    chars: int
+    chars: int  # shown: what an accepted event may accept at most
+    user_id: str = ""  # the owner (server/identity.py): only they report on it
+    team: str = ""
+    tenant: str = ""
 
     def row(self) -> tuple:
         """Its fields in order, as the database stores them."""
@@ -50,6 +53,11 @@ class TelemetryEvent:
     fraction: float | None = None
     present: bool | None = None
     file_closed: bool | None = None
+    user_id: str = ""  # who reported it: event ids are unique per user
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.user_id, self.event_id)
 
     def row(self) -> tuple:
         """Its fields in order, as the database stores them."""

@@ -28,6 +28,9 @@ class ReportFilter:
     model: str = ""
     template: str = ""
     language: str = ""
+    user: str = ""
+    team: str = ""
+    tenant: str = ""  # the dashboard sets its viewer's: no one sees another tenant's numbers
 
     def where(self) -> tuple[str, list[object]]:
         clauses, values = ["c.created_ms >= ?", "c.created_ms < ?"], [self.since_ms, self.until_ms]
@@ -35,6 +38,9 @@ class ReportFilter:
             ("model", self.model),
             ("template_id", self.template),
             ("language", self.language),
+            ("user_id", self.user),
+            ("team", self.team),
+            ("tenant", self.tenant),
         ):
             if value:
                 clauses.append(f"c.{column} = ?")

@@ -53,6 +53,37 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX events_completion ON events (completion_id);
     """,
+    # Owners (server/identity.py): rows from before belong to the one local user. Event ids
+    # become unique per user, so one user's ids cannot shadow another's.
+    """
+    ALTER TABLE completions ADD COLUMN user_id TEXT NOT NULL DEFAULT 'local';
+    ALTER TABLE completions ADD COLUMN team TEXT NOT NULL DEFAULT '';
+    ALTER TABLE completions ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+    CREATE INDEX completions_owner ON completions (tenant, user_id, created_ms);
+    CREATE TABLE events_by_user (
+        event_id TEXT NOT NULL,
+        completion_id TEXT NOT NULL REFERENCES completions (completion_id),
+        kind TEXT NOT NULL,
+        client_ms BIGINT NOT NULL,
+        received_ms BIGINT NOT NULL,
+        ms_since_shown INTEGER,
+        accepted_chars INTEGER,
+        unit TEXT,
+        reason TEXT,
+        after_s INTEGER,
+        fraction DOUBLE PRECISION,
+        present INTEGER,
+        file_closed INTEGER,
+        user_id TEXT NOT NULL,
+        PRIMARY KEY (user_id, event_id)
+    );
+    INSERT INTO events_by_user
+        SELECT e.*, COALESCE(c.user_id, 'local')
+        FROM events e LEFT JOIN completions c ON c.completion_id = e.completion_id;
+    DROP TABLE events;
+    ALTER TABLE events_by_user RENAME TO events;
+    CREATE INDEX events_completion ON events (completion_id);
+    """,
 )
 
 _COMPLETION_COLUMNS = [f.name for f in fields(CompletionRecord)]
@@ -99,24 +130,28 @@ class Store:
 
     def write(
         self, completions: Sequence[CompletionRecord], events: Sequence[TelemetryEvent]
-    ) -> set[str]:
-        """Commit both in one transaction; returns the ids of events that were stored before.
-        An id repeated within `events` is stored once, from its first occurrence."""
+    ) -> set[tuple[str, str]]:
+        """Commit both in one transaction; returns the keys (user, event id) of events that
+        were stored before. A key repeated within `events` is stored once, from its first
+        occurrence."""
         return self.write_rows([c.row() for c in completions], [e.row() for e in events])
 
-    def write_rows(self, completions: Sequence[tuple], events: Sequence[tuple]) -> set[str]:
+    def write_rows(
+        self, completions: Sequence[tuple], events: Sequence[tuple]
+    ) -> set[tuple[str, str]]:
         """`write` for rows (`.row()`), which cross to the store's process ten times cheaper than
         the dataclasses."""
         with self._mapped("store telemetry"):
             return self._write(completions, events)
 
-    def _write(self, completions: Sequence[tuple], events: Sequence[tuple]) -> set[str]:
-        before = set(self._existing_events([row[0] for row in events]))
-        seen: set[str] = set()
+    def _write(self, completions: Sequence[tuple], events: Sequence[tuple]) -> set[tuple[str, str]]:
+        before = self._existing_events([_event_key(row) for row in events])
+        seen: set[tuple[str, str]] = set()
         fresh = []
         for row in events:
-            if row[0] not in before and row[0] not in seen:
-                seen.add(row[0])
+            key = _event_key(row)
+            if key not in before and key not in seen:
+                seen.add(key)
                 fresh.append(_event_row(row))
         with self._transaction() as cursor:
             if completions:
@@ -184,12 +219,20 @@ class Store:
                 f"the telemetry database ({kind}) could not {doing}: {exc}; retry later"
             ) from exc
 
-    def _existing_events(self, event_ids: list[str]) -> list[str]:
-        if not event_ids:
-            return []
-        marks = ",".join("?" * len(event_ids))
-        rows = self._query(f"SELECT event_id FROM events WHERE event_id IN ({marks})", event_ids)
-        return [row[0] for row in rows]
+    def _existing_events(self, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of these keys are stored: one query per user, along the primary key."""
+        by_user: dict[str, list[str]] = {}
+        for user, event_id in keys:
+            by_user.setdefault(user, []).append(event_id)
+        found = set()
+        for user, event_ids in by_user.items():
+            marks = ",".join("?" * len(event_ids))
+            rows = self._query(
+                f"SELECT event_id FROM events WHERE user_id = ? AND event_id IN ({marks})",
+                [user, *event_ids],
+            )
+            found.update((user, row[0]) for row in rows)
+        return found
 
     def _insert(self, table: str, columns: list[str]) -> str:
         marks = ", ".join("?" * len(columns))
@@ -230,6 +273,11 @@ class _Transaction:
 
 
 _FLAGS = [_EVENT_COLUMNS.index(name) for name in ("present", "file_closed")]
+_KEY = [_EVENT_COLUMNS.index(name) for name in ("user_id", "event_id")]
+
+
+def _event_key(row: tuple) -> tuple[str, str]:
+    return (row[_KEY[0]], row[_KEY[1]])
 
 
 def _event_row(row: tuple) -> tuple:

@@ -26,7 +26,7 @@ class _Batch:
     completions: list[CompletionRecord] = field(default_factory=list)
     committed: list[asyncio.Future[None]] = field(default_factory=list)
     events: list[TelemetryEvent] = field(default_factory=list)
-    waiters: list[tuple[list[TelemetryEvent], asyncio.Future[set[str]]]] = field(
+    waiters: list[tuple[list[TelemetryEvent], asyncio.Future[set[tuple[str, str]]]]] = field(
         default_factory=list
     )
 
@@ -75,10 +75,10 @@ class TelemetryWriter:
                 )
         return found
 
-    async def submit(self, events: list[TelemetryEvent]) -> set[str]:
-        """Wait until the events are committed; returns the ids that were stored before
-        (by an earlier submission)."""
-        future: asyncio.Future[set[str]] = asyncio.get_running_loop().create_future()
+    async def submit(self, events: list[TelemetryEvent]) -> set[tuple[str, str]]:
+        """Wait until the events are committed; returns the keys (user, event id) that were
+        stored before (by an earlier submission)."""
+        future: asyncio.Future[set[tuple[str, str]]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((events, future))
         return await future
 
@@ -131,12 +131,12 @@ class TelemetryWriter:
             for future in batch.committed:
                 if not future.done():
                     future.set_result(None)
-            claimed = set(duplicates)  # an id belongs to the first submitter that sent it
+            claimed = set(duplicates)  # a key belongs to the first submitter that sent it
             for events, waiter in batch.waiters:
-                ids = {e.event_id for e in events}
+                keys = {e.key for e in events}
                 if not waiter.done():
-                    waiter.set_result(ids & claimed)
-                claimed |= ids
+                    waiter.set_result(keys & claimed)
+                claimed |= keys
 
     def _failed_batch(self, batch: _Batch, error: StoreUnavailable) -> None:
         log.warning(

@@ -114,11 +114,12 @@ async def test_work_past_the_grace_period_ends_unavailable_saying_so(tmp_path) -
         edge.engine.text, edge.engine.delay = "x" * 400, 0.05  # 20 s: past any grace
         busy = await opened(edge)
         ask(busy, "long")
-        assert (await busy.read()).chunk.text == "x"
+        long = (await busy.read()).chunk
         inline = edge.stub.Complete(
             pb.CompleteRequest(request_id="inline", path="a.py", prefix=b"x = ", max_tokens=400)
         )
-        assert (await inline.read()).text == "x"
+        started = await inline.read()
+        assert (long.text, started.text) == ("x", "x")
 
         await edge.running.stop(0.3)
 
@@ -132,7 +133,8 @@ async def test_work_past_the_grace_period_ends_unavailable_saying_so(tmp_path) -
             await inline_text(inline)
         assert cut.value.code() is grpc.StatusCode.UNAVAILABLE
         assert "shutdown_grace_s=0.3" in cut.value.details()
-        assert sorted(edge.engine.closed) == ["inline", "long"]  # stopped in the engine
+        stopped_in_engine = sorted(edge.engine.closed)
+        assert stopped_in_engine == sorted([long.completion_id, started.completion_id])
         stopped = edge.metrics.registry.get_sample_value(
             "ghostpen_cancellations_total", {"engine": "scripted", "reason": "shutdown"}
         )

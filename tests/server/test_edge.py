@@ -61,7 +61,8 @@ async def test_a_corrupt_message_ends_the_session_after_an_error_for_each_reques
         request_id="r", path="a.py", version=1, cursor_offset=4, max_tokens=400
     )
     await send(completion_request=request)
-    assert (await call.read()).chunk.text == "x"  # in flight
+    first = (await call.read()).chunk
+    assert first.text == "x"  # in flight
     await call.write(CORRUPT)
     replies = []
     with pytest.raises(grpc.aio.AioRpcError) as ended:
@@ -72,7 +73,7 @@ async def test_a_corrupt_message_ends_the_session_after_an_error_for_each_reques
     assert not any(m.chunk.final for m in replies)  # the Error is its terminal message
     assert ended.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "not a valid ghostpen.v1.ClientMessage" in ended.value.details()
-    assert edge.engine.closed == ["r"]  # stopped in the engine too
+    assert edge.engine.closed == [first.completion_id]  # stopped in the engine too
 
 
 async def test_a_status_never_echoes_unbounded_input(edge: Edge) -> None:

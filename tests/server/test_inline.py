@@ -9,6 +9,7 @@ import pytest
 from ghostpen.context.postprocess import Mode
 from ghostpen.server.completion import Completer, Discard, RequestSpec
 from ghostpen.server.errors import DeadlinePassed
+from ghostpen.server.identity import LOCAL
 from ghostpen.server.inline import InlineCompletions, InlineFile, InlineRequest
 from ghostpen.server.settings import Settings
 from tests.scripted_engine import ScriptedEngine
@@ -27,7 +28,7 @@ def completions() -> InlineCompletions:
 
 
 def test_context_is_chunked_and_the_language_guessed() -> None:
-    job = completions().job(inline_request(5.0, time.monotonic()))
+    job = completions().job(inline_request(5.0, time.monotonic()), LOCAL)
     assert job.document.language == "python" and job.document.prefix == "x = total("
     assert [r.chunk.path for r in job.prompt.context] == ["shop.py"]
 
@@ -40,5 +41,5 @@ def test_a_spent_deadline_is_refused_before_any_chunking(monkeypatch) -> None:
         lambda path, *args: chunked.append(path),
     )
     with pytest.raises(DeadlinePassed, match="before the context was read"):
-        inline.job(inline_request(0.001, time.monotonic() - 1.0))
+        inline.job(inline_request(0.001, time.monotonic() - 1.0), LOCAL)
     assert chunked == []

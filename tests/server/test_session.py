@@ -8,6 +8,7 @@ import time
 from ghostpen.context.postprocess import Finish, Mode
 from ghostpen.server.completion import Completer, CompletionEvent, RequestSpec
 from ghostpen.server.engines.base import Engine
+from ghostpen.server.identity import LOCAL
 from ghostpen.server.ledger import Ledger
 from ghostpen.server.metrics import Metrics
 from ghostpen.server.session import Cancel, FileRequest, RequestError, Session
@@ -30,7 +31,7 @@ def make_session(engine: Engine) -> tuple[Session, list[object], Metrics, list[C
 
     completer = Completer.from_settings(engine, settings, Ledger(metrics, record, 1.0))
     sent: list[object] = []
-    session = Session("s1", completer, settings, sent.append)
+    session = Session("s1", completer, settings, sent.append, LOCAL)
     session.update(FileChange("a.py", "python", 1, text="x = "))
     return session, sent, metrics, recorded
 
@@ -38,6 +39,11 @@ def make_session(engine: Engine) -> tuple[Session, list[object], Metrics, list[C
 def request(request_id: str, deadline_s: float = 5.0) -> FileRequest:
     spec = RequestSpec(request_id, Mode.SINGLE_LINE, 0, "", deadline_s, time.monotonic())
     return FileRequest(spec, "a.py", 1, 4)
+
+
+def completion_of(sent: list[object], request_id: str) -> str:
+    """The server-minted id the engine knows the request by."""
+    return next(e.completion_id for e in sent if getattr(e, "request_id", "") == request_id)
 
 
 def cancellations(metrics: Metrics, reason: str) -> float | None:
@@ -61,7 +67,7 @@ async def test_latest_wins_and_the_superseded_stream_is_closed() -> None:
     first = next(e for e in sent if e.request_id == "first")
     assert finals[0].completion_id == first.completion_id  # the cancelled one names itself
     assert "".join(e.text for e in sent if e.request_id == "second") == "compute_total()"
-    assert engine.closed == ["first", "second"]
+    assert engine.closed == [completion_of(sent, "first"), completion_of(sent, "second")]
     [record] = recorded  # only the completion that finished is recorded for telemetry
     assert (record.completion_id, record.finish, record.chars) == (
         finals[1].completion_id,
@@ -119,7 +125,7 @@ async def test_closing_the_session_stops_everything_without_replies() -> None:
     session.start(request("running"))
     await asyncio.wait_for(engine.streaming.wait(), 10)
     await session.close()
-    assert engine.closed == ["running"]
+    assert engine.closed == [completion_of(sent, "running")]
     assert not any(getattr(e, "final", False) for e in sent)
     assert cancellations(metrics, "disconnect") == 1
 

@@ -61,7 +61,10 @@ def test_both_rpcs_check_a_request_the_same_way(
 ) -> None:
     fields = {"request_id": "r1", "path": "a.py", **request_fields}
     session_item = wire.client_message(
-        pb.ClientMessage(completion_request=pb.CompletionRequest(version=1, **fields)), LIMITS, 0.0
+        pb.ClientMessage(completion_request=pb.CompletionRequest(version=1, **fields)),
+        LIMITS,
+        0.0,
+        "u",
     )
     assert isinstance(session_item, RequestError)
     with pytest.raises(errors.GhostpenError) as complete_error:
@@ -76,7 +79,7 @@ def test_a_session_request_becomes_a_file_request() -> None:
     message = pb.CompletionRequest(
         request_id="r1", path="a.py", version=3, cursor_offset=5, mode=pb.MODE_MULTI_LINE
     )
-    item = wire.client_message(pb.ClientMessage(completion_request=message), LIMITS, 12.0)
+    item = wire.client_message(pb.ClientMessage(completion_request=message), LIMITS, 12.0, "u")
     assert isinstance(item, FileRequest)
     assert (item.path, item.version, item.cursor) == ("a.py", 3, 5)
     assert (item.spec.request_id, item.spec.mode, item.spec.received) == (
@@ -135,7 +138,7 @@ def test_corrupt_bytes_become_a_clear_invalid_argument() -> None:
     parse = wire._parser(pb.ClientMessage)
     corrupt = parse(b"\x0a\xff\xff\xff")  # field 1, a length running past the end
     assert isinstance(corrupt, wire.Corrupt)
-    item = wire.client_message(corrupt, LIMITS, 0.0)
+    item = wire.client_message(corrupt, LIMITS, 0.0, "u")
     assert isinstance(item, RequestError)
     assert wire.status_of(item.error) is grpc.StatusCode.INVALID_ARGUMENT
     assert "not a valid ghostpen.v1.ClientMessage" in str(item.error)
@@ -157,9 +160,11 @@ def test_handlers_cover_every_method_of_the_service() -> None:
 
 
 def test_hello_and_an_empty_message() -> None:
-    hello = wire.client_message(pb.ClientMessage(hello=pb.Hello(workspace="w" * 40)), LIMITS, 0.0)
+    hello = wire.client_message(
+        pb.ClientMessage(hello=pb.Hello(workspace="w" * 40)), LIMITS, 0.0, "u"
+    )
     assert hello == Hello("w" * 16)
-    empty = wire.client_message(pb.ClientMessage(), LIMITS, 0.0)
+    empty = wire.client_message(pb.ClientMessage(), LIMITS, 0.0, "u")
     assert isinstance(empty, RequestError) and "set one of" in str(empty.error)
 
 
@@ -197,6 +202,6 @@ def test_an_error_message_never_echoes_unbounded_input() -> None:
 
 def test_a_file_update_with_a_long_language_is_refused() -> None:
     update = pb.FileUpdate(path="a.py", version=1, language="x" * 65, text=b"")
-    item = wire.client_message(pb.ClientMessage(file_update=update), LIMITS, 0.0)
+    item = wire.client_message(pb.ClientMessage(file_update=update), LIMITS, 0.0, "u")
     assert isinstance(item, RequestError) and item.path == "a.py"
     assert "language has 65 characters; the limit is max_language_chars=64" in str(item.error)

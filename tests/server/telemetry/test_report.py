@@ -110,8 +110,34 @@ def test_sqlite_and_postgresql_give_the_same_report(tmp_path: Path) -> None:
 
 def test_duplicates_are_stored_once(store: Store) -> None:
     store.write(COMPLETIONS, EVENTS[:2])
-    assert store.write([], EVENTS[:3]) == {"sa", "sb"}
+    assert store.write([], EVENTS[:3]) == {("", "sa"), ("", "sb")}
     assert store.query("SELECT COUNT(*) FROM events") == [(3,)]
+
+
+def test_event_ids_are_unique_per_user(store: Store) -> None:
+    """One user's event ids cannot shadow another's: each user's "sa" is stored."""
+    mine, theirs = (replace(EVENTS[0], user_id=user) for user in ("alice", "bob"))
+    store.write(COMPLETIONS, [mine])
+    assert store.write([], [theirs, mine]) == {("alice", "sa")}
+    assert store.query("SELECT user_id FROM events ORDER BY user_id") == [("alice",), ("bob",)]
+
+
+def test_the_report_narrows_to_a_user_a_team_and_a_tenant(store: Store) -> None:
+    owned = [
+        replace(COMPLETIONS[0], user_id="alice", team="platform", tenant="acme"),
+        replace(COMPLETIONS[1], user_id="bob", team="platform", tenant="acme"),
+        replace(COMPLETIONS[2], user_id="carol", team="web", tenant="acme"),
+        replace(COMPLETIONS[3], user_id="dave", team="platform", tenant="other"),
+    ]
+    store.write(owned, [])
+
+    def served(**chosen: str) -> int:
+        return build_report(store, ReportFilter(**chosen))["overall"]["served"]
+
+    assert served(tenant="acme") == 3
+    assert served(tenant="acme", team="platform") == 2
+    assert served(tenant="acme", user="carol") == 1
+    assert served(tenant="other", user="alice") == 0
 
 
 def test_csv_and_html_carry_the_numbers(store: Store) -> None:
