@@ -96,7 +96,7 @@ def running_server(
                 break
         else:
             raise RuntimeError(f"server exited with {process.wait()} before serving")
-        web = re.search(r"(http://\S+)/metrics", line)
+        web = re.search(r"(https?://\S+)/metrics", line)
         yield ServerProcess(f"127.0.0.1:{port}", process, web.group(1) if web else "")
     finally:
         if process.poll() is None:

@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -181,10 +182,20 @@ class SessionClient:
             await asyncio.sleep(self._backoff * random.uniform(0.8, 1.2))
             self._backoff = min(self._backoff * 2, self._settings.reconnect_max_s)
 
+    def _channel(self) -> grpc.aio.Channel:
+        settings = self._settings
+        if not settings.tls:
+            return grpc.aio.insecure_channel(settings.server)
+        try:
+            roots = Path(settings.tls_ca).read_bytes() if settings.tls_ca else None
+        except OSError as exc:
+            raise ConnectionError(f"tls_ca {settings.tls_ca!r} cannot be read: {exc}") from exc
+        return grpc.aio.secure_channel(settings.server, grpc.ssl_channel_credentials(roots))
+
     async def _session(self) -> None:
         token = self._settings.token
         metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        async with grpc.aio.insecure_channel(self._settings.server) as channel:
+        async with self._channel() as channel:
             outgoing: asyncio.Queue[pb.ClientMessage | None] = asyncio.Queue()
             hello = pb.Hello(client=CLIENT_NAME, workspace=self._workspace)
             outgoing.put_nowait(pb.ClientMessage(hello=hello))

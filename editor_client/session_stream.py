@@ -10,9 +10,11 @@ from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
 
 
 class SessionStream:
-    def __init__(self, stub: pb_grpc.CompletionStub) -> None:
+    def __init__(
+        self, stub: pb_grpc.CompletionStub, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         self._outgoing: asyncio.Queue[pb.ClientMessage | None] = asyncio.Queue()
-        self.call = stub.Session(self._messages())
+        self.call = stub.Session(self._messages(), metadata=metadata)
 
     async def _messages(self) -> AsyncIterator[pb.ClientMessage]:
         while (message := await self._outgoing.get()) is not None:

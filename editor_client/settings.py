@@ -16,6 +16,8 @@ from typing import Any
 class ClientSettings:
     server: str = "127.0.0.1:50151"  # host:port of `ghostpen serve`
     token: str = ""  # sent as `authorization: Bearer <token>` when set
+    tls: bool = False  # connect over TLS (a server with tls_cert set)
+    tls_ca: str = ""  # PEM file of the CA (or self-signed certificate) to trust; "": the system's
     workspace: str = ""  # repository name for the prompt; "": the workspace folder's name
     max_files: int = 12  # recently touched files kept on the server (the server may allow fewer)
     max_file_bytes: int = 1024 * 1024  # larger files are not sent (the server may allow fewer)

@@ -158,7 +158,8 @@ async def serve(settings: Settings) -> None:
     metrics = Metrics()
     engine = await start_engine(settings.engine, settings.cache_dir, metrics)
     running = await start_server(settings, engine, metrics)
-    web_address = f"http://{settings.server.host}:{running.web_port}"
+    scheme = "https" if settings.auth.tls_cert else "http"
+    web_address = f"{scheme}://{settings.server.host}:{running.web_port}"
     print(
         f"ghostpen serving {engine.model_id} on {engine.name} at "
         f"{settings.server.host}:{running.port}"

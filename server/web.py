@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ghostpen.server.auth import Authenticator
 from ghostpen.server.errors import LimitExceeded, StoreUnavailable, Unauthenticated
+from ghostpen.server.identity import Identity
 from ghostpen.server.metrics import Metrics
 from ghostpen.server.settings import AuthSettings
 from ghostpen.server.telemetry.report import ReportFilter, build_report, to_html, to_json
@@ -30,6 +31,7 @@ REPORTS_KEPT = 64  # filters whose reports are cached
 FILTERS = ("model", "template", "language", "user", "team")
 MAX_FILTER_CHARS = 256
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+VIEWER = web.RequestKey("viewer", Identity)
 
 
 class ReportCache:
@@ -82,7 +84,7 @@ async def start_web(
         if request.path == "/metrics" and scrape and given == f"Bearer {scrape}":
             return await handler(request)
         try:
-            request["viewer"] = auth.identify(given, request.remote or "")
+            request[VIEWER] = auth.identify(given, request.remote or "")
         except Unauthenticated as error:
             raise web.HTTPUnauthorized(
                 text=str(error), headers={"WWW-Authenticate": 'Basic realm="ghostpen"'}
@@ -137,7 +139,7 @@ def _filter(request: web.Request) -> ReportFilter:
                 text=f"{name} has {len(value)} characters; the limit is {MAX_FILTER_CHARS}"
             )
         chosen[name] = value
-    return ReportFilter(**chosen, tenant=request["viewer"].tenant)
+    return ReportFilter(**chosen, tenant=request[VIEWER].tenant)
 
 
 async def _report(reports: ReportCache, request: web.Request) -> dict[str, object]:

@@ -69,7 +69,13 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """The defaults on the default model, with one small LoRA adapter loaded: "seeded"."""
     database = tmp_path_factory.mktemp("telemetry") / "telemetry.db"
     settings = Settings.load(
-        {"port": "0", "metrics_port": "0", "engine": "llama.cpp", "database": str(database)}
+        {
+            "port": "0",
+            "metrics_port": "0",
+            "engine": "llama.cpp",
+            "database": str(database),
+            "tokens_file": str(database.parent / "tokens.json"),  # not the developer's own
+        }
     )
     base = models_dir(settings.cache_dir) / REGISTRY[settings.engine.model].filename
     adapter = build_gguf_lora(base, settings.cache_dir / "test-models" / "lora-seeded.gguf")

@@ -30,6 +30,7 @@ class Edge:
     database: str
     metrics: Metrics
     running: RunningServer
+    settings: Settings
 
     def break_store(self) -> None:
         """What a failed disk or a lost schema looks like to the server: its SQL fails."""
@@ -69,6 +70,7 @@ async def edge_server(tmp_path: Path, **overrides: str) -> AsyncIterator[Edge]:
             "record_commit_wait_ms": "30000",  # a slow disk must not make these tests flaky
             "retry_s": "0.05",
             "store_probe_s": "0.05",
+            "tokens_file": str(tmp_path / "tokens.json"),  # not the developer's own
             **overrides,
         }
     )
@@ -78,7 +80,7 @@ async def edge_server(tmp_path: Path, **overrides: str) -> AsyncIterator[Edge]:
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = pb_grpc.CompletionStub(channel)
-            yield Edge(engine, channel, stub, database, metrics, running)
+            yield Edge(engine, channel, stub, database, metrics, running, settings)
     finally:
         await running.stop(1.0)
 

@@ -29,8 +29,9 @@ async def until(condition, timeout: float = 30.0) -> None:
 
 async def serve_on(settings: Settings, port: int, token: str = "") -> RunningServer:
     """A server of its own on a chosen port, so that a test can stop and restart it."""
-    server = dataclasses.replace(settings.server, port=port, metrics_port=-1, auth_token=token)
-    serving = dataclasses.replace(settings, server=server)
+    server = dataclasses.replace(settings.server, port=port, metrics_port=-1)
+    auth = dataclasses.replace(settings.auth, auth_token=token)
+    serving = dataclasses.replace(settings, server=server, auth=auth)
     metrics = Metrics()
     engine = await start_engine(settings.engine, settings.cache_dir, metrics)
     return await start_server(serving, engine, metrics)

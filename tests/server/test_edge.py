@@ -17,12 +17,8 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2
 
 from ghostpen.proto import ghostpen_pb2 as pb
-from ghostpen.server.app import start_server
-from ghostpen.server.metrics import Metrics
-from ghostpen.server.settings import Settings
 from tests.conftest import SessionStream
 from tests.edge_server import Edge, edge_server, event, until
-from tests.scripted_engine import ScriptedEngine
 
 SERVICE = "/ghostpen.v1.Completion/"
 CORRUPT = b"\x0a\xff\xff\xff"  # field 1, a length running past the end
@@ -145,22 +141,10 @@ async def still_completes(session: SessionStream) -> None:
 
 
 async def test_corrupt_bytes_without_a_token_are_refused_for_the_token_first(tmp_path) -> None:
-    settings = Settings.load(
-        {
-            "port": "0",
-            "metrics_port": "-1",
-            "database": str(tmp_path / "telemetry.db"),
-            "auth_token": "secret",
-        }
-    )
-    running = await start_server(settings, ScriptedEngine("1\n"), Metrics())
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await channel.unary_unary(SERVICE + "Report")(CORRUPT)
+    async with edge_server(tmp_path, auth_token="secret") as edge:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await edge.channel.unary_unary(SERVICE + "Report")(CORRUPT)
         assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
-    finally:
-        await running.stop(1.0)
 
 
 async def complete(edge: Edge, request_id: str) -> pb.CompletionChunk:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -10,7 +12,7 @@ import pytest
 
 from ghostpen.server.telemetry.records import CompletionRecord, TelemetryEvent
 from ghostpen.server.telemetry.report import ReportFilter, build_report, to_csv, to_html
-from ghostpen.server.telemetry.store import Store
+from ghostpen.server.telemetry.store import MIGRATIONS, Store
 from tests.postgres import drop_database, start_database
 
 DAY = 86_400_000
@@ -168,3 +170,44 @@ def test_grafana_dashboard_asks_only_for_series_the_server_exports() -> None:
         for series in re.findall(r"ghostpen_[a-z_]+", expr):
             base = re.sub(r"_(total|sum|count|bucket)$", "", series)
             assert base in exported, series
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield str(tmp_path / "old.db")
+        return
+    url, name = start_database()
+    yield url
+    drop_database(name)
+
+
+def test_rows_from_before_owners_belong_to_the_local_user(
+    database: str, tmp_path: Path, monkeypatch
+) -> None:
+    """A database made by the first schema keeps its rows through the owners migration."""
+    monkeypatch.setattr("ghostpen.server.telemetry.store.MIGRATIONS", MIGRATIONS[:1])
+    Store.open(database, tmp_path).close()
+    completion, event = COMPLETIONS[0].row()[:14], EVENTS[0].row()[:13]  # the old columns
+    execute(database, f"INSERT INTO completions VALUES ({', '.join('?' * 14)})", completion)
+    execute(database, f"INSERT INTO events VALUES ({', '.join('?' * 13)})", event)
+    monkeypatch.undo()
+    store = Store.open(database, tmp_path)
+    try:
+        assert store.query("SELECT user_id, tenant FROM completions") == [("local", "default")]
+        assert store.query("SELECT user_id, event_id FROM events") == [("local", "sa")]
+        again = replace(EVENTS[0], user_id="local")
+        assert store.write([], [again]) == {("local", "sa")}  # still known, per user
+    finally:
+        store.close()
+
+
+def execute(database: str, sql: str, parameters: tuple) -> None:
+    if database.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(database) as db:
+            db.execute(sql.replace("?", "%s"), parameters)
+    else:
+        with contextlib.closing(sqlite3.connect(database)) as db, db:
+            db.execute(sql, parameters)
