@@ -78,6 +78,8 @@ class TelemetryWriter:
     async def submit(self, events: list[TelemetryEvent]) -> set[tuple[str, str]]:
         """Wait until the events are committed; returns the keys (user, event id) that were
         stored before (by an earlier submission)."""
+        if not events:  # nothing to write: no batch would ever answer
+            return set()
         future: asyncio.Future[set[tuple[str, str]]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((events, future))
         return await future

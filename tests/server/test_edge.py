@@ -275,3 +275,10 @@ async def test_a_client_that_never_reads_is_cut_off_at_max_queued_messages(tmp_p
                     await call.read()
         assert ended.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, ended.value.details()
         assert "max_queued_messages=4096" in ended.value.details()
+
+
+async def test_an_empty_report_is_answered(edge: Edge) -> None:
+    """Found by the fuzz: a Report of no events waited forever for a write that never came."""
+    async with asyncio.timeout(30):
+        reply = await edge.stub.Report(pb.ReportRequest())
+    assert list(reply.acks) == []

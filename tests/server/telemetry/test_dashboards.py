@@ -57,12 +57,14 @@ async def isolated(server: RunningServer, settings: Settings, tmp_path_factory) 
                 request = pb.CompleteRequest(
                     request_id=f"d{index}", path=f"f{index}.py", prefix=b"x = ", max_tokens=3
                 )
-                completion_id = [c async for c in stub.Complete(request)][-1].completion_id
+                chunks = [c async for c in stub.Complete(request)]
+                completion_id = chunks[-1].completion_id
+                shown = len("".join(c.text for c in chunks))  # what an event may accept at most
                 kinds = [("shown", pb.Shown())]
                 outcomes = [
-                    ("accepted", pb.Accepted(accepted_chars=4)),
-                    ("accepted", pb.Accepted(accepted_chars=4)),
-                    ("partially_accepted", pb.PartiallyAccepted(accepted_chars=2)),
+                    ("accepted", pb.Accepted(accepted_chars=min(4, shown))),
+                    ("accepted", pb.Accepted(accepted_chars=min(4, shown))),
+                    ("partially_accepted", pb.PartiallyAccepted(accepted_chars=min(2, shown))),
                     ("rejected", pb.Rejected()),
                 ]
                 kinds.append(outcomes[index])

@@ -37,7 +37,7 @@ async def test_acknowledged_events_survive_sigkill(tmp_path: Path) -> None:
                         event_id=uuid.uuid4().hex,
                         completion_id=completion_id,
                         client_time_unix_ms=int(time.time() * 1000),
-                        **{kind: pb.Shown() if kind == "shown" else pb.Accepted(accepted_chars=5)},
+                        **{kind: pb.Shown() if kind == "shown" else pb.Accepted(accepted_chars=1)},
                     )
                 )
             reply = await stub.Report(pb.ReportRequest(events=events))

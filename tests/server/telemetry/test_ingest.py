@@ -16,8 +16,9 @@ SOURCE = "def add(a, b):\n    return "
 
 
 async def served_completion(session: SessionStream, path: str) -> pb.CompletionChunk:
+    """The final chunk of a completion that showed at least one character."""
     await session.open_file(path, SOURCE)
-    _, final = await session.complete(
+    text, final = await session.complete(
         request_id=f"t-{path}",
         path=path,
         version=1,
@@ -25,6 +26,7 @@ async def served_completion(session: SessionStream, path: str) -> pb.CompletionC
         max_tokens=6,
         mode=pb.MODE_SINGLE_LINE,
     )
+    assert text, "the model completed nothing; the events below accept a character"
     return final.chunk
 
 
@@ -52,7 +54,7 @@ async def test_events_on_the_session_are_stored_before_they_are_acknowledged(
     chunk = await served_completion(session, "tel.py")
     events = [
         event(chunk.completion_id, shown=pb.Shown()),
-        event(chunk.completion_id, accepted=pb.Accepted(ms_since_shown=900, accepted_chars=7)),
+        event(chunk.completion_id, accepted=pb.Accepted(ms_since_shown=900, accepted_chars=1)),
         event(
             chunk.completion_id,
             retention=pb.Retention(after_s=30, retained_fraction=0.8, present=True),
