@@ -34,7 +34,7 @@ from ghostpen.context.settings import ContextSettings
 from ghostpen.context.template import Template, load_template
 from ghostpen.proto import ghostpen_pb2 as pb
 from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
-from ghostpen.server.inline import ChunkCache
+from ghostpen.server.context_process import ChunkCache
 from ghostpen.server.model_store import resolve
 from ghostpen.server.settings import Settings
 

@@ -18,8 +18,10 @@ from grpc_reflection.v1alpha import reflection
 from ghostpen.server import wire
 from ghostpen.server.auth import Authenticator, TokenFile
 from ghostpen.server.completion import Completer
+from ghostpen.server.context_process import ContextProcess
 from ghostpen.server.engines.base import Engine
 from ghostpen.server.engines.factory import start_engine
+from ghostpen.server.inline import InlineCompletions
 from ghostpen.server.ledger import Ledger
 from ghostpen.server.metrics import Metrics
 from ghostpen.server.service import CompletionService
@@ -42,6 +44,7 @@ class RunningServer:
     engine: Engine
     metrics: Metrics
     writer: TelemetryWriter
+    context: ContextProcess
     port: int
     web: web.AppRunner | None = None
     web_port: int = 0
@@ -62,6 +65,7 @@ class RunningServer:
         if self.dashboard is not None:
             await self.dashboard.close()
         await self.writer.close()
+        await self.context.close()
         await self.engine.close()
 
 
@@ -90,7 +94,9 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
     telemetry = Telemetry(writer, metrics, settings.limits.max_request_id_chars)
     ledger = Ledger(metrics, telemetry.record, stored.record_commit_wait_ms / 1000)
     completer = Completer.from_settings(engine, settings, ledger)
-    service = CompletionService(completer, telemetry, settings, metrics, auth)
+    context = ContextProcess(settings.context, completer.template)
+    inline = InlineCompletions(completer, context)
+    service = CompletionService(completer, inline, telemetry, settings, metrics, auth)
     server.add_generic_rpc_handlers((wire.handlers(service),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -136,7 +142,9 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
     engine.watch(watcher("engine"))
     store.watch(watcher("store"))
     metrics.watch_engine(engine.stats)
-    running = RunningServer(server, service, health_servicer, engine, metrics, writer, port)
+    running = RunningServer(
+        server, service, health_servicer, engine, metrics, writer, context, port
+    )
     if settings.server.metrics_port >= 0:
         reader = StoreProcess(
             "dashboard", stored.database, settings.cache_dir, stored.store_probe_s

@@ -1,7 +1,8 @@
 """One completion, from a checked request to streamed events: context, engine, post-processing.
 
 Both RPCs end here, so a Session request and a stateless Complete call are served the same way:
-`Completer.job` builds the job, `Completer.run` streams it and hands its `Outcome` to one sink.
+`Completer.job` makes the job of a prompt (`Completer.prompt` builds one; a Complete call's comes
+from the context process), `Completer.run` streams it and hands its `Outcome` to one sink.
 """
 
 from __future__ import annotations
@@ -145,21 +146,27 @@ class Completer:
         """The same engine and settings behind another prompt template (for ablations)."""
         return Completer(self.engine, template, self.context_settings, self._limits, self._sink)
 
+    def prompt(
+        self,
+        repo: str,
+        document: Document,
+        chunks: Sequence[Chunk],
+        previous: Sequence[Chunk] = (),
+        rank: Ranker = rank_chunks,
+    ) -> Prompt:
+        return build_prompt(
+            repo, document, chunks, self.template, self.context_settings, previous, rank
+        )
+
     def job(
         self,
         spec: RequestSpec,
         document: Document,
-        chunks: Sequence[Chunk],
-        repo: str,
+        prompt: Prompt,
         owner: Identity = LOCAL,
-        previous: Sequence[Chunk] = (),
         cache_key: str = "",
-        rank: Ranker = rank_chunks,
     ) -> CompletionJob:
-        """Build the prompt and the job: the one constructor both RPCs use."""
-        prompt = build_prompt(
-            repo, document, chunks, self.template, self.context_settings, previous, rank
-        )
+        """The one constructor both RPCs use, once the prompt is built."""
         return CompletionJob(
             request_id=spec.request_id,
             completion_id=uuid.uuid4().hex,

@@ -66,6 +66,7 @@ class CompletionService:
     def __init__(
         self,
         completer: Completer,
+        inline: InlineCompletions,
         telemetry: Telemetry,
         settings: Settings,
         metrics: Metrics,
@@ -73,7 +74,7 @@ class CompletionService:
     ) -> None:
         self._completer = completer
         self._auth = auth
-        self._inline = InlineCompletions(completer)
+        self._inline = inline
         self._telemetry = telemetry
         self._settings = settings
         self._limits = settings.limits
@@ -258,7 +259,7 @@ class CompletionService:
             if self._draining:
                 raise _refused()
             inline = wire.inline_request(request, self._limits, received, context.time_remaining())
-            job = self._inline.job(inline, owner)
+            job = await self._inline.job(inline, owner)
         except Exception as exc:
             await self._abort(context, "Complete", exc)
         try:

@@ -120,14 +120,12 @@ class Session:
         check_cursor(request.path, held.text, request.cursor)
         for running in list(self._inflight):
             self._stop(running, "superseded")
+        document = Document(held.path, held.language, held.text, request.cursor)
+        prompt = self._completer.prompt(
+            self.repo, document, self.workspace.chunks(stale_ok=True), self._last_context
+        )
         job = self._completer.job(
-            request.spec,
-            Document(held.path, held.language, held.text, request.cursor),
-            self.workspace.chunks(stale_ok=True),
-            self.repo,
-            owner=self.owner,
-            previous=self._last_context,
-            cache_key=self.session_id,
+            request.spec, document, prompt, self.owner, cache_key=self.session_id
         )
         self._last_context = tuple(ranked.chunk for ranked in job.prompt.context)
         task = asyncio.create_task(self._serve(job))

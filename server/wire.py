@@ -19,6 +19,7 @@ from google.protobuf.message_factory import GetMessageClass
 from ghostpen.context.postprocess import Finish, Mode
 from ghostpen.proto import ghostpen_pb2 as pb
 from ghostpen.server.completion import CompletionEvent, RequestSpec, remaining_s
+from ghostpen.server.context_process import InlineFile
 from ghostpen.server.errors import (
     CursorOutOfRange,
     DeadlinePassed,
@@ -38,7 +39,7 @@ from ghostpen.server.errors import (
     UnknownRequest,
     over_limit,
 )
-from ghostpen.server.inline import InlineFile, InlineRequest
+from ghostpen.server.inline import InlineRequest
 from ghostpen.server.session import (
     Cancel,
     FileAck,

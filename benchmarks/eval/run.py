@@ -21,8 +21,8 @@ from ghostpen.context.postprocess import Mode
 from ghostpen.context.prompt import Document
 from ghostpen.context.template import Template
 from ghostpen.server.completion import Completer, CompletionJob, RequestSpec
+from ghostpen.server.context_process import ChunkCache
 from ghostpen.server.engines.base import EngineRequest
-from ghostpen.server.inline import ChunkCache
 
 DESIGN_STRATEGY = "edit-distance"
 
@@ -74,7 +74,8 @@ async def evaluate(
             runner = completer.with_template(variant.template) if variant.template else completer
             received = time.monotonic()
             spec = RequestSpec(f"eval-{number}-{variant.name}", mode, 0, "", 120.0, received)
-            job = runner.job(spec, document, chunks, repo, rank=STRATEGIES[variant.strategy])
+            prompt = runner.prompt(repo, document, chunks, rank=STRATEGIES[variant.strategy])
+            job = runner.job(spec, document, prompt)
             if variant.truncate:
                 text, timings = "", None
                 async for event in runner.run(job):

@@ -1,5 +1,6 @@
 import pytest
 
+from ghostpen.server.context_process import ChunkCache
 from ghostpen.server.errors import (
     CursorOutOfRange,
     InvalidInput,
@@ -7,7 +8,6 @@ from ghostpen.server.errors import (
     StaleVersion,
     UnknownFile,
 )
-from ghostpen.server.inline import ChunkCache
 from ghostpen.server.settings import LimitSettings
 from ghostpen.server.workspace import FileChange, TextEdit, Workspace, check_cursor
 
