@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from functools import cache
 from pathlib import PurePosixPath
 
@@ -80,16 +81,25 @@ GRAMMARS = frozenset({"python", "javascript", "typescript", "tsx", "go", "rust",
 
 
 def parser_for(language: str) -> tree_sitter.Parser | None:
-    """A parser for the language, or None where we have no grammar (line windows are used then).
-    A language is a client's string: only those with a grammar reach the cache."""
-    return _parser(language) if language in GRAMMARS else None
+    """This thread's parser for the language (a parser is not safe to share between threads),
+    or None where we have no grammar (line windows are used then). A language is a client's
+    string: only those with a grammar reach the cache."""
+    if language not in GRAMMARS:
+        return None
+    parsers = _local.__dict__.setdefault("parsers", {})
+    if language not in parsers:
+        parsers[language] = tree_sitter.Parser(_language(language))
+    return parsers[language]
+
+
+_local = threading.local()
 
 
 @cache
-def _parser(language: str) -> tree_sitter.Parser:
+def _language(language: str) -> tree_sitter.Language:
     grammar = _grammar(language)
     assert grammar is not None, f"GRAMMARS names {language!r} but _grammar has none"
-    return tree_sitter.Parser(tree_sitter.Language(grammar))
+    return tree_sitter.Language(grammar)
 
 
 _HASH_COMMENT = {"python", "ruby", "shell", "perl", "r", "yaml", "toml", "dockerfile", "makefile"}

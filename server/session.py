@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
@@ -25,6 +26,9 @@ from ghostpen.server.workspace import FileChange, Workspace, check_cursor
 
 FINISHED_KEPT = 64  # recently finished request ids, so that a late cancel is not an error
 log = logging.getLogger(__name__)
+# One thread chunks every session's files: a parse there lets the loop run (context/chunker.py),
+# and one thread is as many as the GIL allows to run at once anyway.
+CHUNKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ghostpen-chunker")
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class Session:
         self._inflight: dict[str, _Running] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._last_context: tuple[Chunk, ...] = ()
+        self._refresh_queued = False
 
     def handle(self, message: Inbound) -> FileAck | None:
         """Apply one client message; a GhostpenError refuses it and the session goes on."""
@@ -109,6 +114,7 @@ class Session:
 
     def update(self, change: FileChange) -> FileAck:
         evicted = self.workspace.apply(change)
+        self._refresh_soon()
         return FileAck(change.path, change.version, tuple(evicted))
 
     def start(self, request: FileRequest) -> None:
@@ -131,8 +137,7 @@ class Session:
         task = asyncio.create_task(self._serve(job))
         self._inflight[request_id] = _Running(task, job.completion_id, request.path)
         task.add_done_callback(partial(self._done, request_id))
-        # Runs once the request waits on the engine: the next keystroke finds fresh chunks.
-        asyncio.get_running_loop().call_soon(self.workspace.refresh)
+        self._refresh_soon()  # the next keystroke finds fresh chunks
 
     def cancel(self, request_id: str) -> None:
         """Idempotent for requests that were started: a cancel racing the final chunk is moot."""
@@ -179,9 +184,27 @@ class Session:
             log.exception("request %s failed", job.request_id)
             self._send(RequestError(job.request_id, job.document.path, EngineFailure(str(exc))))
 
+    def _refresh_soon(self) -> None:
+        """Chunk what the workspace has not chunked yet, in the chunker thread; one refresh
+        queued per session at a time, however fast its files change."""
+        if self._refresh_queued:
+            return
+        self._refresh_queued = True
+        refreshing = asyncio.get_running_loop().run_in_executor(CHUNKER, self._refresh)
+        refreshing.add_done_callback(_logged)
+
+    def _refresh(self) -> None:
+        self._refresh_queued = False  # changes from now on queue another
+        self.workspace.refresh()
+
     def _done(self, request_id: str, _task: asyncio.Task[None]) -> None:
         """Bookkeeping in a done callback: it runs even for a task cancelled before it started."""
         self._inflight.pop(request_id, None)
         self._finished[request_id] = None
         if len(self._finished) > FINISHED_KEPT:
             self._finished.popitem(last=False)
+
+
+def _logged(refreshing: asyncio.Future[None]) -> None:
+    if not refreshing.cancelled() and refreshing.exception() is not None:
+        log.error("chunking a session's files failed", exc_info=refreshing.exception())

@@ -48,15 +48,17 @@ class WorkspaceFile:
     _chunked: ChunkedFile | None = field(default=None, repr=False)
 
     def chunks(self, max_lines: int, stale_ok: bool = False) -> tuple[Chunk, ...]:
-        """This version's chunks; with stale_ok, an earlier version's if this one has none yet."""
-        if self._chunked is None:
-            if stale_ok and self._previous is not None:
-                return self._previous.chunks
-            self._chunked = chunk_file(
-                self.path, self.language, self.text, max_lines, self._previous
-            )
+        """This version's chunks. With stale_ok nothing is chunked here: an earlier version's
+        chunks if this one has none yet, or none at all for a file never chunked."""
+        previous = self._previous  # read first: the chunker thread sets _chunked, then this
+        chunked = self._chunked
+        if chunked is None:
+            if stale_ok:
+                return previous.chunks if previous is not None else ()
+            chunked = chunk_file(self.path, self.language, self.text, max_lines, previous)
+            self._chunked = chunked
             self._previous = None
-        return self._chunked.chunks
+        return chunked.chunks
 
     def edited(self, version: int, edits: tuple[TextEdit, ...]) -> WorkspaceFile:
         """The next version; raises InvalidInput for an edit outside the text."""
@@ -139,14 +141,15 @@ class Workspace:
         """Every held file's chunks, most recently touched file first.
 
         With stale_ok, a file being edited contributes the chunks of the version it was last
-        chunked at (a few keystrokes old), so typing never waits for a re-parse; `refresh`
-        catches up once the request is on its way to the engine."""
+        chunked at (a few keystrokes old), and one never chunked contributes none yet: a request
+        never waits for a parse; `refresh`, in the chunker thread, catches up."""
         max_lines = self._chunk_max_lines
         return [c for held in self._files.values() for c in held.chunks(max_lines, stale_ok)]
 
     def refresh(self) -> None:
-        """Chunk every file version that has no chunks of its own yet."""
-        for held in self._files.values():
+        """Chunk every file version that has no chunks of its own yet. Safe in another thread
+        than the loop's: it reads a snapshot of the files and only sets their chunks."""
+        for held in list(self._files.values()):
             held.chunks(self._chunk_max_lines)
 
     def _edited(self, held: WorkspaceFile | None, change: FileChange) -> WorkspaceFile:

@@ -1,6 +1,9 @@
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from ghostpen.context.chunker import ChunkedFile, chunk_file, edit_tree
+from ghostpen.context.languages import parser_for
 
 PYTHON = '''import os
 
@@ -162,10 +165,20 @@ def test_incremental_reparse_gives_the_same_chunks_as_a_fresh_parse() -> None:
 
 
 def test_a_language_without_a_grammar_never_reaches_the_parser_cache() -> None:
-    from ghostpen.context.languages import _parser, parser_for
+    from ghostpen.context.languages import _language, parser_for
 
-    before = _parser.cache_info().currsize
+    parser_for("python")
+    before = _language.cache_info().currsize
     for n in range(50):  # what a hostile client sends as its language
         assert parser_for(f"lang-{n}-" + "x" * 10_000) is None
-    assert _parser.cache_info().currsize == before
+    assert _language.cache_info().currsize == before
     assert parser_for("python") is parser_for("python")  # known ones are kept
+
+
+def test_each_thread_parses_with_a_parser_of_its_own() -> None:
+    """A tree-sitter parser is not safe to share: the chunker thread and the loop get one each."""
+    with ThreadPoolExecutor(1) as other:
+        theirs = other.submit(parser_for, "python").result()
+        assert theirs is not None and theirs is not parser_for("python")
+        chunked = other.submit(chunk_file, "f.py", "python", PYTHON, 4).result()
+    assert chunked.chunks == chunk_file("f.py", "python", PYTHON, 4).chunks

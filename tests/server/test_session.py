@@ -138,3 +138,24 @@ async def test_a_passed_deadline_is_an_error_and_booked_as_such() -> None:
     error = sent[-1]
     assert isinstance(error, RequestError) and type(error.error).__name__ == "DeadlinePassed"
     assert cancellations(metrics, "deadline") == 1 and recorded == []
+
+
+async def test_files_are_chunked_in_the_chunker_thread(monkeypatch) -> None:
+    import threading
+
+    from ghostpen.server import workspace
+
+    threads: list[str] = []
+    real = workspace.chunk_file
+
+    def recorded(*args: object, **kwargs: object) -> object:
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(workspace, "chunk_file", recorded)
+    session, _, _, _ = make_session(ScriptedEngine("1\n"))  # opens a.py
+    session.update(FileChange("b.py", "python", 1, text="def b():\n    return 2\n"))
+    async with asyncio.timeout(30):
+        while len(session.workspace.chunks(stale_ok=True)) < 2:
+            await asyncio.sleep(0.01)
+    assert threads and all(name.startswith("ghostpen-chunker") for name in threads)

@@ -125,3 +125,11 @@ def test_typing_uses_the_last_chunks_until_refreshed() -> None:
     assert ws.chunks(stale_ok=True) == before
     ws.refresh()
     assert ws.chunks(stale_ok=True)[0].text.strip() == "x = 2"
+
+
+def test_a_request_never_chunks_a_file_itself() -> None:
+    ws = Workspace(LimitSettings(), chunk_max_lines=4)
+    ws.apply(FileChange("a.py", "", 1, text="x = 1\n"))
+    assert ws.chunks(stale_ok=True) == []  # not chunked yet: none, rather than a parse now
+    ws.refresh()
+    assert [c.text.strip() for c in ws.chunks(stale_ok=True)] == ["x = 1"]
