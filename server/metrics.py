@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from prometheus_client.registry import Collector
 
 from ghostpen.server.engines.base import STEP_BUCKETS, EngineStats
 
+LOOP_PROBE_S = 0.05  # how often the event loop's lag is sampled
 _LATENCY_BUCKETS = (
     0.001,
     0.0025,
@@ -110,6 +112,22 @@ class Metrics:
             buckets=(0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.05),
             registry=self.registry,
         )
+
+        self.loop_lag_seconds = Histogram(
+            "ghostpen_event_loop_lag_seconds",
+            f"How late the event loop wakes from a {LOOP_PROBE_S * 1000:.0f} ms sleep: how long "
+            "every other client waited on whatever held it.",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+            registry=self.registry,
+        )
+
+    async def watch_loop(self) -> None:
+        """Sample the event loop's lag until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time()
+            await asyncio.sleep(LOOP_PROBE_S)
+            self.loop_lag_seconds.observe(max(0.0, loop.time() - asked - LOOP_PROBE_S))
 
     def watch_engine(self, stats: Callable[[], EngineStats]) -> None:
         """Export the engine's scheduler state, read at each scrape."""

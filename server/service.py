@@ -39,7 +39,7 @@ from ghostpen.server.errors import (
     ShuttingDown,
     over_limit,
 )
-from ghostpen.server.identity import Identity
+from ghostpen.server.identity import LOCAL, Identity
 from ghostpen.server.inline import InlineCompletions
 from ghostpen.server.metrics import Metrics
 from ghostpen.server.session import (
@@ -153,7 +153,8 @@ class CompletionService:
         if len(self._sessions) >= limits.max_sessions:
             opened = f"{len(self._sessions)} sessions are open"
             raise LimitExceeded(over_limit(opened, "max_sessions", limits.max_sessions))
-        if self._sessions_of[owner.user] >= limits.max_sessions_per_user:
+        # Without authentication everyone is LOCAL: only max_sessions can bound them.
+        if owner != LOCAL and self._sessions_of[owner.user] >= limits.max_sessions_per_user:
             opened = f"{self._sessions_of[owner.user]} sessions of user {owner.user!r} are open"
             raise LimitExceeded(
                 over_limit(opened, "max_sessions_per_user", limits.max_sessions_per_user)

@@ -98,6 +98,8 @@ class Session:
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._last_context: tuple[Chunk, ...] = ()
         self._refresh_queued = False
+        self._refreshing: asyncio.Future[None] | None = None
+        self._closed = False  # no more chunking: the stream is gone
 
     def handle(self, message: Inbound) -> FileAck | None:
         """Apply one client message; a GhostpenError refuses it and the session goes on."""
@@ -157,6 +159,9 @@ class Session:
         """The stream is gone: stop everything in the engine, booked as `reason`. With `error`
         (the stream is being ended for it), each request in flight gets it as its terminal
         message."""
+        self._closed = True
+        if self._refreshing is not None:
+            self._refreshing.cancel()  # if it has not started; a running one stops between files
         for request_id, running in list(self._inflight.items()):
             if error is not None and not running.task.done():
                 self._send(RequestError(request_id, running.path, error))
@@ -187,15 +192,15 @@ class Session:
     def _refresh_soon(self) -> None:
         """Chunk what the workspace has not chunked yet, in the chunker thread; one refresh
         queued per session at a time, however fast its files change."""
-        if self._refresh_queued:
+        if self._refresh_queued or self._closed:
             return
         self._refresh_queued = True
-        refreshing = asyncio.get_running_loop().run_in_executor(CHUNKER, self._refresh)
-        refreshing.add_done_callback(_logged)
+        self._refreshing = asyncio.get_running_loop().run_in_executor(CHUNKER, self._refresh)
+        self._refreshing.add_done_callback(_logged)
 
     def _refresh(self) -> None:
         self._refresh_queued = False  # changes from now on queue another
-        self.workspace.refresh()
+        self.workspace.refresh(stopped=lambda: self._closed)
 
     def _done(self, request_id: str, _task: asyncio.Task[None]) -> None:
         """Bookkeeping in a done callback: it runs even for a task cancelled before it started."""

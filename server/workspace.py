@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ghostpen.context.chunker import Chunk, ChunkedFile, chunk_file, edit_tree
@@ -146,10 +147,13 @@ class Workspace:
         max_lines = self._chunk_max_lines
         return [c for held in self._files.values() for c in held.chunks(max_lines, stale_ok)]
 
-    def refresh(self) -> None:
-        """Chunk every file version that has no chunks of its own yet. Safe in another thread
-        than the loop's: it reads a snapshot of the files and only sets their chunks."""
+    def refresh(self, stopped: Callable[[], bool] = lambda: False) -> None:
+        """Chunk every file version that has no chunks of its own yet, unless `stopped()` says
+        to stop between files. Safe in another thread than the loop's: it reads a snapshot of
+        the files and only sets their chunks."""
         for held in list(self._files.values()):
+            if stopped():
+                return
             held.chunks(self._chunk_max_lines)
 
     def _edited(self, held: WorkspaceFile | None, change: FileChange) -> WorkspaceFile:

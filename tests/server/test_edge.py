@@ -282,3 +282,14 @@ async def test_an_empty_report_is_answered(edge: Edge) -> None:
     async with asyncio.timeout(30):
         reply = await edge.stub.Report(pb.ReportRequest())
     assert list(reply.acks) == []
+
+
+async def test_the_event_loops_lag_is_measured(edge: Edge) -> None:
+    def samples() -> float:
+        value = edge.metrics.registry.get_sample_value("ghostpen_event_loop_lag_seconds_count")
+        return value or 0.0
+
+    async def sampled() -> bool:
+        return samples() >= 2
+
+    await until(sampled)

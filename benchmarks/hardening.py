@@ -1,0 +1,197 @@
+"""What hostile clients cost a real server (`ghostpen serve`, llama.cpp engine): memory held by
+idle sessions, the event loop's stalls while others send the largest inputs the limits allow, and
+how long a SIGTERM drain takes.
+
+    python -m ghostpen.benchmarks.hardening --sessions 5000 --hostile-s 20
+
+The loop's stalls are read twice while hostile clients (other processes) send Complete calls with
+`max_context_files` files as large as a message allows, and Sessions holding `max_files` files of
+`max_file_bytes`: by the server itself (`ghostpen_event_loop_lag_seconds`), and as a probe client
+sees them (a health check every `PROBE_S` from a process of its own, which on 2 cores also waits
+for a core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import re
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ghostpen.benchmarks.corpus import percentiles
+from ghostpen.benchmarks.server_process import running_server
+from ghostpen.proto import ghostpen_pb2 as pb
+from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
+from ghostpen.server.settings import LimitSettings, ServerSettings
+
+PROBE_S = 0.01
+SESSIONS_PER_CONNECTION = 10
+LIMITS = LimitSettings()
+MESSAGE_BYTES = ServerSettings().max_message_bytes
+SOURCE = "".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(60_000))
+# A Complete call's files share one message; a Session's files come one to a message.
+INLINE_FILE = SOURCE[: MESSAGE_BYTES // LIMITS.max_context_files - 4096]
+SESSION_FILE = SOURCE[: LIMITS.max_file_bytes]
+
+
+def loop_lag(web: str) -> dict[float, float]:
+    """The server's own event-loop lag histogram (`ghostpen_event_loop_lag_seconds`), by bound."""
+    with urllib.request.urlopen(f"{web}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    found = re.findall(r'ghostpen_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)', text)
+    return {float(bound): float(count) for bound, count in found}
+
+
+def lag_summary(before: dict[float, float], after: dict[float, float]) -> dict[str, float]:
+    """Samples between two readings: how many, the share over 10 ms, and the bound below
+    which 99% fell."""
+    counts = {bound: after[bound] - before.get(bound, 0.0) for bound in after}
+    total = counts[float("inf")]
+    p99 = next(bound for bound in sorted(counts) if counts[bound] >= 0.99 * total)
+    return {"samples": total, "over_10ms": 1 - counts[0.01] / total, "p99_at_most_ms": p99 * 1000}
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
+
+
+async def idle_sessions(address: str, count: int) -> list[grpc.aio.Channel]:
+    """`count` sessions, each welcomed, then left open and silent; SESSIONS_PER_CONNECTION to a
+    connection (an editor opens one connection, a window one session)."""
+    channels = []
+    for first in range(0, count, SESSIONS_PER_CONNECTION):
+        channel = grpc.aio.insecure_channel(address)
+        channels.append(channel)
+        stub = pb_grpc.CompletionStub(channel)
+        calls = [stub.Session() for _ in range(min(SESSIONS_PER_CONNECTION, count - first))]
+        for call in calls:
+            await call.write(pb.ClientMessage(hello=pb.Hello(workspace="idle")))
+        for call in calls:
+            assert (await call.read()).HasField("welcome")
+    return channels
+
+
+async def probe(address: str, seconds: float) -> list[float]:
+    """Round trips of a health check, every PROBE_S, in milliseconds."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        await health.Check(health_pb2.HealthCheckRequest())
+        samples = []
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            start = time.perf_counter()
+            await health.Check(health_pb2.HealthCheckRequest())
+            samples.append((time.perf_counter() - start) * 1000)
+            await asyncio.sleep(PROBE_S)
+        return samples
+
+
+def hostile(address: str, seconds: float, kind: str) -> None:
+    """Runs in a process of its own: the largest inputs the limits allow, back to back."""
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.CompletionStub(channel)
+            end = time.monotonic() + seconds
+            round_ = 0
+            while time.monotonic() < end:
+                round_ += 1
+                mark = f"#{round_:06d}\n"  # new content each round: no cache helps
+                if kind == "complete":
+                    text = INLINE_FILE[: -len(mark)] + mark
+                    files = [
+                        pb.ContextFile(path=f"c{i}.py", text=text.encode())
+                        for i in range(LIMITS.max_context_files)
+                    ]
+                    request = pb.CompleteRequest(
+                        request_id="h",
+                        path="a.py",
+                        prefix=b"x = ",
+                        context_files=files,
+                        max_tokens=1,
+                    )
+                    async for _ in stub.Complete(request):
+                        pass
+                else:
+                    text = SESSION_FILE[: -len(mark)] + mark
+                    call = stub.Session()
+                    for i in range(LIMITS.max_files):
+                        update = pb.FileUpdate(path=f"s{i}.py", version=1, text=text.encode())
+                        await call.write(pb.ClientMessage(file_update=update))
+                    request = pb.CompletionRequest(
+                        request_id="h", path="s0.py", version=1, cursor_offset=4, max_tokens=1
+                    )
+                    await call.write(pb.ClientMessage(completion_request=request))
+                    await call.done_writing()
+                    async for _ in call:
+                        pass
+
+    asyncio.run(run())
+
+
+async def measure(sessions: int, hostile_s: float) -> dict[str, object]:
+    env = {"GHOSTPEN_MAX_SESSIONS": str(sessions + 10)}
+    env["GHOSTPEN_MAX_SESSIONS_PER_USER"] = str(sessions + 10)
+    result: dict[str, object] = {}
+    with running_server("--engine", "llama.cpp", env=env) as server:
+        pid = server.process.pid
+        result["rss_start_mb"] = rss_mb(pid)
+        held = await idle_sessions(server.address, sessions)
+        result[f"rss_{sessions}_idle_sessions_mb"] = rss_mb(pid)
+        result["rss_per_idle_session_kb"] = (
+            (result[f"rss_{sessions}_idle_sessions_mb"] - result["rss_start_mb"]) * 1024 / sessions
+        )
+        for channel in held:
+            await channel.close()
+        quiet = loop_lag(server.web)
+        result["quiet_probe_ms"] = percentiles(await probe(server.address, 5.0))
+        hostile_from = loop_lag(server.web)
+        result["quiet_loop_lag"] = lag_summary(quiet, hostile_from)
+        context = multiprocessing.get_context("spawn")
+        attackers = [
+            context.Process(target=hostile, args=(server.address, hostile_s, kind))
+            for kind in ("complete", "session")
+        ]
+        for attacker in attackers:
+            attacker.start()
+        samples = await probe(server.address, hostile_s)
+        for attacker in attackers:
+            attacker.join()
+        result["hostile_probe_ms"] = percentiles(samples)
+        result["hostile_loop_lag"] = lag_summary(hostile_from, loop_lag(server.web))
+        result["rss_after_hostile_mb"] = rss_mb(pid)
+        result["rss_peak_mb"] = (
+            int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
+            / 1024
+        )
+        held = await idle_sessions(server.address, 100)
+        start = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+        server.process.wait(timeout=60)
+        result["drain_with_100_idle_sessions_s"] = time.monotonic() - start
+        result["exit_code"] = server.process.returncode
+        for channel in held:
+            await channel.close()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sessions", type=int, default=5000)
+    parser.add_argument("--hostile-s", type=float, default=20.0)
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(measure(args.sessions, args.hostile_s)), indent=2))
+
+
+if __name__ == "__main__":
+    main()
