@@ -33,6 +33,7 @@ from ghostpen.server.telemetry.store import Store
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+EXIT_CODE_POLLS, EXIT_CODE_POLL_S = 50, 0.01  # a dead child's exit code, waited for this long
 _store: Store | None = None  # in the child: its one connection
 _location: tuple[str, Path] = ("", Path())
 
@@ -43,6 +44,7 @@ class StoreProcess:
         self._location = (database, cache_dir)
         self._probe_s = probe_s
         self._pool: ProcessPoolExecutor | None = None
+        self._death: tuple[ProcessPoolExecutor, str] | None = None  # the last pool that died
         self._listeners: list[Callable[[bool], None]] = []
         self._probe: asyncio.Task[None] | None = None
         self.up = True
@@ -60,7 +62,7 @@ class StoreProcess:
         try:
             result = await asyncio.wrap_future(pool.submit(_run, function, args))
         except BrokenProcessPool as exc:
-            cause = self._died(pool)
+            cause = await self._died(pool)
             self._set_up(False)
             raise StoreUnavailable(
                 f"the telemetry {self.name} process died ({cause}); it is started again at the "
@@ -94,16 +96,31 @@ class StoreProcess:
         )
         return self._pool
 
-    def _died(self, pool: ProcessPoolExecutor) -> str:
-        """What ended the child, and forget the broken pool (the next call starts a new one)."""
+    async def _died(self, pool: ProcessPoolExecutor) -> str:
+        """What ended the child, and forget the broken pool (the next call starts a new one).
+        Every call in flight asks; the first one reads the cause (the pool forgets its
+        processes once shut down) and the others get the same. The pool's own thread may be
+        reaping the child meanwhile: its exit code is waited for, briefly."""
+        if self._death is not None and self._death[0] is pool:
+            return self._death[1]
         processes = list((getattr(pool, "_processes", None) or {}).values())
-        codes = [p.exitcode for p in processes if p.exitcode is not None]
+        codes: list[int] = []
+        for _ in range(EXIT_CODE_POLLS):
+            codes = [p.exitcode for p in processes if p.exitcode is not None]
+            if codes or not processes:
+                break
+            await asyncio.sleep(EXIT_CODE_POLL_S)
+        if self._death is not None and self._death[0] is pool:  # decided meanwhile
+            return self._death[1]
+        if codes and codes[0] < 0:
+            cause = f"killed by {signal.Signals(-codes[0]).name}"
+        else:
+            cause = f"exit code {codes[0]}" if codes else "it stopped answering"
+        self._death = (pool, cause)
         if self._pool is pool:
             self._pool = None
             pool.shutdown(wait=False, cancel_futures=True)
-        if codes and codes[0] < 0:
-            return f"killed by {signal.Signals(-codes[0]).name}"
-        return f"exit code {codes[0]}" if codes else "it stopped answering"
+        return cause
 
     def _set_up(self, up: bool) -> None:
         if up == self.up:
