@@ -21,7 +21,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing
 from functools import partial
 from typing import Any, NoReturn
@@ -82,6 +82,7 @@ class CompletionService:
         self._metrics = metrics
         self._sessions: dict[Session, _Stream] = {}
         self._sessions_of: Counter[str] = Counter()  # open sessions by user
+        self._calls_of: Counter[str] = Counter()  # Complete calls in flight by user
         self._jobs: set[asyncio.Task[None]] = set()  # Complete calls' completions
         self._background: set[asyncio.Task[None]] = set()
         self._draining = False
@@ -256,22 +257,43 @@ class CompletionService:
     async def Complete(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         received = time.monotonic()
         owner = await self._identify(context, "Complete", None)
+        with self._call_of(owner):
+            try:
+                if self._draining:
+                    raise _refused()
+                self._admit_call(owner)
+                inline = wire.inline_request(
+                    request, self._limits, received, context.time_remaining()
+                )
+                job = await self._inline.job(inline, owner)
+            except Exception as exc:
+                await self._abort(context, "Complete", exc)
+            try:
+                async for event in self._served(job):
+                    yield wire.chunk(event)
+            except asyncio.CancelledError as cancel:
+                if cancel.args != ("shutdown",):
+                    raise
+                await self._abort(context, "Complete", self._late)
+            except Exception as exc:
+                await self._abort(context, "Complete", exc)
+
+    @contextlib.contextmanager
+    def _call_of(self, owner: Identity) -> Iterator[None]:
+        """Counts `owner`'s Complete calls in flight, this one included."""
+        self._calls_of[owner.user] += 1
         try:
-            if self._draining:
-                raise _refused()
-            inline = wire.inline_request(request, self._limits, received, context.time_remaining())
-            job = await self._inline.job(inline, owner)
-        except Exception as exc:
-            await self._abort(context, "Complete", exc)
-        try:
-            async for event in self._served(job):
-                yield wire.chunk(event)
-        except asyncio.CancelledError as cancel:
-            if cancel.args != ("shutdown",):
-                raise
-            await self._abort(context, "Complete", self._late)
-        except Exception as exc:
-            await self._abort(context, "Complete", exc)
+            yield
+        finally:
+            self._calls_of[owner.user] -= 1
+            if not self._calls_of[owner.user]:
+                del self._calls_of[owner.user]
+
+    def _admit_call(self, owner: Identity) -> None:
+        limit = self._limits.max_calls_per_user
+        if owner != LOCAL and self._calls_of[owner.user] > limit:
+            calls = f"{self._calls_of[owner.user] - 1} Complete calls of user {owner.user!r} run"
+            raise LimitExceeded(over_limit(calls, "max_calls_per_user", limit))
 
     async def _served(self, job: CompletionJob) -> AsyncIterator[CompletionEvent]:
         """The job's events, produced by a task of its own: a cancel (the client left, or the

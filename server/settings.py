@@ -61,6 +61,7 @@ class LimitSettings:
     max_language_chars: int = 64  # an editor's language id ("python", "typescriptreact")
     max_sessions: int = 1000  # open Session streams; one more is refused RESOURCE_EXHAUSTED
     max_sessions_per_user: int = 64  # open Session streams of one user (with authentication)
+    max_calls_per_user: int = 32  # Complete calls of one user in flight (with authentication)
     # Replies waiting for a client that does not read; past it the stream ends RESOURCE_EXHAUSTED.
     max_queued_messages: int = 4096
     session_idle_s: float = 1800.0  # a Session without a client message this long is ended

@@ -264,3 +264,21 @@ async def test_tls_serves_grpc_and_http_and_refuses_plaintext(tmp_path, certific
         trusted = ssl.create_default_context(cafile=str(cert))
         web = f"https://localhost:{edge.running.web_port}"
         assert (await get(web + "/metrics", "Bearer secret", trusted))[0] == 200
+
+
+async def test_complete_calls_in_flight_are_limited_per_user(tmp_path) -> None:
+    tokens = tokens_of(tmp_path)
+    alice, _ = tokens.add("alice")
+    bob, _ = tokens.add("bob")
+    async with edge_server(tmp_path, max_calls_per_user="1") as edge:
+        edge.engine.text, edge.engine.delay = "x" * 400, 0.05  # in flight for a while
+        request = pb.CompleteRequest(request_id="long", path="a.py", prefix=b"x = ", max_tokens=400)
+        running = edge.stub.Complete(request, metadata=bearer(alice))
+        assert (await running.read()).text == "x"
+        over = await refused(complete(edge, alice, "second"))
+        assert over.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_calls_per_user=1" in over.details()
+        edge.engine.text, edge.engine.delay = "total()\n", 0.0
+        assert (await complete(edge, bob)).final  # another user's call goes through
+        running.cancel()
+        await until(lambda: _admitted(edge, alice))  # the slot is free again
