@@ -123,7 +123,7 @@ class CompletionService:
     ) -> AsyncIterator[Any]:
         owner = await self._identify(context, "Session", request_iterator)
         try:
-            self._admit(owner)
+            self._admit_session(owner)
         except GhostpenError as error:
             await self._abort(context, "Session", error)
         stream = _Stream(self._metrics, self._limits)
@@ -146,7 +146,7 @@ class CompletionService:
             await asyncio.gather(reader, return_exceptions=True)
             await session.close()
 
-    def _admit(self, owner: Identity) -> None:
+    def _admit_session(self, owner: Identity) -> None:
         """A new session, unless draining or past max_sessions or max_sessions_per_user."""
         limits = self._limits
         if self._draining:
