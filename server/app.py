@@ -45,11 +45,11 @@ class RunningServer:
     metrics: Metrics
     writer: TelemetryWriter
     context: ContextProcess
+    loop_watch: asyncio.Task[None]
     port: int
     web: web.AppRunner | None = None
     web_port: int = 0
     dashboard: StoreProcess | None = None  # the web side's own reader
-    loop_watch: asyncio.Task[None] | None = None
     stopped: bool = False
 
     async def stop(self, grace_s: float) -> None:
@@ -61,8 +61,7 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         await self.service.drain(grace_s)
         await self.server.stop(min(SETTLE_S, grace_s))
-        if self.loop_watch is not None:
-            self.loop_watch.cancel()
+        self.loop_watch.cancel()
         if self.web is not None:
             await self.web.cleanup()
         if self.dashboard is not None:
@@ -145,10 +144,10 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
     engine.watch(watcher("engine"))
     store.watch(watcher("store"))
     metrics.watch_engine(engine.stats)
+    loop_watch = asyncio.get_running_loop().create_task(metrics.watch_loop())
     running = RunningServer(
-        server, service, health_servicer, engine, metrics, writer, context, port
+        server, service, health_servicer, engine, metrics, writer, context, loop_watch, port
     )
-    running.loop_watch = asyncio.get_running_loop().create_task(metrics.watch_loop())
     if settings.server.metrics_port >= 0:
         reader = StoreProcess(
             "dashboard", stored.database, settings.cache_dir, stored.store_probe_s

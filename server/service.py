@@ -129,19 +129,16 @@ class CompletionService:
         stream = _Stream(self._metrics, self._limits)
         session = Session(uuid.uuid4().hex, self._completer, self._settings, stream.send, owner)
         self._sessions[session] = stream
-        self._sessions_of[owner.user] += 1
         reader = asyncio.create_task(self._read(session, request_iterator, stream))
         stream.on_overflow(partial(self._cut_off, session, asyncio.current_task()))
         try:
-            while (message := await stream.queue.get()) is not None:
-                if isinstance(message, GhostpenError):  # the stream ends for it
-                    await self._abort(context, "Session", message)
-                yield message
+            with _counted(self._sessions_of, owner.user):
+                while (message := await stream.queue.get()) is not None:
+                    if isinstance(message, GhostpenError):  # the stream ends for it
+                        await self._abort(context, "Session", message)
+                    yield message
         finally:
             del self._sessions[session]
-            self._sessions_of[owner.user] -= 1
-            if not self._sessions_of[owner.user]:
-                del self._sessions_of[owner.user]
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
             await session.close()
@@ -154,12 +151,25 @@ class CompletionService:
         if len(self._sessions) >= limits.max_sessions:
             opened = f"{len(self._sessions)} sessions are open"
             raise LimitExceeded(over_limit(opened, "max_sessions", limits.max_sessions))
-        # Without authentication everyone is LOCAL: only max_sessions can bound them.
-        if owner != LOCAL and self._sessions_of[owner.user] >= limits.max_sessions_per_user:
-            opened = f"{self._sessions_of[owner.user]} sessions of user {owner.user!r} are open"
-            raise LimitExceeded(
-                over_limit(opened, "max_sessions_per_user", limits.max_sessions_per_user)
-            )
+        _check_per_user(
+            owner,
+            self._sessions_of,
+            "open sessions",
+            "max_sessions_per_user",
+            limits.max_sessions_per_user,
+        )
+
+    def _admit_call(self, owner: Identity) -> None:
+        """A new Complete call, unless draining or past max_calls_per_user."""
+        if self._draining:
+            raise _refused()
+        _check_per_user(
+            owner,
+            self._calls_of,
+            "Complete calls in flight",
+            "max_calls_per_user",
+            self._limits.max_calls_per_user,
+        )
 
     async def _identify(
         self, context: grpc.aio.ServicerContext, rpc: str, requests: AsyncIterator[Any] | None
@@ -257,11 +267,12 @@ class CompletionService:
     async def Complete(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         received = time.monotonic()
         owner = await self._identify(context, "Complete", None)
-        with self._call_of(owner):
+        try:
+            self._admit_call(owner)
+        except GhostpenError as error:
+            await self._abort(context, "Complete", error)
+        with _counted(self._calls_of, owner.user):
             try:
-                if self._draining:
-                    raise _refused()
-                self._admit_call(owner)
                 inline = wire.inline_request(
                     request, self._limits, received, context.time_remaining()
                 )
@@ -277,23 +288,6 @@ class CompletionService:
                 await self._abort(context, "Complete", self._late)
             except Exception as exc:
                 await self._abort(context, "Complete", exc)
-
-    @contextlib.contextmanager
-    def _call_of(self, owner: Identity) -> Iterator[None]:
-        """Counts `owner`'s Complete calls in flight, this one included."""
-        self._calls_of[owner.user] += 1
-        try:
-            yield
-        finally:
-            self._calls_of[owner.user] -= 1
-            if not self._calls_of[owner.user]:
-                del self._calls_of[owner.user]
-
-    def _admit_call(self, owner: Identity) -> None:
-        limit = self._limits.max_calls_per_user
-        if owner != LOCAL and self._calls_of[owner.user] > limit:
-            calls = f"{self._calls_of[owner.user] - 1} Complete calls of user {owner.user!r} run"
-            raise LimitExceeded(over_limit(calls, "max_calls_per_user", limit))
 
     async def _served(self, job: CompletionJob) -> AsyncIterator[CompletionEvent]:
         """The job's events, produced by a task of its own: a cancel (the client left, or the
@@ -378,6 +372,27 @@ async def _produce(
                 queue.put_nowait(event)
     finally:
         queue.put_nowait(None)
+
+
+@contextlib.contextmanager
+def _counted(counts: Counter[str], user: str) -> Iterator[None]:
+    """`user`'s count of something held, this one included, while the block runs."""
+    counts[user] += 1
+    try:
+        yield
+    finally:
+        counts[user] -= 1
+        if not counts[user]:
+            del counts[user]
+
+
+def _check_per_user(
+    owner: Identity, counts: Counter[str], what: str, setting: str, limit: int
+) -> None:
+    # Without authentication everyone is LOCAL: only the server-wide limits bound them.
+    if owner != LOCAL and counts[owner.user] >= limit:
+        held = f"{counts[owner.user]} {what} of user {owner.user!r}"
+        raise LimitExceeded(over_limit(held, setting, limit))
 
 
 def _refused() -> ShuttingDown:

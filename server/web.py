@@ -10,6 +10,7 @@ and a report is reused for `dashboard_cache_s`: a page refreshed by many people 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import ssl
 import time
 from collections import OrderedDict
@@ -81,7 +82,8 @@ async def start_web(
     async def authenticated(request: web.Request, handler: Handler) -> web.StreamResponse:
         given = request.headers.get("Authorization", "")
         scrape = settings.metrics_token
-        if request.path == "/metrics" and scrape and given == f"Bearer {scrape}":
+        scraper = scrape and secrets.compare_digest(given.encode(), f"Bearer {scrape}".encode())
+        if request.path == "/metrics" and scraper:
             return await handler(request)
         try:
             request[VIEWER] = auth.identify(given, request.remote or "")
