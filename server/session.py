@@ -116,7 +116,7 @@ class Session:
 
     def update(self, change: FileChange) -> FileAck:
         evicted = self.workspace.apply(change)
-        self._refresh_soon()
+        self._refresh_soon()  # files change only here: the next request finds fresh chunks
         return FileAck(change.path, change.version, tuple(evicted))
 
     def start(self, request: FileRequest) -> None:
@@ -139,7 +139,6 @@ class Session:
         task = asyncio.create_task(self._serve(job))
         self._inflight[request_id] = _Running(task, job.completion_id, request.path)
         task.add_done_callback(partial(self._done, request_id))
-        self._refresh_soon()  # the next keystroke finds fresh chunks
 
     def cancel(self, request_id: str) -> None:
         """Idempotent for requests that were started: a cancel racing the final chunk is moot."""
