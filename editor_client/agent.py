@@ -41,7 +41,9 @@ class Agent:
     def __init__(self, settings: ClientSettings, workspace: str, server: LanguageServer) -> None:
         self.settings = settings
         self.workspace = workspace
-        self.files = RecentFiles(settings.max_files, settings.max_file_bytes, self._log)
+        self.files = RecentFiles(
+            settings.max_files, settings.max_file_bytes, settings.max_session_bytes, self._log
+        )
         self._server = server
         self.client = SessionClient(settings, self.files, self._log, workspace)
         self.completer = InlineCompleter(settings, self.client)

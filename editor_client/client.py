@@ -204,7 +204,8 @@ class SessionClient:
             if first is grpc.aio.EOF or not first.HasField("welcome"):
                 raise ConnectionError("the server did not welcome the session")
             self.welcome = first.welcome
-            self.files.limit(first.welcome.max_files, first.welcome.max_file_bytes)
+            welcome = first.welcome
+            self.files.limit(welcome.max_files, welcome.max_file_bytes, welcome.max_session_bytes)
             self.files.forget_all_on_server()
             self._outgoing = outgoing
             self._backoff = self._settings.reconnect_initial_s

@@ -32,14 +32,24 @@ class TrackedFile:
     server_version: int | None = None  # None: the server does not have it; send it whole
     unsent: list[TextEdit] = field(default_factory=list)  # since server_version
     skipped: str = ""  # why it is not sent, "" when it is
+    size: int = 0  # UTF-8 bytes the server holds for it (0 when it is not sent)
 
 
 class RecentFiles:
-    """Most recently touched last. `warn` is called once per file that cannot be sent."""
+    """Most recently touched last; past max_files or max_session_bytes the least recently
+    touched drop out, as the server would evict them. `warn` is called once per file that cannot
+    be sent."""
 
-    def __init__(self, max_files: int, max_file_bytes: int, warn: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        max_files: int,
+        max_file_bytes: int,
+        max_session_bytes: int,
+        warn: Callable[[str], None],
+    ) -> None:
         self.max_files = max_files
         self.max_file_bytes = max_file_bytes
+        self.max_session_bytes = max_session_bytes
         self._warn = warn
         self._warned: set[str] = set()
         self._files: OrderedDict[str, TrackedFile] = OrderedDict()
@@ -52,8 +62,8 @@ class RecentFiles:
 
     def open(self, path: str, language: str, text: str, version: int) -> None:
         self._files[path] = TrackedFile(path, language, text, version)
-        self.touch(path)
         self._check_sendable(self._files[path])
+        self.touch(path)
 
     def change(self, path: str, version: int, edits: list[TextEdit]) -> None:
         """Apply the editor's edits, in order; a file not seen before is ignored."""
@@ -65,8 +75,8 @@ class RecentFiles:
             text = text[: edit.start] + edit.text + text[edit.end :]
         tracked.text, tracked.version = text, version
         tracked.unsent.extend(edits)
-        self.touch(path)
         self._check_sendable(tracked)
+        self.touch(path)
 
     def replace(self, path: str, text: str, version: int) -> None:
         """The editor sent the whole text: the server gets it whole too."""
@@ -75,8 +85,8 @@ class RecentFiles:
             return
         tracked.text, tracked.version = text, version
         self.forget_on_server(path)
-        self.touch(path)
         self._check_sendable(tracked)
+        self.touch(path)
 
     def touch(self, path: str) -> None:
         if path in self._files:
@@ -84,8 +94,15 @@ class RecentFiles:
         self._trim()
 
     def _trim(self) -> None:
-        while len(self._files) > self.max_files:
-            self._files.popitem(last=False)
+        """Never past the server's limits: a file it would evict would go whole again at every
+        update, and be evicted again. The newest file always fits (max_file_bytes is at most
+        max_session_bytes)."""
+        held = sum(tracked.size for tracked in self._files.values())
+        while len(self._files) > 1 and (
+            len(self._files) > self.max_files or held > self.max_session_bytes
+        ):
+            _, dropped = self._files.popitem(last=False)
+            held -= dropped.size
 
     def forget_on_server(self, path: str) -> None:
         """The server no longer has the file (new session, evicted, out of step)."""
@@ -96,13 +113,17 @@ class RecentFiles:
         for path in self._files:
             self.forget_on_server(path)
 
-    def limit(self, max_files: int, max_file_bytes: int) -> None:
-        """Adopt the server's limits where they are lower than ours."""
-        self.max_files = min(self.max_files, max_files)
-        self.max_file_bytes = min(self.max_file_bytes, max_file_bytes)
-        self._trim()
+    def limit(self, max_files: int, max_file_bytes: int, max_session_bytes: int) -> None:
+        """Adopt the server's limits where they are lower than ours (0: the server sets none)."""
+        self.max_files = min(self.max_files, max_files or self.max_files)
+        self.max_file_bytes = min(self.max_file_bytes, max_file_bytes or self.max_file_bytes)
+        self.max_session_bytes = min(
+            self.max_session_bytes, max_session_bytes or self.max_session_bytes
+        )
+        self._trim()  # by count first: a file about to drop out is not warned about
         for tracked in self._files.values():
             self._check_sendable(tracked)
+        self._trim()
 
     def pending_updates(self) -> list[pb.ClientMessage]:
         """What brings the server up to date, least recently touched first (so the server's own
@@ -128,7 +149,9 @@ class RecentFiles:
         return messages
 
     def _check_sendable(self, tracked: TrackedFile) -> None:
-        tracked.skipped = _why_not_sent(tracked.text, self.max_file_bytes)
+        size = len(tracked.text.encode("utf-8", "replace"))
+        tracked.skipped = _why_not_sent(tracked.text, size, self.max_file_bytes)
+        tracked.size = 0 if tracked.skipped else size
         if tracked.skipped:
             tracked.server_version, tracked.unsent = None, []
             if tracked.path not in self._warned:
@@ -136,9 +159,7 @@ class RecentFiles:
                 self._warn(f"ghostpen: not sending {tracked.path}: {tracked.skipped}")
 
 
-def _why_not_sent(text: str, max_file_bytes: int) -> str:
-    # UTF-8 takes 1-4 bytes a code point: encode only when the length alone cannot tell.
-    size = len(text) if len(text) * 4 <= max_file_bytes else len(text.encode("utf-8", "replace"))
+def _why_not_sent(text: str, size: int, max_file_bytes: int) -> str:
     if size > max_file_bytes:
         return f"{size} bytes is over max_file_bytes ({max_file_bytes})"
     if "\0" in text:

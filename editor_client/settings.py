@@ -21,6 +21,7 @@ class ClientSettings:
     workspace: str = ""  # repository name for the prompt; "": the workspace folder's name
     max_files: int = 12  # recently touched files kept on the server (the server may allow fewer)
     max_file_bytes: int = 1024 * 1024  # larger files are not sent (the server may allow fewer)
+    max_session_bytes: int = 4 * 1024 * 1024  # all files sent, together (or the server's limit)
     debounce_min_ms: int = 25  # the adaptive wait after a keystroke, never shorter...
     debounce_max_ms: int = 250  # ...nor longer
     debounce_rate_min: float = 1.0  # wait this many typical keystroke intervals at a likely

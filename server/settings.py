@@ -54,6 +54,8 @@ class AuthSettings:
 class LimitSettings:
     max_files: int = 12  # files a session keeps; the least recently touched is evicted
     max_file_bytes: int = 1024 * 1024
+    # Text a session keeps, in UTF-8 bytes; past it the least recently touched files are evicted.
+    max_session_bytes: int = 4 * 1024 * 1024
     max_context_files: int = 12  # inline context files on a Complete call
     max_edits_per_update: int = 1000
     max_request_id_chars: int = 128
@@ -70,6 +72,13 @@ class LimitSettings:
     default_max_tokens_single_line: int = 48
     default_max_tokens_multi_line: int = 192
     default_timeout_ms: int = 10_000  # deadline for requests that give none
+
+    def __post_init__(self) -> None:
+        if self.max_file_bytes > self.max_session_bytes:
+            raise ValueError(
+                f"max_file_bytes={self.max_file_bytes} must fit in "
+                f"max_session_bytes={self.max_session_bytes}"
+            )
 
 
 @dataclass(frozen=True)

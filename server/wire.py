@@ -382,6 +382,7 @@ def welcome(session_id: str, model_id: str, engine: str, limits: LimitSettings) 
             engine=engine,
             max_files=limits.max_files,
             max_file_bytes=limits.max_file_bytes,
+            max_session_bytes=limits.max_session_bytes,
             max_tokens_limit=limits.max_tokens_limit,
         )
     )

@@ -79,12 +79,14 @@ class WorkspaceFile:
         return WorkspaceFile(self.path, self.language, version, text, previous)
 
 
-def check_size(path: str, text: str, limits: LimitSettings) -> None:
+def check_size(path: str, text: str, limits: LimitSettings) -> int:
+    """The text's size in UTF-8 bytes, which max_file_bytes bounds."""
     size = len(text.encode("utf-8"))
     if size > limits.max_file_bytes:
         raise LimitExceeded(
             over_limit(f"file {path!r} is {size} bytes", "max_file_bytes", limits.max_file_bytes)
         )
+    return size
 
 
 def check_cursor(path: str, text: str, cursor: int) -> None:
@@ -95,12 +97,15 @@ def check_cursor(path: str, text: str, cursor: int) -> None:
 
 
 class Workspace:
-    """Most recently touched first; past max_files the least recently touched is dropped."""
+    """Most recently touched first; past max_files or max_session_bytes the least recently
+    touched files are dropped."""
 
     def __init__(self, limits: LimitSettings, chunk_max_lines: int) -> None:
         self._limits = limits
         self._chunk_max_lines = chunk_max_lines
         self._files: OrderedDict[str, WorkspaceFile] = OrderedDict()
+        self._sizes: dict[str, int] = {}  # UTF-8 bytes of each held file's text
+        self.bytes = 0  # their sum
 
     def apply(self, change: FileChange) -> list[str]:
         """Store the change; returns the paths evicted to make room."""
@@ -115,12 +120,17 @@ class Workspace:
             updated = WorkspaceFile(change.path, language, change.version, change.text)
         else:
             updated = self._edited(held, change)
-        check_size(change.path, updated.text, self._limits)
-        self._files[change.path] = updated
+        size = check_size(change.path, updated.text, self._limits)
+        self.bytes += size - self._sizes.get(change.path, 0)
+        self._files[change.path], self._sizes[change.path] = updated, size
         self._files.move_to_end(change.path, last=False)
         evicted = []
-        while len(self._files) > self._limits.max_files:
+        # max_file_bytes <= max_session_bytes: the file just stored always stays.
+        while (
+            len(self._files) > self._limits.max_files or self.bytes > self._limits.max_session_bytes
+        ):
             path, _ = self._files.popitem(last=True)
+            self.bytes -= self._sizes.pop(path)
             evicted.append(path)
         return evicted
 
@@ -129,7 +139,8 @@ class Workspace:
         if held is None:
             raise UnknownFile(
                 f"the session holds no file {path!r} ({len(self._files)} held, "
-                f"max_files={self._limits.max_files}); send its full text first"
+                f"max_files={self._limits.max_files}, "
+                f"max_session_bytes={self._limits.max_session_bytes}); send its full text first"
             )
         if version != held.version:
             raise StaleVersion(

@@ -42,7 +42,9 @@ def new_client(port: int, **options) -> tuple[SessionClient, list[str]]:
     settings = ClientSettings(
         server=f"127.0.0.1:{port}", reconnect_initial_s=0.05, reconnect_max_s=0.2, **options
     )
-    files = RecentFiles(settings.max_files, settings.max_file_bytes, said.append)
+    files = RecentFiles(
+        settings.max_files, settings.max_file_bytes, settings.max_session_bytes, said.append
+    )
     return SessionClient(settings, files, said.append, workspace="mathlib"), said
 
 

@@ -1,9 +1,11 @@
 from ghostpen.editor_client.recent_files import RecentFiles, TextEdit
 
 
-def recent(max_files: int = 3, max_bytes: int = 100) -> tuple[RecentFiles, list[str]]:
+def recent(
+    max_files: int = 3, max_bytes: int = 100, session_bytes: int = 1000
+) -> tuple[RecentFiles, list[str]]:
     warnings: list[str] = []
-    return RecentFiles(max_files, max_bytes, warnings.append), warnings
+    return RecentFiles(max_files, max_bytes, session_bytes, warnings.append), warnings
 
 
 def test_a_file_goes_whole_once_then_as_versioned_edits() -> None:
@@ -61,7 +63,22 @@ def test_the_servers_lower_limits_are_adopted() -> None:
     files, warnings = recent(max_files=3, max_bytes=100)
     for name in ("a.py", "b.py", "c.py"):
         files.open(name, "python", name * 10, 1)
-    files.limit(max_files=2, max_file_bytes=30)
+    files.limit(max_files=2, max_file_bytes=30, max_session_bytes=0)  # 0: none set
     assert [f.path for f in files] == ["b.py", "c.py"]
     assert files.pending_updates() == []  # 40 bytes each, over the server's 30
     assert len(warnings) == 2
+    assert files.max_session_bytes == 1000
+
+
+def test_files_past_max_session_bytes_drop_out_as_the_server_would_evict_them() -> None:
+    files, _ = recent(max_files=5, max_bytes=100, session_bytes=250)
+    for name in ("a.py", "b.py", "c.py"):
+        files.open(name, "python", name[0] * 100, 1)  # the third is past 250 in all
+    files.open("bin.dat", "", "\0" * 100, 1)  # never sent, so it holds nothing on the server
+    assert [f.path for f in files] == ["b.py", "c.py", "bin.dat"]
+    files.change("b.py", 2, [TextEdit(0, 60, "")])  # b.py shrinks to 40: a 100-byte file fits
+    files.open("d.py", "python", "é" * 50, 1)
+    assert [f.path for f in files] == ["c.py", "bin.dat", "b.py", "d.py"]
+    files.limit(max_files=5, max_file_bytes=100, max_session_bytes=150)
+    assert [f.path for f in files] == ["bin.dat", "b.py", "d.py"]
+    assert [m.file_update.path for m in files.pending_updates()] == ["b.py", "d.py"]

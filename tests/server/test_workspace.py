@@ -11,7 +11,9 @@ from ghostpen.server.errors import (
 from ghostpen.server.settings import LimitSettings
 from ghostpen.server.workspace import FileChange, TextEdit, Workspace, check_cursor
 
-LIMITS = LimitSettings(max_files=3, max_file_bytes=100, max_edits_per_update=2)
+LIMITS = LimitSettings(
+    max_files=3, max_file_bytes=100, max_session_bytes=250, max_edits_per_update=2
+)
 
 
 def workspace() -> Workspace:
@@ -27,6 +29,29 @@ def test_least_recently_touched_file_is_evicted() -> None:
     with pytest.raises(UnknownFile, match="max_files=3"):
         ws.get("b.py", 1)
     assert [c.path for c in ws.chunks()] == ["d.py", "a.py", "c.py"]
+
+
+def test_past_max_session_bytes_the_least_recently_touched_files_are_evicted() -> None:
+    ws = workspace()
+    ws.apply(FileChange("a.py", "", 1, text="a" * 100))
+    ws.apply(FileChange("b.py", "", 1, text="b" * 100))
+    ws.apply(FileChange("c.py", "", 1, text="é" * 25))  # 50 bytes: 250 in all, the limit
+    assert ws.bytes == 250
+    # a.py shrinks by an edit, c.py grows: sizes follow edits and new texts
+    assert ws.apply(FileChange("a.py", "", 2, edits=(TextEdit(0, 90, ""),), base_version=1)) == []
+    assert ws.apply(FileChange("c.py", "", 2, text="c" * 100)) == []
+    assert ws.bytes == 210
+    assert ws.apply(FileChange("d.py", "", 1, text="d" * 100)) == ["b.py"]
+    assert ws.apply(FileChange("e.py", "", 1, text="e" * 100)) == ["a.py", "c.py"]
+    assert ws.bytes == 200
+    with pytest.raises(UnknownFile, match="max_session_bytes=250"):
+        ws.get("c.py", 2)
+    assert [c.path for c in ws.chunks()] == ["e.py", "d.py"]
+
+
+def test_a_file_larger_than_a_session_holds_is_a_settings_error() -> None:
+    with pytest.raises(ValueError, match="max_file_bytes=200 must fit in max_session_bytes=100"):
+        LimitSettings(max_file_bytes=200, max_session_bytes=100)
 
 
 def test_edits_apply_in_order_against_the_base_version() -> None:
