@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from ghostpen.benchmarks.corpus import percentiles, stdlib_files
+from ghostpen.context.chunker import IncrementalChunker
 from ghostpen.context.prompt import Document, build_prompt
 from ghostpen.context.template import load_template
 from ghostpen.server.engines.base import Engine, EngineRequest
@@ -30,9 +31,12 @@ from ghostpen.server.workspace import FileChange, Workspace
 
 def build_prompts(settings: Settings, count: int, seed: int) -> list[str]:
     files = stdlib_files(300, 1300, settings.limits.max_files)
-    workspace = Workspace(settings.limits, settings.context.chunk_max_lines)
+    workspace = Workspace(settings.limits)
+    chunker = IncrementalChunker(settings.context.chunk_max_lines, settings.context.max_tree_chars)
     for path in files:
         workspace.apply(FileChange(path.name, "", 1, text=path.read_text(encoding="utf-8")))
+    for held in workspace.unchunked():
+        held.set_chunks(chunker.chunk("bench", held.path, held.language, held.text))
     template = load_template(settings.context.template)
     rng = random.Random(seed)
     prompts = []

@@ -22,6 +22,7 @@ import re
 import signal
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -34,6 +35,7 @@ from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
 from ghostpen.server.settings import LimitSettings, ServerSettings
 
 PROBE_S = 0.01
+DRAIN_SESSIONS = 100  # idle sessions open at the SIGTERM
 SESSIONS_PER_CONNECTION = 10
 LIMITS = LimitSettings()
 MESSAGE_BYTES = ServerSettings().max_message_bytes
@@ -81,6 +83,37 @@ async def idle_sessions(address: str, count: int) -> list[grpc.aio.Channel]:
     return channels
 
 
+async def oversized_sessions(address: str, count: int) -> list[grpc.aio.Channel]:
+    """`count` sessions, each sent `max_files` files of `max_file_bytes` (the server keeps what
+    `max_session_bytes` allows), then left open; one request each, so the server chunks."""
+    channels = []
+    for index in range(count):
+        channel = grpc.aio.insecure_channel(address)
+        channels.append(channel)
+        call = pb_grpc.CompletionStub(channel).Session()
+        await call.write(pb.ClientMessage(hello=pb.Hello(workspace="oversized")))
+        await call.read()
+        for i in range(LIMITS.max_files):
+            text = SESSION_FILE[:-16] + f"#{index:06d}/{i:06d}\n"
+            update = pb.FileUpdate(path=f"s{i}.py", version=1, text=text.encode())
+            await call.write(pb.ClientMessage(file_update=update))
+            await call.read()
+    return channels
+
+
+async def settled_rss_mb(pid: int, timeout_s: float = 300.0) -> float:
+    """RSS once it has stopped growing (the chunker thread has caught up): under 1% in 3 s."""
+    end = time.monotonic() + timeout_s
+    last = rss_mb(pid)
+    while time.monotonic() < end:
+        await asyncio.sleep(3.0)
+        now = rss_mb(pid)
+        if abs(now - last) < 0.01 * last:
+            return now
+        last = now
+    raise TimeoutError(f"RSS still moving after {timeout_s} s: {last} MB")
+
+
 async def probe(address: str, seconds: float) -> list[float]:
     """Round trips of a health check, every PROBE_S, in milliseconds."""
     async with grpc.aio.insecure_channel(address) as channel:
@@ -96,52 +129,65 @@ async def probe(address: str, seconds: float) -> list[float]:
         return samples
 
 
-def hostile(address: str, seconds: float, kind: str) -> None:
-    """Runs in a process of its own: the largest inputs the limits allow, back to back."""
+def hostile(address: str, seconds: float, kind: str, outcomes: multiprocessing.Queue) -> None:
+    """Runs in a process of its own: the largest inputs the limits allow, back to back. Puts
+    how its rounds ended, by status, on `outcomes`."""
 
-    async def run() -> None:
+    async def run() -> Counter[str]:
+        ended: Counter[str] = Counter()
         async with grpc.aio.insecure_channel(address) as channel:
             stub = pb_grpc.CompletionStub(channel)
             end = time.monotonic() + seconds
             round_ = 0
             while time.monotonic() < end:
                 round_ += 1
-                mark = f"#{round_:06d}\n"  # new content each round: no cache helps
-                if kind == "complete":
-                    text = INLINE_FILE[: -len(mark)] + mark
-                    files = [
-                        pb.ContextFile(path=f"c{i}.py", text=text.encode())
-                        for i in range(LIMITS.max_context_files)
-                    ]
-                    request = pb.CompleteRequest(
-                        request_id="h",
-                        path="a.py",
-                        prefix=b"x = ",
-                        context_files=files,
-                        max_tokens=1,
-                    )
-                    async for _ in stub.Complete(request):
-                        pass
-                else:
-                    text = SESSION_FILE[: -len(mark)] + mark
-                    call = stub.Session()
-                    for i in range(LIMITS.max_files):
-                        update = pb.FileUpdate(path=f"s{i}.py", version=1, text=text.encode())
-                        await call.write(pb.ClientMessage(file_update=update))
-                    request = pb.CompletionRequest(
-                        request_id="h", path="s0.py", version=1, cursor_offset=4, max_tokens=1
-                    )
-                    await call.write(pb.ClientMessage(completion_request=request))
-                    await call.done_writing()
-                    async for _ in call:
-                        pass
+                try:
+                    await one_round(stub, kind, f"#{round_:06d}\n")
+                    ended["OK"] += 1
+                except grpc.aio.AioRpcError as error:
+                    ended[error.code().name] += 1
+        return ended
 
-    asyncio.run(run())
+    outcomes.put((kind, dict(asyncio.run(run()))))
 
 
-async def measure(sessions: int, hostile_s: float) -> dict[str, object]:
-    env = {"GHOSTPEN_MAX_SESSIONS": str(sessions + 10)}
-    env["GHOSTPEN_MAX_SESSIONS_PER_USER"] = str(sessions + 10)
+async def one_round(stub: pb_grpc.CompletionStub, kind: str, mark: str) -> None:
+    """One hostile call; `mark` makes the content new each round, so no cache helps."""
+    if kind == "complete":
+        text = INLINE_FILE[: -len(mark)] + mark
+        files = [
+            pb.ContextFile(path=f"c{i}.py", text=text.encode())
+            for i in range(LIMITS.max_context_files)
+        ]
+        request = pb.CompleteRequest(
+            request_id="h",
+            path="a.py",
+            prefix=b"x = ",
+            context_files=files,
+            max_tokens=1,
+        )
+        async for _ in stub.Complete(request):
+            pass
+    else:
+        text = SESSION_FILE[: -len(mark)] + mark
+        call = stub.Session()
+        for i in range(LIMITS.max_files):
+            update = pb.FileUpdate(path=f"s{i}.py", version=1, text=text.encode())
+            await call.write(pb.ClientMessage(file_update=update))
+        request = pb.CompletionRequest(
+            request_id="h", path="s0.py", version=1, cursor_offset=4, max_tokens=1
+        )
+        await call.write(pb.ClientMessage(completion_request=request))
+        await call.done_writing()
+        async for _ in call:
+            pass
+
+
+async def measure(
+    sessions: int, hostile_s: float, kinds: list[str], oversized: int
+) -> dict[str, object]:
+    room = str(max(sessions, DRAIN_SESSIONS) + 10)
+    env = {"GHOSTPEN_MAX_SESSIONS": room, "GHOSTPEN_MAX_SESSIONS_PER_USER": room}
     result: dict[str, object] = {}
     with running_server("--engine", "llama.cpp", env=env) as server:
         pid = server.process.pid
@@ -158,13 +204,15 @@ async def measure(sessions: int, hostile_s: float) -> dict[str, object]:
         hostile_from = loop_lag(server.web)
         result["quiet_loop_lag"] = lag_summary(quiet, hostile_from)
         context = multiprocessing.get_context("spawn")
+        outcomes = context.Queue()
         attackers = [
-            context.Process(target=hostile, args=(server.address, hostile_s, kind))
-            for kind in ("complete", "session")
+            context.Process(target=hostile, args=(server.address, hostile_s, kind, outcomes))
+            for kind in kinds
         ]
         for attacker in attackers:
             attacker.start()
         samples = await probe(server.address, hostile_s)
+        result["hostile_rounds"] = dict(outcomes.get(timeout=120) for _ in attackers)
         for attacker in attackers:
             attacker.join()
         result["hostile_probe_ms"] = percentiles(samples)
@@ -174,11 +222,21 @@ async def measure(sessions: int, hostile_s: float) -> dict[str, object]:
             int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
             / 1024
         )
-        held = await idle_sessions(server.address, 100)
+        if oversized:
+            before = rss_mb(pid)
+            held = await oversized_sessions(server.address, oversized)
+            result[f"rss_{oversized}_oversized_sessions_mb"] = await settled_rss_mb(pid)
+            result["rss_per_oversized_session_mb"] = (
+                result[f"rss_{oversized}_oversized_sessions_mb"] - before
+            ) / oversized
+            for channel in held:
+                await channel.close()
+            result["rss_after_they_close_mb"] = await settled_rss_mb(pid)
+        held = await idle_sessions(server.address, DRAIN_SESSIONS)
         start = time.monotonic()
         os.kill(pid, signal.SIGTERM)
         server.process.wait(timeout=60)
-        result["drain_with_100_idle_sessions_s"] = time.monotonic() - start
+        result[f"drain_with_{DRAIN_SESSIONS}_idle_sessions_s"] = time.monotonic() - start
         result["exit_code"] = server.process.returncode
         for channel in held:
             await channel.close()
@@ -189,8 +247,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sessions", type=int, default=5000)
     parser.add_argument("--hostile-s", type=float, default=20.0)
+    parser.add_argument(
+        "--hostile",
+        nargs="+",
+        choices=("complete", "session"),
+        default=["complete", "session"],
+        help="the hostile clients, a process each",
+    )
+    parser.add_argument("--oversized", type=int, default=100, help="sessions filled to the limit")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(measure(args.sessions, args.hostile_s)), indent=2))
+    measured = measure(args.sessions, args.hostile_s, args.hostile, args.oversized)
+    print(json.dumps(asyncio.run(measured), indent=2))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 class ContextSettings:
     template: str = "qwen25-coder-repo-fim"
     chunk_max_lines: int = 24
+    # Text whose syntax trees are kept, so the files being edited parse incrementally (a tree
+    # costs ~20 bytes a character); past it the least recently edited parse whole next time.
+    max_tree_chars: int = 32 * 1024 * 1024
     query_lines: int = 12  # lines behind the cursor that rank the other files' chunks
     top_k: int = 8
     context_stickiness: float = 0.1  # similarity bonus that keeps the last prompt's context chunks

@@ -30,6 +30,7 @@ import grpc
 
 from ghostpen.server import wire
 from ghostpen.server.auth import Authenticator
+from ghostpen.server.chunker_process import ChunkerProcess
 from ghostpen.server.completion import Completer, CompletionEvent, CompletionJob
 from ghostpen.server.errors import (
     DeadlinePassed,
@@ -66,6 +67,7 @@ class CompletionService:
     def __init__(
         self,
         completer: Completer,
+        chunker: ChunkerProcess,
         inline: InlineCompletions,
         telemetry: Telemetry,
         settings: Settings,
@@ -73,6 +75,7 @@ class CompletionService:
         auth: Authenticator,
     ) -> None:
         self._completer = completer
+        self._chunker = chunker
         self._auth = auth
         self._inline = inline
         self._telemetry = telemetry
@@ -127,7 +130,9 @@ class CompletionService:
         except GhostpenError as error:
             await self._abort(context, "Session", error)
         stream = _Stream(self._metrics, self._limits)
-        session = Session(uuid.uuid4().hex, self._completer, self._settings, stream.send, owner)
+        session = Session(
+            uuid.uuid4().hex, self._completer, self._chunker, self._settings, stream.send, owner
+        )
         self._sessions[session] = stream
         reader = asyncio.create_task(self._read(session, request_iterator, stream))
         stream.on_overflow(partial(self._cut_off, session, asyncio.current_task()))

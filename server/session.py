@@ -6,13 +6,13 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
 from ghostpen.context.chunker import Chunk
 from ghostpen.context.postprocess import Finish
 from ghostpen.context.prompt import Document
+from ghostpen.server.chunker_process import ChunkerProcess
 from ghostpen.server.completion import Completer, CompletionEvent, CompletionJob, RequestSpec
 from ghostpen.server.errors import (
     DuplicateRequest,
@@ -26,9 +26,6 @@ from ghostpen.server.workspace import FileChange, Workspace, check_cursor
 
 FINISHED_KEPT = 64  # recently finished request ids, so that a late cancel is not an error
 log = logging.getLogger(__name__)
-# One thread chunks every session's files: a parse there lets the loop run (context/chunker.py),
-# and one thread is as many as the GIL allows to run at once anyway.
-CHUNKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ghostpen-chunker")
 
 
 @dataclass(frozen=True)
@@ -84,6 +81,7 @@ class Session:
         self,
         session_id: str,
         completer: Completer,
+        chunker: ChunkerProcess,
         settings: Settings,
         send: Callable[[Outbound], None],
         owner: Identity,
@@ -92,13 +90,13 @@ class Session:
         self.owner = owner
         self.repo = ""
         self._completer = completer
+        self._chunker = chunker
         self._send = send
-        self.workspace = Workspace(settings.limits, settings.context.chunk_max_lines)
+        self.workspace = Workspace(settings.limits)
         self._inflight: dict[str, _Running] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._last_context: tuple[Chunk, ...] = ()
-        self._refresh_queued = False
-        self._refreshing: asyncio.Future[None] | None = None
+        self._refreshing: asyncio.Task[None] | None = None
         self._closed = False  # no more chunking: the stream is gone
 
     def handle(self, message: Inbound) -> FileAck | None:
@@ -130,7 +128,7 @@ class Session:
             self._stop(running, "superseded")
         document = Document(held.path, held.language, held.text, request.cursor)
         prompt = self._completer.prompt(
-            self.repo, document, self.workspace.chunks(stale_ok=True), self._last_context
+            self.repo, document, self.workspace.chunks(), self._last_context
         )
         job = self._completer.job(
             request.spec, document, prompt, self.owner, cache_key=self.session_id
@@ -160,7 +158,8 @@ class Session:
         message."""
         self._closed = True
         if self._refreshing is not None:
-            self._refreshing.cancel()  # if it has not started; a running one stops between files
+            self._refreshing.cancel()
+        self._chunker.forget(self.session_id)
         for request_id, running in list(self._inflight.items()):
             if error is not None and not running.task.done():
                 self._send(RequestError(request_id, running.path, error))
@@ -189,17 +188,23 @@ class Session:
             self._send(RequestError(job.request_id, job.document.path, EngineFailure(str(exc))))
 
     def _refresh_soon(self) -> None:
-        """Chunk what the workspace has not chunked yet, in the chunker thread; one refresh
-        queued per session at a time, however fast its files change."""
-        if self._refresh_queued or self._closed:
-            return
-        self._refresh_queued = True
-        self._refreshing = asyncio.get_running_loop().run_in_executor(CHUNKER, self._refresh)
-        self._refreshing.add_done_callback(_logged)
+        """Chunk what the workspace has not chunked yet, in the chunker process, one file at a
+        time per session, however fast its files change."""
+        if not self._closed and (self._refreshing is None or self._refreshing.done()):
+            self._refreshing = asyncio.create_task(self._refresh())
 
-    def _refresh(self) -> None:
-        self._refresh_queued = False  # changes from now on queue another
-        self.workspace.refresh(stopped=lambda: self._closed)
+    async def _refresh(self) -> None:
+        """Until every held version is chunked: versions that arrive meanwhile are seen, as
+        the list is read again after each file. A failure is logged; the next update tries
+        again."""
+        try:
+            while not self._closed and (pending := self.workspace.unchunked()):
+                held = pending[0]
+                held.set_chunks(await self._chunker.chunks(self.session_id, held))
+        except GhostpenError as error:
+            log.error("chunking session %s's files failed: %s", self.session_id, error)
+        except Exception:
+            log.exception("chunking session %s's files failed", self.session_id)
 
     def _done(self, request_id: str, _task: asyncio.Task[None]) -> None:
         """Bookkeeping in a done callback: it runs even for a task cancelled before it started."""
@@ -207,8 +212,3 @@ class Session:
         self._finished[request_id] = None
         if len(self._finished) > FINISHED_KEPT:
             self._finished.popitem(last=False)
-
-
-def _logged(refreshing: asyncio.Future[None]) -> None:
-    if not refreshing.cancelled() and refreshing.exception() is not None:
-        log.error("chunking a session's files failed", exc_info=refreshing.exception())

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ghostpen.context.chunker import Chunk, ChunkedFile, chunk_file, edit_tree
+from ghostpen.context.chunker import Chunk
 from ghostpen.context.languages import language_of
 from ghostpen.server.errors import (
     CursorOutOfRange,
@@ -44,27 +43,22 @@ class WorkspaceFile:
     language: str
     version: int
     text: str
-    # An earlier version's chunks, its tree edited to match this text, for an incremental parse.
-    _previous: ChunkedFile | None = field(default=None, repr=False)
-    _chunked: ChunkedFile | None = field(default=None, repr=False)
+    # This version's chunks once the chunker has them; until then an earlier version's.
+    _chunks: tuple[Chunk, ...] | None = field(default=None, repr=False)
+    _earlier: tuple[Chunk, ...] = field(default=(), repr=False)
 
-    def chunks(self, max_lines: int, stale_ok: bool = False) -> tuple[Chunk, ...]:
-        """This version's chunks. With stale_ok nothing is chunked here: an earlier version's
-        chunks if this one has none yet, or none at all for a file never chunked."""
-        previous = self._previous  # read first: the chunker thread sets _chunked, then this
-        chunked = self._chunked
-        if chunked is None:
-            if stale_ok:
-                return previous.chunks if previous is not None else ()
-            chunked = chunk_file(self.path, self.language, self.text, max_lines, previous)
-            self._chunked = chunked
-            self._previous = None
-        return chunked.chunks
+    def chunks(self) -> tuple[Chunk, ...]:
+        return self._earlier if self._chunks is None else self._chunks
+
+    @property
+    def chunked(self) -> bool:
+        return self._chunks is not None
+
+    def set_chunks(self, chunks: tuple[Chunk, ...]) -> None:
+        self._chunks, self._earlier = chunks, ()
 
     def edited(self, version: int, edits: tuple[TextEdit, ...]) -> WorkspaceFile:
         """The next version; raises InvalidInput for an edit outside the text."""
-        base = self._chunked or self._previous
-        tree = base.tree.copy() if base is not None and base.tree is not None else None
         text = self.text
         for edit in edits:
             if not 0 <= edit.start <= edit.end <= len(text):
@@ -72,11 +66,8 @@ class WorkspaceFile:
                     f"edit range {edit.start}..{edit.end} is outside {self.path!r} "
                     f"({len(text)} code points)"
                 )
-            if tree is not None:
-                edit_tree(tree, text, edit.start, edit.end, edit.text)
             text = text[: edit.start] + edit.text + text[edit.end :]
-        previous = ChunkedFile(base.chunks, tree) if base is not None else None
-        return WorkspaceFile(self.path, self.language, version, text, previous)
+        return WorkspaceFile(self.path, self.language, version, text, _earlier=self.chunks())
 
 
 def check_size(path: str, text: str, limits: LimitSettings) -> int:
@@ -100,9 +91,8 @@ class Workspace:
     """Most recently touched first; past max_files or max_session_bytes the least recently
     touched files are dropped."""
 
-    def __init__(self, limits: LimitSettings, chunk_max_lines: int) -> None:
+    def __init__(self, limits: LimitSettings) -> None:
         self._limits = limits
-        self._chunk_max_lines = chunk_max_lines
         self._files: OrderedDict[str, WorkspaceFile] = OrderedDict()
         self._sizes: dict[str, int] = {}  # UTF-8 bytes of each held file's text
         self.bytes = 0  # their sum
@@ -117,7 +107,10 @@ class Workspace:
             )
         if change.text is not None:
             language = language_of(change.path, change.language or (held.language if held else ""))
-            updated = WorkspaceFile(change.path, language, change.version, change.text)
+            earlier = held.chunks() if held is not None else ()
+            updated = WorkspaceFile(
+                change.path, language, change.version, change.text, _earlier=earlier
+            )
         else:
             updated = self._edited(held, change)
         size = check_size(change.path, updated.text, self._limits)
@@ -149,23 +142,15 @@ class Workspace:
             )
         return held
 
-    def chunks(self, stale_ok: bool = False) -> list[Chunk]:
-        """Every held file's chunks, most recently touched file first.
+    def chunks(self) -> list[Chunk]:
+        """Every held file's chunks, most recently touched file first. A file being edited
+        contributes the chunks of the version last chunked (a few keystrokes old), and one never
+        chunked contributes none yet: a request never waits for a parse."""
+        return [chunk for held in self._files.values() for chunk in held.chunks()]
 
-        With stale_ok, a file being edited contributes the chunks of the version it was last
-        chunked at (a few keystrokes old), and one never chunked contributes none yet: a request
-        never waits for a parse; `refresh`, in the chunker thread, catches up."""
-        max_lines = self._chunk_max_lines
-        return [c for held in self._files.values() for c in held.chunks(max_lines, stale_ok)]
-
-    def refresh(self, stopped: Callable[[], bool] = lambda: False) -> None:
-        """Chunk every file version that has no chunks of its own yet, unless `stopped()` says
-        to stop between files. Safe in another thread than the loop's: it reads a snapshot of
-        the files and only sets their chunks."""
-        for held in list(self._files.values()):
-            if stopped():
-                return
-            held.chunks(self._chunk_max_lines)
+    def unchunked(self) -> list[WorkspaceFile]:
+        """The held versions that have no chunks of their own yet, most recently touched first."""
+        return [held for held in self._files.values() if not held.chunked]
 
     def _edited(self, held: WorkspaceFile | None, change: FileChange) -> WorkspaceFile:
         if held is None:

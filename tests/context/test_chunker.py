@@ -1,8 +1,16 @@
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from ghostpen.context.chunker import ChunkedFile, chunk_file, edit_tree
+from ghostpen.context.chunker import (
+    ChunkedFile,
+    IncrementalChunker,
+    changed_span,
+    chunk_file,
+    edit_tree,
+)
 from ghostpen.context.languages import parser_for
 
 PYTHON = '''import os
@@ -182,3 +190,63 @@ def test_each_thread_parses_with_a_parser_of_its_own() -> None:
         assert theirs is not None and theirs is not parser_for("python")
         chunked = other.submit(chunk_file, "f.py", "python", PYTHON, 4).result()
     assert chunked.chunks == chunk_file("f.py", "python", PYTHON, 4).chunks
+
+
+@given(
+    st.text(alphabet="ab\né", max_size=200),
+    st.integers(0, 200),
+    st.integers(0, 200),
+    st.text(alphabet="ab\né", max_size=20),
+)
+def test_changed_span_finds_the_one_edit_between_two_versions(
+    old: str, start: int, length: int, inserted: str
+) -> None:
+    start = min(start, len(old))
+    end = min(start + length, len(old))
+    new = old[:start] + inserted + old[end:]
+    first, old_end, new_end = changed_span(old, new)
+    assert new == old[:first] + new[first:new_end] + old[old_end:]
+    assert first == min(len(old), len(new)) or old[first] != new[first]  # the longest prefix
+    assert old_end - first <= end - start and new_end - first <= len(inserted)
+
+
+def test_incremental_chunker_parses_a_keys_next_version_incrementally(monkeypatch) -> None:
+    from ghostpen.context import chunker as module
+
+    old_trees: list[bool] = []
+    real = module._parse
+
+    def parse(parser, source, old_tree):  # type: ignore[no-untyped-def]
+        old_trees.append(old_tree is not None)
+        return real(parser, source, old_tree)
+
+    monkeypatch.setattr(module, "_parse", parse)
+    chunker = IncrementalChunker(max_lines=4, max_chars=10**6)
+    chunker.chunk("s1", "f.py", "python", PYTHON)
+    edited = PYTHON.replace("return 1", "return compute(1)  # é")
+    assert (
+        chunker.chunk("s1", "f.py", "python", edited)
+        == chunk_file("f.py", "python", edited, 4).chunks
+    )
+    chunker.chunk("s1", "g.py", "python", PYTHON)  # another file: the session's head moves
+    chunker.chunk("s1", "f.py", "python", PYTHON)
+    chunker.forget("s1")
+    chunker.chunk("s1", "f.py", "python", PYTHON)
+    assert old_trees == [False, True, False, False, False, False]  # the third: the fresh parse
+
+
+def test_incremental_chunker_keeps_trees_for_max_chars_least_recent_out(monkeypatch) -> None:
+    from ghostpen.context import chunker as module
+
+    old_trees: list[bool] = []
+    real = module._parse
+    monkeypatch.setattr(
+        module, "_parse", lambda p, s, t: (old_trees.append(t is not None), real(p, s, t))[1]
+    )
+    chunker = IncrementalChunker(max_lines=4, max_chars=2 * len(PYTHON))
+    for key in ("s1", "s2", "s3"):  # s1 is forgotten to make room for s3
+        chunker.chunk(key, "f.py", "python", PYTHON)
+    old_trees.clear()
+    chunker.chunk("s3", "f.py", "python", PYTHON + "\n")
+    chunker.chunk("s1", "f.py", "python", PYTHON + "\n")
+    assert old_trees == [True, False]

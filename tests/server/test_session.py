@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from collections.abc import Iterator
+
+import pytest
 
 from ghostpen.context.postprocess import Finish, Mode
+from ghostpen.server.chunker_process import ChunkerProcess
 from ghostpen.server.completion import Completer, CompletionEvent, RequestSpec
 from ghostpen.server.engines.base import Engine
 from ghostpen.server.identity import LOCAL
@@ -16,6 +21,14 @@ from ghostpen.server.settings import Settings
 from ghostpen.server.telemetry.records import CompletionRecord
 from ghostpen.server.workspace import FileChange
 from tests.scripted_engine import ScriptedEngine
+
+CHUNKER = ChunkerProcess(Settings.load(environ={}).context)  # one child for the module's tests
+
+
+@pytest.fixture(scope="module", autouse=True)
+def chunker_child() -> Iterator[None]:
+    yield
+    asyncio.run(CHUNKER.close())
 
 
 def make_session(engine: Engine) -> tuple[Session, list[object], Metrics, list[CompletionRecord]]:
@@ -31,7 +44,7 @@ def make_session(engine: Engine) -> tuple[Session, list[object], Metrics, list[C
 
     completer = Completer.from_settings(engine, settings, Ledger(metrics, record, 1.0))
     sent: list[object] = []
-    session = Session("s1", completer, settings, sent.append, LOCAL)
+    session = Session("s1", completer, CHUNKER, settings, sent.append, LOCAL)
     session.update(FileChange("a.py", "python", 1, text="x = "))
     return session, sent, metrics, recorded
 
@@ -140,22 +153,13 @@ async def test_a_passed_deadline_is_an_error_and_booked_as_such() -> None:
     assert cancellations(metrics, "deadline") == 1 and recorded == []
 
 
-async def test_files_are_chunked_in_the_chunker_thread(monkeypatch) -> None:
-    import threading
-
-    from ghostpen.server import workspace
-
-    threads: list[str] = []
-    real = workspace.chunk_file
-
-    def recorded(*args: object, **kwargs: object) -> object:
-        threads.append(threading.current_thread().name)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(workspace, "chunk_file", recorded)
+async def test_files_are_chunked_in_the_chunker_process_one_version_after_another() -> None:
     session, _, _, _ = make_session(ScriptedEngine("1\n"))  # opens a.py
     session.update(FileChange("b.py", "python", 1, text="def b():\n    return 2\n"))
+    session.update(FileChange("b.py", "python", 2, text="def b():\n    return 3\n"))
     async with asyncio.timeout(30):
-        while len(session.workspace.chunks(stale_ok=True)) < 2:
+        while session.workspace.unchunked():
             await asyncio.sleep(0.01)
-    assert threads and all(name.startswith("ghostpen-chunker") for name in threads)
+    assert [c.text for c in session.workspace.chunks()] == ["def b():\n    return 3\n", "x = "]
+    assert CHUNKER.pid() not in (None, os.getpid())
+    await session.close()

@@ -1,5 +1,6 @@
 import pytest
 
+from ghostpen.context.chunker import IncrementalChunker
 from ghostpen.server.context_process import ChunkCache
 from ghostpen.server.errors import (
     CursorOutOfRange,
@@ -16,8 +17,16 @@ LIMITS = LimitSettings(
 )
 
 
-def workspace() -> Workspace:
-    return Workspace(LIMITS, chunk_max_lines=10)
+def workspace(limits: LimitSettings = LIMITS) -> Workspace:
+    return Workspace(limits)
+
+
+def chunked(ws: Workspace, chunker: IncrementalChunker | None = None) -> Workspace:
+    """What a session's refresh does, in this process: every unchunked version chunked."""
+    chunker = chunker or IncrementalChunker(max_lines=4, max_chars=10**6)
+    for held in ws.unchunked():
+        held.set_chunks(chunker.chunk("s", held.path, held.language, held.text))
+    return ws
 
 
 def test_least_recently_touched_file_is_evicted() -> None:
@@ -28,7 +37,7 @@ def test_least_recently_touched_file_is_evicted() -> None:
     assert ws.apply(FileChange("d.py", "", 1, text="# d")) == ["b.py"]
     with pytest.raises(UnknownFile, match="max_files=3"):
         ws.get("b.py", 1)
-    assert [c.path for c in ws.chunks()] == ["d.py", "a.py", "c.py"]
+    assert [c.path for c in chunked(ws).chunks()] == ["d.py", "a.py", "c.py"]
 
 
 def test_past_max_session_bytes_the_least_recently_touched_files_are_evicted() -> None:
@@ -46,7 +55,7 @@ def test_past_max_session_bytes_the_least_recently_touched_files_are_evicted() -
     assert ws.bytes == 200
     with pytest.raises(UnknownFile, match="max_session_bytes=250"):
         ws.get("c.py", 2)
-    assert [c.path for c in ws.chunks()] == ["e.py", "d.py"]
+    assert [c.path for c in chunked(ws).chunks()] == ["e.py", "d.py"]
 
 
 def test_a_file_larger_than_a_session_holds_is_a_settings_error() -> None:
@@ -113,12 +122,13 @@ def test_multibyte_text_counts_bytes_for_the_limit_and_code_points_for_offsets()
 
 
 def test_chunks_are_computed_once_per_version() -> None:
-    ws = workspace()
+    ws = chunked(workspace())
     ws.apply(FileChange("a.py", "", 1, text="x = 1\n"))
-    first = ws.chunks()
-    assert ws.chunks()[0] is first[0]
+    assert [held.path for held in ws.unchunked()] == ["a.py"]
+    first = chunked(ws).chunks()
+    assert ws.unchunked() == [] and ws.chunks()[0] is first[0]
     ws.apply(FileChange("a.py", "", 2, text="x = 2\n"))
-    assert ws.chunks()[0].text.strip() == "x = 2"
+    assert chunked(ws).chunks()[0].text.strip() == "x = 2"
 
 
 def test_chunk_cache_reuses_chunks_of_the_same_content() -> None:
@@ -130,31 +140,27 @@ def test_chunk_cache_reuses_chunks_of_the_same_content() -> None:
 
 
 def test_edited_versions_chunk_like_a_fresh_file() -> None:
-    ws = Workspace(LimitSettings(), chunk_max_lines=4)
+    ws, chunker = workspace(LimitSettings()), IncrementalChunker(max_lines=4, max_chars=10**6)
     text = "def a():\n    return 1\n\n\ndef b():\n    return 2\n"
     ws.apply(FileChange("a.py", "", 1, text=text))
-    ws.chunks()
+    chunked(ws, chunker)
     ws.apply(FileChange("a.py", "", 2, edits=(TextEdit(21, 21, "0"),), base_version=1))
+    chunked(ws, chunker)
     ws.apply(FileChange("a.py", "", 3, edits=(TextEdit(0, 0, "import os\n"),), base_version=2))
-    fresh = Workspace(LimitSettings(), chunk_max_lines=4)
+    fresh = workspace(LimitSettings())
     fresh.apply(FileChange("a.py", "", 1, text=ws.get("a.py", 3).text))
-    assert ws.chunks() == fresh.chunks()
+    assert chunked(ws, chunker).chunks() == chunked(fresh).chunks()
     assert "return 10" in ws.get("a.py", 3).text
 
 
-def test_typing_uses_the_last_chunks_until_refreshed() -> None:
-    ws = Workspace(LimitSettings(), chunk_max_lines=4)
+def test_a_version_not_chunked_yet_offers_the_last_chunks() -> None:
+    """A request never waits for a parse: a few keystrokes old is good enough for context."""
+    ws = workspace(LimitSettings())
     ws.apply(FileChange("a.py", "", 1, text="x = 1\n"))
-    before = ws.chunks()
+    assert ws.chunks() == []  # never chunked: none, rather than a parse now
+    before = chunked(ws).chunks()
     ws.apply(FileChange("a.py", "", 2, edits=(TextEdit(4, 5, "2"),), base_version=1))
-    assert ws.chunks(stale_ok=True) == before
-    ws.refresh()
-    assert ws.chunks(stale_ok=True)[0].text.strip() == "x = 2"
-
-
-def test_a_request_never_chunks_a_file_itself() -> None:
-    ws = Workspace(LimitSettings(), chunk_max_lines=4)
-    ws.apply(FileChange("a.py", "", 1, text="x = 1\n"))
-    assert ws.chunks(stale_ok=True) == []  # not chunked yet: none, rather than a parse now
-    ws.refresh()
-    assert [c.text.strip() for c in ws.chunks(stale_ok=True)] == ["x = 1"]
+    assert ws.chunks() == before
+    ws.apply(FileChange("a.py", "", 3, text="x = 3\n"))  # a whole text: the same
+    assert ws.chunks() == before
+    assert chunked(ws).chunks()[0].text.strip() == "x = 3"
