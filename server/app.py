@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,9 +35,6 @@ from ghostpen.server.web import ReportCache, start_web
 log = logging.getLogger(__name__)
 SERVICE_NAME = wire.SERVICE.full_name
 SETTLE_S = 1.0  # after the drain, for handlers to write the statuses it decided
-# The chunker thread runs Python while the loop waits for the GIL; CPython hands it over only
-# after this long (5 ms by default), which a loop answering many messages pays at every wake-up.
-GIL_SWITCH_S = 0.0005
 
 
 @dataclass
@@ -183,7 +179,6 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
 
 async def serve(settings: Settings) -> None:
     """Run until SIGINT or SIGTERM."""
-    sys.setswitchinterval(GIL_SWITCH_S)
     metrics = Metrics()
     engine = await start_engine(settings.engine, settings.cache_dir, metrics)
     running = await start_server(settings, engine, metrics)

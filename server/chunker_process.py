@@ -33,9 +33,7 @@ class ChunkerProcess:
         )
 
     async def chunks(self, session_id: str, held: WorkspaceFile) -> tuple[Chunk, ...]:
-        batches = await self._child.call(
-            _chunk, session_id, held.path, held.language, held.text
-        )
+        batches = await self._child.call(_chunk, session_id, held.path, held.language, held.text)
         chunks: list[Chunk] = []
         for batch in batches:
             chunks.extend(pickle.loads(batch))

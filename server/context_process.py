@@ -13,6 +13,7 @@ context files with every keystroke.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from ghostpen.context.prompt import Document, Prompt, build_prompt
 from ghostpen.context.settings import ContextSettings
 from ghostpen.context.template import Template
 from ghostpen.server.child_process import ChildProcess
+from ghostpen.server.errors import DeadlinePassed
 
 CACHED_FILES = 256  # chunked context files the child keeps, least recent out
 
@@ -61,9 +63,13 @@ class ContextProcess:
             "context process", "reading this request's files", _set_up, (settings, template)
         )
 
-    async def prompt(self, repo: str, document: Document, files: Sequence[InlineFile]) -> Prompt:
-        """The prompt for `document`, with chunks of `files` ranked into it, built in the child."""
-        return await self._child.call(_prompt, repo, document, tuple(files))
+    async def prompt(
+        self, repo: str, document: Document, files: Sequence[InlineFile], deadline: float
+    ) -> Prompt:
+        """The prompt for `document`, with chunks of `files` ranked into it, built in the child.
+        Past `deadline` (time.monotonic, which is the same clock in the child) the child stops
+        between files: a call its caller gave up on does not hold up the next ones for long."""
+        return await self._child.call(_prompt, repo, document, tuple(files), deadline)
 
     def pid(self) -> int | None:
         return self._child.pid()
@@ -84,11 +90,13 @@ def _set_up(settings: ContextSettings, template: Template) -> None:
     _cache = ChunkCache(settings.chunk_max_lines)
 
 
-def _prompt(repo: str, document: Document, files: tuple[InlineFile, ...]) -> Prompt:
+def _prompt(
+    repo: str, document: Document, files: tuple[InlineFile, ...], deadline: float
+) -> Prompt:
     assert _settings is not None and _template is not None and _cache is not None
-    chunks = [
-        chunk
-        for item in files
-        for chunk in _cache.chunks(item.path, language_of(item.path, item.language), item.text)
-    ]
+    chunks: list[Chunk] = []
+    for item in files:
+        if time.monotonic() > deadline:
+            raise DeadlinePassed("the deadline passed while the context files were read")
+        chunks.extend(_cache.chunks(item.path, language_of(item.path, item.language), item.text))
     return build_prompt(repo, document, chunks, _template, _settings)

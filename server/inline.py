@@ -48,7 +48,9 @@ class InlineCompletions:
         else:
             try:
                 async with asyncio.timeout(left):
-                    prompt = await self._context.prompt(request.repo, document, request.context)
+                    prompt = await self._context.prompt(
+                        request.repo, document, request.context, spec.received + spec.deadline_s
+                    )
             except TimeoutError:
                 raise DeadlinePassed(
                     f"the deadline passed while {len(request.context)} context files were read; "

@@ -67,3 +67,23 @@ async def test_a_context_process_that_dies_costs_at_most_one_request(context) ->
             outcomes.append("died")
     assert outcomes[-1] == ["shop.py"] and outcomes.count("died") <= 1
     assert process.pid() not in (None, killed)  # a new child
+
+
+def _files_cached() -> int:
+    """Runs in the context process: how many files its chunk cache holds."""
+    from ghostpen.server import context_process
+
+    assert context_process._cache is not None
+    return len(context_process._cache._entries)
+
+
+async def test_the_child_stops_reading_context_files_once_the_deadline_passed(context) -> None:
+    """A call its client gave up on does not keep the child from the next ones."""
+    inline, process = context
+    source = "".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(30_000))
+    files = tuple(InlineFile(f"c{i}.py", "", f"{source}# {i}\n") for i in range(12))
+    spec = RequestSpec("r", Mode.AUTO, 0, "", 0.05, time.monotonic())
+    request = InlineRequest(spec, "shop", InlineFile("a.py", "", "x = "), 4, files)
+    with pytest.raises(DeadlinePassed, match="while 12 context files were read"):
+        await inline.job(request, LOCAL)
+    assert await process._child.call(_files_cached) < len(files)  # after that call ended
