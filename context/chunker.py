@@ -75,8 +75,9 @@ def _parse(
     parser: tree_sitter.Parser, source: bytes, old_tree: tree_sitter.Tree | None
 ) -> tree_sitter.Tree:
     """Parse through Python callbacks, which let another thread take the GIL: a parse of a
-    bytestring holds it throughout (~0.35 s a megabyte), stalling the event loop even from a
-    worker thread; this way the loop waits ~10 ms at most, for the same parse time."""
+    bytestring holds it throughout (~0.35 s a megabyte). The server parses only in its child
+    processes; a caller with threads (an event loop beside) still gets turns, for the same
+    parse time."""
 
     def read(offset: int, _point: tuple[int, int]) -> bytes:
         return source[offset : offset + READ_BYTES]
