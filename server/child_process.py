@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -92,6 +93,8 @@ class ChildProcess:
 
 
 def _start(initializer: Callable[..., None], *initargs: Any) -> None:
-    """In the child, before its first call."""
+    """In the child, before its first call. A Ctrl-C reaches the whole process group: the
+    server decides when its children stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.nice(CHILD_NICENESS)
     initializer(*initargs)
