@@ -184,7 +184,7 @@ def test_a_language_without_a_grammar_never_reaches_the_parser_cache() -> None:
 
 
 def test_each_thread_parses_with_a_parser_of_its_own() -> None:
-    """A tree-sitter parser is not safe to share: the chunker thread and the loop get one each."""
+    """A tree-sitter parser is not safe to share: each thread that chunks gets its own."""
     with ThreadPoolExecutor(1) as other:
         theirs = other.submit(parser_for, "python").result()
         assert theirs is not None and theirs is not parser_for("python")
