@@ -203,8 +203,7 @@ class SessionClient:
             first = await asyncio.wait_for(call.read(), self._settings.connect_timeout_s)
             if first is grpc.aio.EOF or not first.HasField("welcome"):
                 raise ConnectionError("the server did not welcome the session")
-            self.welcome = first.welcome
-            welcome = first.welcome
+            welcome = self.welcome = first.welcome
             self.files.limit(welcome.max_files, welcome.max_file_bytes, welcome.max_session_bytes)
             self.files.forget_all_on_server()
             self._outgoing = outgoing

@@ -149,8 +149,9 @@ class RecentFiles:
         return messages
 
     def _check_sendable(self, tracked: TrackedFile) -> None:
-        size = len(tracked.text.encode("utf-8", "replace"))
-        tracked.skipped = _why_not_sent(tracked.text, size, self.max_file_bytes)
+        text = tracked.text  # per keystroke: ASCII (a flag CPython keeps) needs no encoding
+        size = len(text) if text.isascii() else len(text.encode("utf-8", "replace"))
+        tracked.skipped = _why_not_sent(text, size, self.max_file_bytes)
         tracked.size = 0 if tracked.skipped else size
         if tracked.skipped:
             tracked.server_version, tracked.unsent = None, []

@@ -71,8 +71,9 @@ class WorkspaceFile:
 
 
 def check_size(path: str, text: str, limits: LimitSettings) -> int:
-    """The text's size in UTF-8 bytes, which max_file_bytes bounds."""
-    size = len(text.encode("utf-8"))
+    """The text's size in UTF-8 bytes, which max_file_bytes bounds. Per keystroke, on the loop:
+    ASCII (a flag CPython keeps) needs no encoding."""
+    size = len(text) if text.isascii() else len(text.encode("utf-8"))
     if size > limits.max_file_bytes:
         raise LimitExceeded(
             over_limit(f"file {path!r} is {size} bytes", "max_file_bytes", limits.max_file_bytes)
