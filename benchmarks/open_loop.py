@@ -26,7 +26,7 @@ import grpc
 import uvloop
 
 from ghostpen.benchmarks.corpus import percentile_cells, percentiles
-from ghostpen.benchmarks.eval.tasks import Task, build_tasks
+from ghostpen.benchmarks.eval.tasks import Task, build_tasks, source_files
 from ghostpen.benchmarks.peers import running_peer
 from ghostpen.benchmarks.server_process import process_usage, running_server
 from ghostpen.context.prompt import Document, build_prompt
@@ -231,10 +231,8 @@ class OpenLoopConfig:
 def run_comparison(config: OpenLoopConfig, settings: Settings) -> list[dict[str, object]]:
     """ghostpen (or the given endpoint), then each peer on the same model, one at a time so
     that each has the machine to itself; the same tasks at the same arrival times."""
-    tasks = build_tasks(
-        config.tree, config.requests, config.seed, MAX_CONTEXT_FILES + 1,
-        settings.limits.max_file_bytes,
-    )  # fmt: skip
+    files = source_files(config.tree, settings.limits.max_file_bytes)
+    tasks = build_tasks(files, config.requests, config.seed, MAX_CONTEXT_FILES + 1)
     template = load_template(settings.context.template)
 
     def measure(target_factory, pid: int | None = None) -> dict[str, object]:

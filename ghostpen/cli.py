@@ -92,22 +92,31 @@ def main(argv: list[str] | None = None) -> int:
     agent = commands.add_parser("agent", help="the editor agent: a language server (LSP)")
     agent.add_argument("--stdio", action="store_true", required=True, help="LSP over stdin/stdout")
 
-    evaluate = commands.add_parser("eval", help="completion quality on a real source tree")
-    evaluate.add_argument("tree", type=Path, help="a directory of source code")
-    evaluate.add_argument("--tasks", type=int, default=30)
+    evaluate = commands.add_parser(
+        "eval", help="completion quality on third-party code (pinned suites) or a local tree"
+    )
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--suite", help="comma-separated suites of suites.toml, e.g. python,go")
+    source.add_argument("--tree", type=Path, help="a local directory of source code")
+    source.add_argument(
+        "--compare", nargs=2, type=Path, metavar="RECORDS", help="two runs' records.jsonl"
+    )
+    evaluate.add_argument("--tasks", type=int, default=200, help="per suite (or for the tree)")
+    evaluate.add_argument(
+        "--function-tasks", type=int, default=0, help="Python function bodies run against tests"
+    )
+    evaluate.add_argument(
+        "--kinds", default="line,rest_of_line,block", help="task kinds: line,rest_of_line,block"
+    )
+    evaluate.add_argument(
+        "--variants",
+        default="edit-distance,none",
+        help="comma-separated; the first is the baseline (see benchmarks/eval/run.py)",
+    )
     evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--strategies", default="none,edit-distance,jaccard,bm25")
-    evaluate.add_argument(
-        "--templates", default="", help="also run these templates (with edit-distance context)"
-    )
-    evaluate.add_argument(
-        "--ablate-truncation", action="store_true", help="also score the raw engine output"
-    )
-    evaluate.add_argument(
-        "--kinds", default="line,rest_of_line", help="task kinds: line,rest_of_line,block"
-    )
+    evaluate.add_argument("--concurrency", type=int, default=8, help="completions in flight")
     evaluate.add_argument("--engine", choices=("auto", "llama.cpp", "vllm"))
-    evaluate.add_argument("--out", type=Path, help="write every outcome and the summary as JSON")
+    evaluate.add_argument("--out", type=Path, default=Path("eval-out"), help="a directory")
 
     args = parser.parse_args(argv)
     overrides = dict(item.split("=", 1) for item in args.set)
@@ -211,58 +220,41 @@ def _bench_open_loop(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _eval(args: argparse.Namespace, settings: Settings) -> int:
-    import asyncio
     import dataclasses
-    import json
 
-    from ghostpen.benchmarks.eval.run import evaluate, markdown, summarize, variants
-    from ghostpen.benchmarks.eval.tasks import build_tasks
-    from ghostpen.context.template import load_template
-    from ghostpen.server.completion import Completer, Discard
-    from ghostpen.server.engines.factory import start_in_process
+    from ghostpen.benchmarks.eval.harness import Plan, run_plan, variants_of
+    from ghostpen.benchmarks.eval.report import compare, read_records
+    from ghostpen.benchmarks.eval.suites import SuiteError
 
-    chosen = variants(
-        [name for name in args.strategies.split(",") if name],
-        [load_template(name) for name in args.templates.split(",") if name],
-        args.ablate_truncation,
-    )
-    tasks = build_tasks(
-        args.tree,
-        args.tasks,
-        args.seed,
-        settings.limits.max_files,
-        settings.limits.max_file_bytes,
-        tuple(args.kinds.split(",")),
-    )
-    engine_settings = settings.engine
+    if args.compare:
+        rows = compare(read_records(args.compare[0]), read_records(args.compare[1]))
+        print(json.dumps(rows, indent=2))
+        return 0
     if args.engine:
-        engine_settings = dataclasses.replace(engine_settings, engine=args.engine)
-
-    async def run() -> list:
-        engine = await start_in_process(engine_settings, settings.cache_dir)
-        # An evaluation serves nobody: its outcomes are neither counted nor stored.
-        completer = Completer.from_settings(engine, settings, sink=Discard())
-        try:
-            return await evaluate(completer, tasks, chosen, args.tree.name)
-        finally:
-            await engine.close()
-
-    outcomes = asyncio.run(run())
-    rows = summarize(outcomes, chosen)
-    print(f"{len(tasks)} tasks from {args.tree} (seed {args.seed})\n")
-    print(markdown(rows))
-    if args.out:
-        args.out.write_text(
-            json.dumps(
-                {
-                    "tree": str(args.tree),
-                    "seed": args.seed,
-                    "summary": rows,
-                    "outcomes": [dataclasses.asdict(o) for o in outcomes],
-                },
-                indent=2,
-            )
+        settings = dataclasses.replace(
+            settings, engine=dataclasses.replace(settings.engine, engine=args.engine)
         )
+    try:
+        chosen = variants_of([spec for spec in args.variants.split(",") if spec])
+    except ValueError as error:
+        print(f"ghostpen eval: {error}", file=sys.stderr)
+        return 2
+    plan = Plan(
+        suites=tuple(name for name in (args.suite or "").split(",") if name),
+        tree=args.tree,
+        tasks=args.tasks,
+        function_tasks=args.function_tasks,
+        kinds=tuple(args.kinds.split(",")),
+        variants=chosen,
+        seed=args.seed,
+        concurrency=args.concurrency,
+    )
+    try:
+        run_plan(plan, settings, args.out)
+    except (SuiteError, ValueError) as error:
+        print(f"ghostpen eval: {error}", file=sys.stderr)
+        return 2
+    print((args.out / "report.md").read_text())
     return 0
 
 

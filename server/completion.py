@@ -142,9 +142,17 @@ class Completer:
         template = load_template(settings.context.template)
         return cls(engine, template, settings.context, settings.limits, sink)
 
-    def with_template(self, template: Template) -> Completer:
-        """The same engine and settings behind another prompt template (for ablations)."""
-        return Completer(self.engine, template, self.context_settings, self._limits, self._sink)
+    def varied(
+        self, template: Template | None = None, context: ContextSettings | None = None
+    ) -> Completer:
+        """The same engine behind another template or context settings (for ablations)."""
+        return Completer(
+            self.engine,
+            template or self.template,
+            context or self.context_settings,
+            self._limits,
+            self._sink,
+        )
 
     def prompt(
         self,

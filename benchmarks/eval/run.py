@@ -1,173 +1,220 @@
-"""Run tasks through the real pipeline (the Completer the server uses) for each variant: a
-context strategy, a prompt template, with or without post-processing's truncation. Each
-variant changes one component and keeps the others as the server runs them.
+"""Run tasks through the real pipeline (the Completer the server uses) for each variant, many in
+flight at once so the engine batches them, and record one line per task and variant.
 
-ghostpen eval SOURCE_TREE [--tasks 30] [--seed 0] [--strategies none,edit-distance,jaccard,bm25]
-    [--templates generic-prefix@v1] [--ablate-truncation] [--kinds line,rest_of_line,block]
+A variant changes one component and keeps the others as the server runs them. Its spec joins
+parts with `+`: a retrieval strategy (`none`, `edit-distance`, `jaccard`, `bm25`, `hybrid`), a
+template (`template:generic-prefix`), `raw` (the engine's text with no post-processing, up to the
+mode's token budget), or a context setting (`suffix_token_budget=128`). Unnamed parts are the
+server's: `bm25` is BM25 with the server's template and budgets.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ghostpen.benchmarks.corpus import percentiles
+from ghostpen.benchmarks.eval.execution import ScratchProject
 from ghostpen.benchmarks.eval.metrics import edit_similarity, exact_match, identifier_match
 from ghostpen.benchmarks.eval.strategies import STRATEGIES, identifiers
 from ghostpen.benchmarks.eval.tasks import Task
 from ghostpen.context.chunker import Chunk
 from ghostpen.context.postprocess import Mode
 from ghostpen.context.prompt import Document
-from ghostpen.context.template import Template
+from ghostpen.context.settings import ContextSettings
+from ghostpen.context.template import load_template
 from ghostpen.server.completion import Completer, CompletionJob, RequestSpec
 from ghostpen.server.context_process import ChunkCache
 from ghostpen.server.engines.base import EngineRequest
 
 DESIGN_STRATEGY = "edit-distance"
+DEADLINE_S = 3600.0  # an evaluation waits for every completion, however long the queue
 
 
 @dataclass(frozen=True)
 class Variant:
-    name: str
+    name: str  # its spec
     strategy: str = DESIGN_STRATEGY
-    template: Template | None = None  # None: the server's
+    template: str = ""  # "": the server's
     truncate: bool = True  # False: the engine's raw text, up to the mode's token budget
+    context: tuple[tuple[str, int | float], ...] = ()  # ContextSettings fields changed
 
 
-def variants(
-    strategies: Sequence[str], templates: Sequence[Template] = (), ablate_truncation: bool = False
-) -> list[Variant]:
-    chosen = [Variant(strategy, strategy) for strategy in strategies]
-    chosen += [Variant(f"template {t.template_id}", template=t) for t in templates]
-    if ablate_truncation:
-        chosen.append(Variant("no truncation", truncate=False))
-    return chosen
+def parse_variant(spec: str) -> Variant:
+    """A variant from its spec (see the module's docstring); ValueError naming a bad part."""
+    variant = Variant(spec)
+    settable = {f.name: f.type for f in dataclasses.fields(ContextSettings)}
+    for part in spec.split("+"):
+        if part in STRATEGIES:
+            variant = dataclasses.replace(variant, strategy=part)
+        elif part.startswith("template:"):
+            load_template(part.removeprefix("template:"))  # refuses an unknown template
+            variant = dataclasses.replace(variant, template=part.removeprefix("template:"))
+        elif part == "raw":
+            variant = dataclasses.replace(variant, truncate=False)
+        elif (setting := re.fullmatch(r"(\w+)=([0-9.]+)", part)) and setting[1] in settable:
+            kind = float if settable[setting[1]] in (float, "float") else int
+            changed = (*variant.context, (setting[1], kind(setting[2])))
+            variant = dataclasses.replace(variant, context=changed)
+        else:
+            raise ValueError(
+                f"variant part {part!r} is none of: a strategy ({', '.join(STRATEGIES)}), "
+                "template:NAME, raw, or FIELD=NUMBER for a context setting"
+            )
+    return variant
 
 
 @dataclass(frozen=True)
-class Outcome:
-    variant: str
+class EvalTask:
+    task: Task
+    project: str
+    tests: tuple[str, ...] = ()  # pytest node ids that judge a function-body task
+
+
+@dataclass(frozen=True)
+class Record:
+    """One task under one variant: what the JSONL holds, a line each."""
+
+    task_id: str
+    project: str
+    language: str
     kind: str
+    variant: str
+    expected: str
+    predicted: str
     exact: float
     edit_similarity: float
     identifier_exact: float
     identifier_f1: float
-    retrieved_relevant: bool | None  # None: no chunk of another file holds the answer's names
+    oracle: bool  # a chunk of another file defines a name the expected text needs
+    recalled: bool  # and the prompt's context holds one
+    passed: bool | None  # function-body tasks: the project's tests pass with the completion
+    prompt_tokens: int
+    completion_tokens: int
     context_ms: float
     total_ms: float
 
 
 async def evaluate(
-    completer: Completer, tasks: Sequence[Task], chosen: Sequence[Variant], repo: str
-) -> list[Outcome]:
+    completer: Completer,
+    tasks: Sequence[EvalTask],
+    chosen: Sequence[Variant],
+    runners: dict[str, ScratchProject],
+    concurrency: int,
+    record: Callable[[Record], None],
+) -> None:
+    """Every task under every variant, `concurrency` completions in flight; `record` gets each
+    result as it comes (runs of hours keep what they did if stopped)."""
     cache = ChunkCache(completer.context_settings.chunk_max_lines)
-    outcomes = []
-    for number, task in enumerate(tasks):
+    runners_busy = {name: asyncio.Lock() for name in runners}
+    slots = asyncio.Semaphore(concurrency)
+    variants = [(variant, _completer_for(completer, variant)) for variant in chosen]
+
+    async def one(item: EvalTask, variant: Variant, runner: Completer) -> None:
+        task = item.task
         chunks = [c for f in task.context for c in cache.chunks(f.path, f.language, f.text)]
-        relevant = _relevant(task, chunks)
-        document = Document(
-            task.file.path, task.file.language, task.left + task.right, len(task.left)
-        )
-        mode = Mode.MULTI_LINE if task.kind == "block" else Mode.SINGLE_LINE
-        for variant in chosen:
-            runner = completer.with_template(variant.template) if variant.template else completer
-            received = time.monotonic()
-            spec = RequestSpec(f"eval-{number}-{variant.name}", mode, 0, "", 120.0, received)
-            prompt = runner.prompt(repo, document, chunks, rank=STRATEGIES[variant.strategy])
-            job = runner.job(spec, document, prompt)
-            if variant.truncate:
-                text, timings = "", None
-                async for event in runner.run(job):
-                    text += event.text
-                    timings = event.outcome.timings if event.outcome else timings
-                assert timings is not None, "a finished completion has its outcome"
-                context_ms, total_ms = timings.context_s, timings.total_s
-            else:
-                text = await _raw(runner, job)
-                context_ms, total_ms = job.prompted - received, time.monotonic() - received
-            exact_ids, f1 = identifier_match(text, task.expected)
-            picked = {r.chunk for r in job.prompt.context}
-            outcomes.append(
-                Outcome(
-                    variant.name,
-                    task.kind,
-                    exact_match(text, task.expected),
-                    edit_similarity(text, task.expected),
-                    exact_ids,
-                    f1,
-                    bool(picked & relevant) if relevant else None,
-                    context_ms * 1000,
-                    total_ms * 1000,
+        async with slots:
+            predicted, job, outcome = await _complete(runner, task, variant, chunks)
+        passed = None
+        if item.tests:
+            async with runners_busy[item.project]:
+                passed = await asyncio.to_thread(
+                    runners[item.project].passes, task, predicted, item.tests
                 )
+        picked = {r.chunk for r in job.prompt.context}
+        oracle = _oracle(task, chunks)
+        exact_ids, f1 = identifier_match(predicted, task.expected)
+        record(
+            Record(
+                task.task_id, item.project, task.file.language, task.kind, variant.name,
+                task.expected, predicted, exact_match(predicted, task.expected),
+                edit_similarity(predicted, task.expected), exact_ids, f1, bool(oracle),
+                bool(picked & oracle), passed, *outcome,
             )
-    return outcomes
+        )  # fmt: skip
+
+    async with asyncio.TaskGroup() as group:
+        for item in tasks:
+            for variant, runner in variants:
+                group.create_task(one(item, variant, runner))
 
 
-async def _raw(completer: Completer, job: CompletionJob) -> str:
+def _completer_for(completer: Completer, variant: Variant) -> Completer:
+    template = load_template(variant.template) if variant.template else None
+    context = (
+        dataclasses.replace(completer.context_settings, **dict(variant.context))
+        if variant.context
+        else None
+    )
+    return completer.varied(template, context)
+
+
+async def _complete(
+    completer: Completer, task: Task, variant: Variant, chunks: list[Chunk]
+) -> tuple[str, CompletionJob, tuple[int, int, float, float]]:
+    """The completion's text, its job, and (prompt tokens, completion tokens, context ms,
+    total ms)."""
+    document = Document(task.file.path, task.file.language, task.left + task.right, len(task.left))
+    mode = Mode.MULTI_LINE if task.kind in ("block", "function") else Mode.SINGLE_LINE
+    received = time.monotonic()
+    spec = RequestSpec(f"{task.task_id}:{variant.name}", mode, 0, "", DEADLINE_S, received)
+    repo = task.file.path.split("/", 1)[0]
+    prompt = completer.prompt(repo, document, chunks, rank=STRATEGIES[variant.strategy])
+    job = completer.job(spec, document, prompt)  # stateless: variants share what they can
+    if not variant.truncate:
+        return await _raw(completer, job)
+    text, outcome = "", None
+    async for event in completer.run(job):
+        text += event.text
+        outcome = event.outcome or outcome
+    assert outcome is not None, "a finished completion has its outcome"
+    timings = outcome.timings
+    return text, job, (
+        outcome.prompt_tokens, outcome.completion_tokens,
+        timings.context_s * 1000, timings.total_s * 1000,
+    )  # fmt: skip
+
+
+async def _raw(
+    completer: Completer, job: CompletionJob
+) -> tuple[str, CompletionJob, tuple[int, int, float, float]]:
     """What the engine says for the prompt, with no post-processing at all."""
-    request = EngineRequest(job.request_id, job.prompt.text, completer.max_tokens(job.mode))
-    text = ""
+    request = EngineRequest(
+        job.completion_id, job.prompt.text, completer.max_tokens(job.mode), job.cache_key
+    )
+    text, last = "", None
     async for delta in completer.engine.generate(request):
         text += delta.text
-    return text
+        last = delta
+    done = time.monotonic()
+    tokens = (last.prompt_tokens, last.completion_tokens) if last else (0, 0)
+    return text, job, (
+        *tokens, (job.prompted - job.received) * 1000, (done - job.received) * 1000,
+    )  # fmt: skip
 
 
-def _relevant(task: Task, chunks: list[Chunk]) -> set[Chunk]:
-    """Chunks of other files holding a name of the expected completion that the cursor's own
-    file does not define or use before the cursor: what retrieval is for."""
+_DEFINES = (
+    r"(?:def|class|function|func|fn|struct|enum|trait|type|interface|const|let|var|static"
+    r"|macro_rules!)\s+(?:\([^)]*\)\s*)?{name}\b"
+    r"|^\s*(?:self\.|this\.)?{name}\s*[:=]"
+    r"|^\s*(?!(?:return|new|throw|await|yield|else|case|if|while|for)\b)"
+    r"(?:[\w<>\[\],.?]+\s+)+{name}\s*\("
+)
+
+
+def _oracle(task: Task, chunks: list[Chunk]) -> set[Chunk]:
+    """The chunks of other files that define a name the expected text uses and the cursor's
+    own file does not define or use before the cursor: what retrieval is for. A definition is
+    recognized by its keyword (def, class, function, func, fn, type...), an assignment or a
+    typed declaration at the start of a line."""
     known = set(identifiers(task.left))
     wanted = {name for name in identifiers(task.expected) if name not in known and len(name) > 2}
-    return {c for c in chunks if wanted & set(identifiers(c.text))} if wanted else set()
-
-
-def summarize(outcomes: list[Outcome], chosen: Sequence[Variant]) -> list[dict[str, object]]:
-    """A row a variant over all tasks; with more than one kind of task, a row a variant and kind
-    after them (named "variant [kind]")."""
-    groups = [(variant.name, variant.name, None) for variant in chosen]
-    kinds = sorted({o.kind for o in outcomes})
-    if len(kinds) > 1:
-        groups += [(f"{v.name} [{kind}]", v.name, kind) for kind in kinds for v in chosen]
-    rows = []
-    for label, name, kind in groups:
-        mine = [o for o in outcomes if o.variant == name and kind in (None, o.kind)]
-        judged = [o for o in mine if o.retrieved_relevant is not None]
-        rows.append(
-            {
-                "variant": label,
-                "tasks": len(mine),
-                "exact_match": _mean([o.exact for o in mine]),
-                "edit_similarity": _mean([o.edit_similarity for o in mine]),
-                "identifier_exact": _mean([o.identifier_exact for o in mine]),
-                "identifier_f1": _mean([o.identifier_f1 for o in mine]),
-                "recall_at_k": _mean([float(bool(o.retrieved_relevant)) for o in judged]),
-                "recall_tasks": len(judged),
-                "context_ms_p50": percentiles([o.context_ms for o in mine])["p50"],
-                "total_ms_p50": percentiles([o.total_ms for o in mine])["p50"],
-            }
-        )
-    return rows
-
-
-def _mean(values: list[float]) -> float | None:
-    return round(sum(values) / len(values), 4) if values else None
-
-
-def markdown(rows: list[dict[str, object]]) -> str:
-    header = [
-        "variant",
-        "tasks",
-        "exact_match",
-        "edit_similarity",
-        "identifier_exact",
-        "identifier_f1",
-        "recall_at_k",
-        "recall_tasks",
-        "context_ms_p50",
-        "total_ms_p50",
-    ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [f"{row[h]:.3f}" if isinstance(row[h], float) else str(row[h]) for h in header]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    if not wanted:
+        return set()
+    pattern = re.compile(
+        "|".join(_DEFINES.format(name=re.escape(name)) for name in sorted(wanted)), re.MULTILINE
+    )
+    return {c for c in chunks if c.path != task.file.path and pattern.search(c.text)}

@@ -1,6 +1,7 @@
 """Cross-file context strategies to compare at the same token budget, all with one signature
 (context.ranker.Ranker): ours (edit distance over tokens), Jaccard over sliding windows (what
-Copilot and Cody ship), BM25 (what Tabby ships), and none."""
+Copilot and Cody ship), BM25 (what Tabby ships), a hybrid of edit distance and BM25 by
+reciprocal rank fusion, and none."""
 
 from __future__ import annotations
 
@@ -67,9 +68,24 @@ def bm25(
     return sorted(scored, key=lambda r: r.score, reverse=True)[:top_k]
 
 
+RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al., 2009)
+FUSION_DEPTH = 4  # each ranker's list is fused this many times top_k deep
+
+
+def hybrid(query: str, chunks: Sequence[Chunk], exclude: Exclusion, top_k: int) -> list:
+    """Edit distance and BM25 fused by reciprocal rank: a chunk either ranks high wins."""
+    fused: dict[Chunk, float] = {}
+    for ranker in (rank_chunks, bm25):
+        for rank, ranked in enumerate(ranker(query, chunks, exclude, top_k * FUSION_DEPTH)):
+            fused[ranked.chunk] = fused.get(ranked.chunk, 0.0) + 1 / (RRF_K + rank + 1)
+    best = sorted(fused.items(), key=lambda item: item[1], reverse=True)[:top_k]
+    return [RankedChunk(chunk, score) for chunk, score in best]
+
+
 STRATEGIES: dict[str, Ranker] = {
     "none": no_context,
     "edit-distance": rank_chunks,
     "jaccard": jaccard,
     "bm25": bm25,
+    "hybrid": hybrid,
 }

@@ -1,20 +1,23 @@
-"""Completion tasks cut from a real source tree, deterministically from a seed.
+"""Completion tasks cut from real source files, deterministically from a seed.
 
 In the manner of RepoEval and CrossCodeEval: pick a line, keep everything before the cursor and
-after it, and hand over the tree's other files as the recently touched files, most recently
-changed first (by git history in a git repository, by modification time elsewhere). Three
-kinds: the whole next line (cursor after its indentation), the rest of a line (cursor after its
-first token), and the next block (cursor at the start of the body after a line that opens one,
-`:` or `{`; the expected text is the body, up to BLOCK_MAX_LINES lines).
+after it, and hand over the project's other files as the recently touched files: those whose
+name the file mentions first (what a developer opens beside it), then the nearest by folder,
+then the most recently changed (git history in a git repository, modification time elsewhere).
+Three kinds: the whole next line (cursor after its indentation), the rest of a line (cursor
+after its first token), and the next block (cursor at the start of the body after a line that
+opens one, `:` or `{`; the expected text is the body, up to BLOCK_MAX_LINES lines). A cursor is
+drawn at most once.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ghostpen.context.languages import language_of
 
@@ -32,11 +35,16 @@ class SourceFile:
 
 @dataclass(frozen=True)
 class Task:
-    kind: str  # one of KINDS
+    kind: str  # one of KINDS, or "function" (a function body checked by its tests)
     file: SourceFile
     cursor: int
     expected: str
-    context: tuple[SourceFile, ...]  # other files, most recently modified first
+    context: tuple[SourceFile, ...]  # other files, most related first
+
+    @property
+    def task_id(self) -> str:
+        """Stable across runs, so two runs compare task by task."""
+        return f"{self.file.path}:{self.cursor}:{self.kind}"
 
     @property
     def left(self) -> str:
@@ -93,21 +101,20 @@ def last_commit_times(root: Path) -> dict[Path, float]:
 
 
 def build_tasks(
-    root: Path,
+    files: Sequence[SourceFile],
     count: int,
     seed: int,
     max_files: int,
-    max_bytes: int,
     kinds: tuple[str, ...] = ("line", "rest_of_line"),
 ) -> list[Task]:
-    """`count` tasks; line and rest-of-line tasks drawn as one pool, block tasks as another,
-    in proportion to the kinds asked for."""
+    """`count` tasks from one project's files; line and rest-of-line tasks drawn as one pool,
+    block tasks as another, in proportion to the kinds asked for."""
     unknown = set(kinds) - set(KINDS)
     if unknown or not kinds:
         raise ValueError(f"task kinds must be among {', '.join(KINDS)}: {', '.join(kinds)}")
-    files = source_files(root, max_bytes)
+    files = list(files)
     if not files:
-        raise ValueError(f"no source files of a known language under {root}")
+        raise ValueError("no source files of a known language")
     blocks = round(count * kinds.count("block") / len(kinds))
     line_kinds = tuple(kind for kind in kinds if kind != "block")
     tasks = _line_tasks(files, count - blocks, seed, max_files, line_kinds) if line_kinds else []
@@ -122,19 +129,46 @@ def _draw(
     tries: int,
     cut: Callable[[random.Random, SourceFile, list[str]], tuple[str, int, str] | None],
 ) -> list[Task]:
-    """Up to `count` tasks, `cut` choosing (kind, cursor, expected) in a random file, or None to
-    try another; at most `tries` attempts a task."""
+    """Up to `count` distinct tasks, `cut` choosing (kind, cursor, expected) in a random file, or
+    None to try another; at most `tries` attempts a task."""
     rng = random.Random(seed)
     tasks: list[Task] = []
+    seen: set[tuple[str, int]] = set()
     attempts = 0
     while len(tasks) < count and attempts < count * tries:
         attempts += 1
         chosen = rng.choice(files)
-        if (found := cut(rng, chosen, chosen.text.split("\n"))) is None:
+        found = cut(rng, chosen, chosen.text.split("\n"))
+        if found is None or (chosen.path, found[1]) in seen:
             continue
-        others = tuple(f for f in files if f.path != chosen.path)[: max_files - 1]
-        tasks.append(Task(found[0], chosen, found[1], found[2], others))
+        seen.add((chosen.path, found[1]))
+        tasks.append(Task(found[0], chosen, found[1], found[2], related(chosen, files, max_files)))
     return tasks
+
+
+def related(
+    chosen: SourceFile, files: Sequence[SourceFile], max_files: int
+) -> tuple[SourceFile, ...]:
+    """The `max_files - 1` other files a developer editing `chosen` would have open: the files
+    whose name it mentions, then those in the nearest folders, then in the given order."""
+    mentioned = set(_WORD.findall(chosen.text))
+    here = PurePosixPath(chosen.path).parent.parts
+
+    def closeness(item: tuple[int, SourceFile]) -> tuple[bool, int, int]:
+        index, other = item
+        path = PurePosixPath(other.path)
+        shared = 0
+        for mine, theirs in zip(here, path.parent.parts, strict=False):
+            if mine != theirs:
+                break
+            shared += 1
+        return path.stem not in mentioned, -shared, index
+
+    others = [(i, f) for i, f in enumerate(files) if f.path != chosen.path]
+    return tuple(f for _, f in sorted(others, key=closeness)[: max_files - 1])
+
+
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _line_tasks(

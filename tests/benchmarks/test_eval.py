@@ -6,10 +6,9 @@ import pytest
 
 from ghostpen.benchmarks.eval.metrics import edit_similarity, exact_match, identifier_match
 from ghostpen.benchmarks.eval.strategies import STRATEGIES
-from ghostpen.benchmarks.eval.tasks import build_tasks, source_files
+from ghostpen.benchmarks.eval.tasks import SourceFile, build_tasks, related, source_files
 from ghostpen.context.chunker import Chunk
 from ghostpen.context.ranker import Exclusion
-from ghostpen.context.template import load_template
 
 
 def write_tree(root: Path) -> None:
@@ -27,33 +26,49 @@ def write_tree(root: Path) -> None:
 
 def test_task_building_is_deterministic_and_faithful(tmp_path: Path) -> None:
     write_tree(tmp_path)
-    first = build_tasks(tmp_path, 6, seed=3, max_files=12, max_bytes=10_000)
-    again = build_tasks(tmp_path, 6, seed=3, max_files=12, max_bytes=10_000)
-    assert first == again and len(first) == 6
+    files = source_files(tmp_path, 10_000)
+    first = build_tasks(files, 4, seed=3, max_files=12)
+    assert first == build_tasks(files, 4, seed=3, max_files=12) and len(first) == 4
+    assert len({task.task_id for task in first}) == 4, "a cursor is drawn once"
     for task in first:
         text = task.file.text
         assert text[task.cursor :].startswith(task.expected)
         assert task.expected and "\n" not in task.expected
         assert task.left + task.expected + task.right == text
         assert task.file.path not in {f.path for f in task.context}
-    assert build_tasks(tmp_path, 6, seed=4, max_files=12, max_bytes=10_000) != first
+    assert build_tasks(files, 4, seed=4, max_files=12) != first
+
+
+def test_the_files_a_task_hands_over_are_those_it_mentions_then_the_nearest(tmp_path) -> None:
+    files = [
+        SourceFile("p/a/far.py", "python", "x = 1\n"),
+        SourceFile("p/b/sibling.py", "python", "y = 2\n"),
+        SourceFile("p/c/money.py", "python", "z = 3\n"),
+        SourceFile("p/b/cart.py", "python", "import money\n\ntotal = money.z\n"),
+    ]
+    assert [f.path for f in related(files[3], files, max_files=12)] == [
+        "p/c/money.py", "p/b/sibling.py", "p/a/far.py",
+    ]  # fmt: skip
+    assert len(related(files[3], files, max_files=2)) == 1
 
 
 def test_block_tasks_take_the_body_after_an_opener(tmp_path: Path) -> None:
     write_tree(tmp_path)
-    tasks = build_tasks(tmp_path, 3, seed=0, max_files=12, max_bytes=10_000, kinds=("block",))
-    assert len(tasks) == 3
+    files = source_files(tmp_path, 10_000)
+    tasks = build_tasks(files, 2, seed=0, max_files=12, kinds=("block",))
+    assert len(tasks) == 2
     for task in tasks:
         assert task.kind == "block"
         assert task.left + task.expected + task.right == task.file.text
         assert task.left.rstrip(" ").endswith(":\n")
         assert task.expected.startswith(("return", "total"))
-    mixed = build_tasks(
-        tmp_path, 6, seed=0, max_files=12, max_bytes=10_000, kinds=("line", "block")
-    )
-    assert sorted(task.kind for task in mixed) == ["block"] * 3 + ["line"] * 3
+    go = SourceFile("m/main.go", "go", "func add(a, b int) int {\n\treturn a + b\n}\n")
+    (task,) = build_tasks([go], 1, seed=0, max_files=12, kinds=("block",))
+    assert task.expected == "return a + b" and task.right == "\n}\n"
+    mixed = build_tasks(files, 4, seed=0, max_files=12, kinds=("line", "block"))
+    assert sorted(task.kind for task in mixed) == ["block"] * 2 + ["line"] * 2
     with pytest.raises(ValueError, match="task kinds must be among line, rest_of_line, block"):
-        build_tasks(tmp_path, 1, seed=0, max_files=12, max_bytes=10_000, kinds=("blocks",))
+        build_tasks(files, 1, seed=0, max_files=12, kinds=("blocks",))
 
 
 def test_in_a_git_repository_recency_is_the_last_commit(tmp_path: Path) -> None:
@@ -93,28 +108,36 @@ def test_every_strategy_finds_the_chunk_that_shares_the_names(name: str) -> None
 
 
 async def test_the_harness_runs_tasks_through_the_real_pipeline(server, settings, tmp_path) -> None:
-    from ghostpen.benchmarks.eval.run import evaluate, markdown, summarize, variants
+    from ghostpen.benchmarks.eval.report import markdown, summary
+    from ghostpen.benchmarks.eval.run import EvalTask, evaluate, parse_variant
     from ghostpen.server.completion import Completer, Discard
 
     write_tree(tmp_path)
-    tasks = build_tasks(tmp_path, 2, seed=1, max_files=12, max_bytes=10_000)
+    tasks = build_tasks(source_files(tmp_path, 10_000), 2, seed=1, max_files=12)
     completer = Completer.from_settings(server.engine, settings, sink=Discard())
-    chosen = variants(
-        ["none", "edit-distance"], [load_template("generic-prefix")], ablate_truncation=True
+    names = ["edit-distance", "none", "template:generic-prefix", "raw", "suffix_token_budget=0"]
+    records = []
+    await evaluate(
+        completer, [EvalTask(t, "shop") for t in tasks], [parse_variant(n) for n in names],
+        runners={}, concurrency=4, record=records.append,
+    )  # fmt: skip
+    assert sorted((r.task_id, r.variant) for r in records) == sorted(
+        (t.task_id, n) for t in tasks for n in names
     )
-    names = ["none", "edit-distance", "template generic-prefix@v1", "no truncation"]
-    assert [v.name for v in chosen] == names
-    outcomes = await evaluate(completer, tasks, chosen, "shop")
-    assert [(o.variant, o.kind) for o in outcomes] == [(n, t.kind) for t in tasks for n in names]
-    rows = summarize(outcomes, chosen)
-    for row in rows[: len(names)]:
-        assert row["tasks"] == 2
-        assert 0 <= row["edit_similarity"] <= 1 and 0 <= row["identifier_f1"] <= 1
-        assert row["total_ms_p50"] > row["context_ms_p50"] > 0
-    kinds = sorted({t.kind for t in tasks})
-    per_kind = [f"{n} [{k}]" for k in kinds for n in names] if len(kinds) > 1 else []
-    assert [row["variant"] for row in rows] == names + per_kind
-    assert markdown(rows).count("\n") == len(rows) + 1
-    # Single-line tasks: the raw output runs on past the line, the truncated one does not.
-    by_variant = {o.variant: o for o in outcomes if o.kind == tasks[0].kind}
-    assert by_variant["no truncation"].exact <= by_variant["edit-distance"].exact
+    for record in records:
+        assert 0 <= record.edit_similarity <= 1 and record.passed is None
+        assert record.total_ms > record.context_ms > 0 and record.prompt_tokens > 0
+    by = {(r.task_id, r.variant): r for r in records}
+    for task in tasks:
+        # Single-line tasks: the raw output runs on past the line, the truncated one does not.
+        assert "\n" not in by[task.task_id, "edit-distance"].predicted.strip()
+        truncated, raw = by[task.task_id, "edit-distance"], by[task.task_id, "raw"]
+        assert raw.completion_tokens >= truncated.completion_tokens
+        # No suffix in the prompt, no context in it: fewer prompt tokens than the server's.
+        assert by[task.task_id, "suffix_token_budget=0"].prompt_tokens <= (
+            by[task.task_id, "edit-distance"].prompt_tokens
+        )
+        assert by[task.task_id, "none"].recalled is False
+    rows = summary(records, names)
+    assert [row["variant"] for row in rows[: len(names)]] == names
+    assert markdown(rows, names).count("(CI ") >= len(names) - 1

@@ -6,7 +6,7 @@ import statistics
 import sysconfig
 from pathlib import Path
 
-from ghostpen.benchmarks.eval.tasks import build_tasks
+from ghostpen.benchmarks.eval.tasks import build_tasks, source_files
 from ghostpen.benchmarks.open_loop import (
     GhostpenTarget,
     OpenAITarget,
@@ -33,7 +33,8 @@ def test_arrivals_have_the_asked_rate_and_lower_burstiness_clumps_them() -> None
 
 
 async def test_ghostpen_and_a_llama_cpp_peer_serve_the_same_tasks(server, settings) -> None:
-    tasks = build_tasks(TREE, 3, seed=0, max_files=12, max_bytes=settings.limits.max_file_bytes)
+    files = source_files(TREE, settings.limits.max_file_bytes)
+    tasks = build_tasks(files, 3, seed=0, max_files=12)
     ours = GhostpenTarget(f"127.0.0.1:{server.port}")
     try:
         # Three cold ~1,500-token prompts, read one after another: on 2 cores, one compute thread

@@ -1,0 +1,148 @@
+"""`ghostpen eval`: the tasks of the suites (or a local tree), run through the real engine under
+each variant, written as they finish to OUT/records.jsonl, with OUT/summary.json (what ran, how
+long, how fast) and OUT/report.md (scores and differences with their CIs)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ghostpen.benchmarks.eval.execution import ScratchProject, function_tasks
+from ghostpen.benchmarks.eval.report import markdown, summary
+from ghostpen.benchmarks.eval.run import EvalTask, Record, Variant, evaluate, parse_variant
+from ghostpen.benchmarks.eval.suites import load_projects, project_files, suite
+from ghostpen.benchmarks.eval.tasks import build_tasks, source_files
+from ghostpen.server.completion import Completer, Discard
+from ghostpen.server.settings import Settings
+
+
+@dataclass(frozen=True)
+class Plan:
+    suites: tuple[str, ...]  # or () with a tree
+    tree: Path | None
+    tasks: int  # per suite (or for the tree), split evenly between its projects
+    function_tasks: int  # per suite, split between its projects that have tests
+    kinds: tuple[str, ...]
+    variants: tuple[Variant, ...]
+    seed: int
+    concurrency: int
+
+
+def eval_tasks(plan: Plan, settings: Settings) -> list[EvalTask]:
+    """The plan's tasks, deterministic for its seed."""
+    max_files, max_bytes = settings.limits.max_files, settings.limits.max_file_bytes
+    if plan.tree is not None:
+        files = source_files(plan.tree, max_bytes)
+        tasks = build_tasks(files, plan.tasks, plan.seed, max_files, plan.kinds)
+        return [EvalTask(task, plan.tree.name) for task in tasks]
+    cache = settings.cache_dir / "eval"
+    found = []
+    for name in plan.suites:
+        projects = suite(name)
+        for index, project in enumerate(projects):
+            files = project_files(project, cache, max_bytes)
+            count = _share(plan.tasks, len(projects), index)
+            tasks = build_tasks(files, count, plan.seed, max_files, plan.kinds)
+            found += [EvalTask(task, project.name) for task in tasks]
+        tested = [p for p in projects if p.tests]
+        for index, project in enumerate(tested):
+            files = project_files(project, cache, max_bytes)
+            count = _share(plan.function_tasks, len(tested), index)
+            checked = function_tasks(project, cache, files, count, plan.seed, max_files)
+            found += [EvalTask(c.task, project.name, c.tests) for c in checked]
+    return found
+
+
+def run_plan(plan: Plan, settings: Settings, out: Path) -> list[dict[str, object]]:
+    """Run the plan; write the records, the summary and the report under `out`."""
+    from ghostpen.server.engines.factory import start_in_process
+
+    started = time.time()
+    tasks = eval_tasks(plan, settings)
+    planned = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[Record] = []
+
+    async def run() -> None:
+        engine = await start_in_process(settings.engine, settings.cache_dir)
+        # An evaluation serves nobody: its outcomes are neither counted nor stored.
+        completer = Completer.from_settings(engine, settings, sink=Discard())
+        runners = scratch_projects(tasks, settings.cache_dir / "eval")
+        try:
+            with (out / "records.jsonl").open("w", encoding="utf-8") as jsonl:
+
+                def keep(record: Record) -> None:
+                    records.append(record)
+                    jsonl.write(json.dumps(dataclasses.asdict(record)) + "\n")
+                    jsonl.flush()
+
+                await evaluate(completer, tasks, plan.variants, runners, plan.concurrency, keep)
+        finally:
+            for runner in runners.values():
+                runner.close()
+            await engine.close()
+
+    asyncio.run(run())
+    finished = time.time()
+    names = [v.name for v in plan.variants]
+    rows = summary(records, names)
+    completions = len(records)
+    meta = {
+        "suites": list(plan.suites),
+        "tree": str(plan.tree) if plan.tree else None,
+        "seed": plan.seed,
+        "tasks": len(tasks),
+        "kinds": list(plan.kinds),
+        "variants": names,
+        "concurrency": plan.concurrency,
+        "model": settings.engine.model,
+        "template": settings.context.template,
+        "engine": settings.engine.engine,
+        "threads": settings.engine.threads,
+        "cpu": _cpu(),
+        "planning_s": round(planned - started, 1),
+        "running_s": round(finished - planned, 1),
+        "completions_per_minute": round(completions / max(finished - planned, 1e-9) * 60, 1),
+        "summary": rows,
+    }
+    (out / "summary.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    header = (
+        f"{len(tasks)} tasks x {len(names)} variants = {completions} completions in "
+        f"{meta['running_s']} s ({meta['completions_per_minute']} a minute), "
+        f"{plan.concurrency} in flight; tasks planned in {meta['planning_s']} s. "
+        f"CPU: {meta['cpu']}.\n\n"
+    )
+    (out / "report.md").write_text(header + markdown(rows, names) + "\n", encoding="utf-8")
+    return rows
+
+
+def scratch_projects(tasks: Sequence[EvalTask], cache: Path) -> dict[str, ScratchProject]:
+    """A scratch copy of each project whose tests judge some of `tasks`; close them after."""
+    known = load_projects()
+    return {
+        name: ScratchProject(known[name], cache) for name in {t.project for t in tasks if t.tests}
+    }
+
+
+def _share(total: int, parts: int, index: int) -> int:
+    return total // parts + (1 if index < total % parts else 0)
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def variants_of(specs: Sequence[str]) -> tuple[Variant, ...]:
+    return tuple(parse_variant(spec) for spec in specs)

@@ -1,0 +1,118 @@
+"""What a run says: each variant's scores, and its difference from the baseline (the first
+variant) with a paired bootstrap 95% CI, over all tasks, per language and per kind of task.
+
+Records are read back from JSONL, so a report can be made from any run, and two runs compared
+task by task (`compare`)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from ghostpen.benchmarks.eval.run import Record
+from ghostpen.benchmarks.eval.stats import paired_bootstrap
+
+# (name, how a record scores on it, or None where the record is not judged on it)
+METRICS = (
+    ("exact_match", lambda r: r.exact),
+    ("edit_similarity", lambda r: r.edit_similarity),
+    ("identifier_f1", lambda r: r.identifier_f1),
+    ("pass_at_1", lambda r: None if r.passed is None else float(r.passed)),
+    ("recall_at_k", lambda r: float(r.recalled) if r.oracle else None),
+)
+
+
+def read_records(path: Path) -> list[Record]:
+    with path.open(encoding="utf-8") as lines:
+        return [Record(**json.loads(line)) for line in lines if line.strip()]
+
+
+def groups(records: Sequence[Record]) -> list[tuple[str, list[Record]]]:
+    """All tasks, then each language, then each kind, when there is more than one."""
+    found = [("all", list(records))]
+    for field in ("language", "kind"):
+        values = sorted({getattr(r, field) for r in records})
+        if len(values) > 1:
+            found += [(v, [r for r in records if getattr(r, field) == v]) for v in values]
+    return found
+
+
+def summary(records: Sequence[Record], variants: Sequence[str]) -> list[dict[str, object]]:
+    """A row per group and variant: its mean per metric, and for all but the baseline the
+    difference from it on the same tasks, with its CI."""
+    rows = []
+    for group, mine in groups(records):
+        by_variant: dict[str, dict[str, Record]] = defaultdict(dict)
+        for record in mine:
+            by_variant[record.variant][record.task_id] = record
+        baseline = by_variant.get(variants[0], {})
+        for variant in variants:
+            scored = by_variant.get(variant, {})
+            row: dict[str, object] = {"group": group, "variant": variant, "tasks": len(scored)}
+            for metric, score in METRICS:
+                values = [v for r in scored.values() if (v := score(r)) is not None]
+                row[metric] = round(sum(values) / len(values), 4) if values else None
+                row[f"{metric}_tasks"] = len(values)
+                if variant == variants[0] or not values:
+                    continue
+                pairs = [
+                    (a, b)
+                    for task_id, r in scored.items()
+                    if task_id in baseline
+                    and (b := score(r)) is not None
+                    and (a := score(baseline[task_id])) is not None
+                ]
+                if pairs:
+                    difference = paired_bootstrap([a for a, _ in pairs], [b for _, b in pairs])
+                    row[f"{metric}_diff"] = difference.describe()
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: Sequence[dict[str, object]], variants: Sequence[str]) -> str:
+    """Means per variant, then the differences from the baseline, a table each."""
+    present = [m for m, _ in METRICS if any(row[f"{m}_tasks"] for row in rows)]
+    header = ["group", "variant", "tasks", *present]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [_cell(row[h]) for h in header]
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(variants) > 1:
+        lines += ["", f"Differences from `{variants[0]}` (paired bootstrap, 95% CI):", ""]
+        header = ["group", "variant", *present]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in rows:
+            if row["variant"] != variants[0]:
+                cells = [str(row["group"]), str(row["variant"])]
+                cells += [str(row.get(f"{m}_diff", "")) for m in present]
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare(a: Iterable[Record], b: Iterable[Record]) -> list[dict[str, object]]:
+    """Two runs, task by task: for each variant both ran, b's scores minus a's with CIs."""
+    first = {(r.variant, r.task_id): r for r in a}
+    second = {(r.variant, r.task_id): r for r in b}
+    rows = []
+    for variant in sorted({v for v, _ in first} & {v for v, _ in second}):
+        keys = [k for k in first if k[0] == variant and k in second]
+        row: dict[str, object] = {"variant": variant, "tasks": len(keys)}
+        for metric, score in METRICS:
+            pairs = [
+                (x, y)
+                for k in keys
+                if (x := score(first[k])) is not None and (y := score(second[k])) is not None
+            ]
+            if pairs:
+                difference = paired_bootstrap([x for x, _ in pairs], [y for _, y in pairs])
+                row[metric] = difference.describe()
+        rows.append(row)
+    return rows
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "" if value is None else str(value)

@@ -1,0 +1,90 @@
+"""Paired bootstrap intervals, the report built on them, variant specs and the retrieval oracle."""
+
+import dataclasses
+import json
+
+import pytest
+
+from ghostpen.benchmarks.eval.report import compare, markdown, read_records, summary
+from ghostpen.benchmarks.eval.run import Record, Variant, _oracle, parse_variant
+from ghostpen.benchmarks.eval.stats import paired_bootstrap
+from ghostpen.benchmarks.eval.tasks import SourceFile, Task
+from ghostpen.context.chunker import Chunk
+
+
+def test_a_paired_difference_is_shown_only_when_its_interval_excludes_zero() -> None:
+    same = paired_bootstrap([0.2, 0.5, 0.9], [0.2, 0.5, 0.9])
+    assert (same.mean, same.low, same.high, same.shown) == (0.0, 0.0, 0.0, False)
+    assert same.describe().endswith("no difference shown")
+    better = paired_bootstrap([0.0] * 50, [1.0] * 40 + [0.0] * 10)
+    assert better.mean == pytest.approx(0.8) and better.shown and 0.65 < better.low < 0.8
+    noisy = paired_bootstrap([0.0, 1.0] * 20, [1.0, 0.0] * 20)
+    assert noisy.low < 0 < noisy.high and not noisy.shown
+    # Pairing: a constant shift over very different tasks is certain.
+    shifted = paired_bootstrap([0.1, 0.9, 0.4, 0.7], [0.15, 0.95, 0.45, 0.75])
+    assert shifted.low == pytest.approx(0.05) and shifted.high == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="same non-zero length"):
+        paired_bootstrap([1.0], [1.0, 2.0])
+
+
+def record(task_id: str, variant: str, exact: float, **fields) -> Record:
+    values = dict(
+        task_id=task_id, project="p", language="python", kind="line", variant=variant,
+        expected="x", predicted="x" if exact else "y", exact=exact, edit_similarity=exact,
+        identifier_exact=exact, identifier_f1=exact, oracle=False, recalled=False, passed=None,
+        prompt_tokens=10, completion_tokens=2, context_ms=1.0, total_ms=2.0,
+    )  # fmt: skip
+    return Record(**{**values, **fields})
+
+
+def test_the_summary_pairs_tasks_and_groups_by_language_and_kind(tmp_path) -> None:
+    records = [record(f"t{i}", "ed", 1.0) for i in range(30)]
+    records += [record(f"t{i}", "none", 0.0) for i in range(30)]
+    records += [record("g", "ed", 1.0, language="go", oracle=True, recalled=True)]
+    records += [record("g", "none", 1.0, language="go", oracle=True, recalled=False)]
+    rows = summary(records, ["ed", "none"])
+    assert [(r["group"], r["variant"]) for r in rows] == [
+        ("all", "ed"), ("all", "none"), ("go", "ed"), ("go", "none"),
+        ("python", "ed"), ("python", "none"),
+    ]  # fmt: skip
+    assert (
+        rows[1]["exact_match"] == pytest.approx(1 / 31, abs=1e-4)
+        and "exact_match_diff" not in rows[0]
+    )
+    assert rows[1]["exact_match_diff"].startswith("-0.968 (CI")
+    assert rows[2]["recall_at_k"] == 1.0 and rows[2]["recall_at_k_tasks"] == 1
+    assert rows[0]["pass_at_1"] is None
+    table = markdown(rows, ["ed", "none"])
+    assert "pass_at_1" not in table and "Differences from `ed`" in table
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in records))
+    assert read_records(path) == records
+    later = [dataclasses.replace(r, exact=1.0) for r in records]
+    (row_ed, row_none) = compare(records, later)
+    assert row_ed["variant"] == "ed" and "no difference shown" in row_ed["exact_match"]
+    assert row_none["exact_match"].startswith("+0.968")
+
+
+def test_variant_specs_change_one_part_each() -> None:
+    assert parse_variant("none") == Variant("none", strategy="none")
+    assert parse_variant("template:generic-prefix") == Variant(
+        "template:generic-prefix", template="generic-prefix"
+    )
+    assert parse_variant("bm25+suffix_token_budget=0+raw") == Variant(
+        "bm25+suffix_token_budget=0+raw", "bm25", "", False, (("suffix_token_budget", 0),)
+    )
+    assert parse_variant("chars_per_token=2.5").context == (("chars_per_token", 2.5),)
+    with pytest.raises(ValueError, match="variant part 'fast' is none of"):
+        parse_variant("fast")
+    with pytest.raises(ValueError, match="unknown prompt template 'nope'"):
+        parse_variant("template:nope")
+
+
+def test_the_oracle_is_the_chunks_that_define_the_names_the_answer_needs() -> None:
+    here = SourceFile("p/cart.py", "python", "import money\n\nlabel = \nmore = 1\n")
+    task = Task("line", here, here.text.index("label = ") + 8, "money.to_display(cents)", ())
+    defines = Chunk.of("p/money.py", 0, 2, "def to_display(cents):\n    return str(cents)")
+    uses = Chunk.of("p/report.py", 0, 1, "print(to_display(5))")
+    java = Chunk.of("p/M.java", 0, 1, "  public static String to_display(int cents) {")
+    call = Chunk.of("p/J.java", 0, 1, "    return to_display(cents);")
+    assert _oracle(task, [defines, uses, java, call]) == {defines, java}
