@@ -200,18 +200,20 @@ def _partial_stop(text: str, stop: tuple[str, ...]) -> int:
 class Truncator:
     """Feeds streamed deltas through the filters; says what may be shown now and when to stop."""
 
-    def __init__(self, cursor: CursorSurroundings) -> None:
+    def __init__(self, cursor: CursorSurroundings, healed: str = "") -> None:
         self._cursor = cursor
         self._suffix_holdback = len(cursor.line_suffix.strip())
         self._raw = ""
         self._released = 0
+        self._healing = healed  # indentation the prompt left out, which the model writes first
+        self._held = ""
         self.finish: Finish | None = None
 
     def feed(self, delta: str) -> str:
         """Text that is safe to show now. After a cut, `finish` is set and the rest is ignored."""
         if self.finish is not None:
             return ""
-        self._raw += delta
+        self._raw += self._heal(delta)
         cut = first_cut(self._raw, self._cursor)
         if cut is not None:
             self._raw = self._raw[: cut.length]
@@ -235,6 +237,20 @@ class Truncator:
     @property
     def text(self) -> str:
         return self._raw[: self._released]
+
+    def _heal(self, delta: str) -> str:
+        """The stream without the indentation the cursor already has: the model's first blanks,
+        up to the prompt's left-out indentation (all of them if it wrote fewer)."""
+        if not self._healing:
+            return delta
+        held = self._held + delta
+        blanks = len(held) - len(held.lstrip(" \t"))
+        if blanks == len(held) and blanks < len(self._healing):
+            self._held = held  # only blanks so far: the indentation may go on
+            return ""
+        cut = min(blanks, len(self._healing))
+        self._healing = self._held = ""
+        return held[cut:]
 
     def _release(self, upto: int, source: str | None = None) -> str:
         source = self._raw if source is None else source

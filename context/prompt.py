@@ -48,6 +48,7 @@ class Prompt:
     context: tuple[RankedChunk, ...]  # in the order the prompt holds them
     prefix_start_line: int
     estimated_tokens: int
+    healed: str = ""  # the cursor line's indentation, left out of the prompt (heal_indent)
 
 
 def build_prompt(
@@ -69,6 +70,8 @@ def build_prompt(
     a dropped one leaves the rest in place, for the engine's KV shift.
     `rank`: another retrieval strategy, for evaluations that compare them."""
     prefix, prefix_start = _prefix_window(document.prefix, settings)
+    healed = _cursor_indent(prefix) if settings.heal_indent else ""
+    prefix = prefix[: len(prefix) - len(healed)]
     suffix = _suffix_window(document.suffix, settings)
     cursor_line = document.prefix.count("\n")
     exclusion = Exclusion(document.path, prefix_start, cursor_line + suffix.count("\n") + 1)
@@ -91,7 +94,7 @@ def build_prompt(
     parts.append(_fill(template.current_file, path=document.path, comment=comment))
     parts.append(_fill(template.body, prefix=prefix, suffix=suffix))
     text = "".join(parts)
-    return Prompt(text, template, tuple(chosen), prefix_start, settings.tokens(text))
+    return Prompt(text, template, tuple(chosen), prefix_start, settings.tokens(text), healed)
 
 
 def _fill(pattern: str, **values: str) -> str:
@@ -116,6 +119,12 @@ def _prefix_window(prefix: str, settings: ContextSettings) -> tuple[str, int]:
     text = "\n".join(lines[anchored:])
     max_chars = int(budget * settings.chars_per_token)
     return (text[-max_chars:] if len(text) > max_chars else text), anchored
+
+
+def _cursor_indent(prefix: str) -> str:
+    """The cursor line's text when it is indentation only, else ""."""
+    line = prefix[prefix.rfind("\n") + 1 :]
+    return line if line and not line.strip(" \t") else ""
 
 
 def _suffix_window(suffix: str, settings: ContextSettings) -> str:

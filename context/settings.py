@@ -20,6 +20,10 @@ class ContextSettings:
     suffix_token_budget: int = 48  # re-read on every keystroke (it follows the cursor): keep small
     context_token_budget: int = 512
     prefix_anchor_lines: int = 32  # the prefix window starts on a multiple of this, for cache reuse
+    # A cursor after a line's indentation: the prompt ends at the newline and the model writes
+    # the indentation itself, which post-processing removes. Ending on spaces splits the tokens
+    # the model was trained on ("\n", "   ", " return"); it then wrote the indent a second time.
+    heal_indent: bool = True
 
     def tokens(self, text: str) -> int:
         """Estimated tokens, so budgets need no tokenizer on the per-keystroke path."""

@@ -206,7 +206,7 @@ class Completer:
         cursor = CursorSurroundings.around(
             document.prefix, document.suffix, job.mode, self.template.stop, document.language
         )
-        truncator = Truncator(cursor)
+        truncator = Truncator(cursor, job.prompt.healed)
         request = EngineRequest(
             job.completion_id,  # minted here: a client's request ids never reach the engine
             job.prompt.text,

@@ -40,13 +40,17 @@ class Variant:
     strategy: str = DESIGN_STRATEGY
     template: str = ""  # "": the server's
     truncate: bool = True  # False: the engine's raw text, up to the mode's token budget
-    context: tuple[tuple[str, int | float], ...] = ()  # ContextSettings fields changed
+    context: tuple[tuple[str, int | float | bool], ...] = ()  # ContextSettings fields changed
 
 
 def parse_variant(spec: str) -> Variant:
     """A variant from its spec (see the module's docstring); ValueError naming a bad part."""
     variant = Variant(spec)
-    settable = {f.name: f.type for f in dataclasses.fields(ContextSettings)}
+    settable = {
+        f.name: f.type
+        for f in dataclasses.fields(ContextSettings)
+        if f.type in ("int", "float", "bool")
+    }
     for part in spec.split("+"):
         if part in STRATEGIES:
             variant = dataclasses.replace(variant, strategy=part)
@@ -56,7 +60,7 @@ def parse_variant(spec: str) -> Variant:
         elif part == "raw":
             variant = dataclasses.replace(variant, truncate=False)
         elif (setting := re.fullmatch(r"(\w+)=([0-9.]+)", part)) and setting[1] in settable:
-            kind = float if settable[setting[1]] in (float, "float") else int
+            kind = {"float": float, "bool": lambda v: bool(int(v))}.get(settable[setting[1]], int)
             changed = (*variant.context, (setting[1], kind(setting[2])))
             variant = dataclasses.replace(variant, context=changed)
         else:

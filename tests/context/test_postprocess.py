@@ -150,3 +150,21 @@ def test_no_syntax_cut_while_the_block_goes_on() -> None:
     shown = truncator.feed("z = y + x\n    w = z * 2\n    return w\n")
     rest, finish = truncator.close(Finish.STOP)
     assert (shown + rest, finish) == ("z = y + x\n    w = z * 2\n    return w", Finish.STOP)
+
+
+@pytest.mark.parametrize(
+    ("generated", "expected"),
+    [
+        ("    return x\n    y = 1\n", "return x\n    y = 1"),  # the indentation, written again
+        ("        return x\n", "    return x"),  # deeper than the cursor: the rest stays
+        ("  return x\n", "return x"),  # shallower: no more than the model wrote goes
+        ("return x\n", "return x"),  # none at all
+    ],
+)
+def test_the_indentation_the_prompt_left_out_is_removed_once(generated, expected) -> None:
+    for pieces in ([generated], stream(generated), list(generated)):
+        cursor = CursorSurroundings.around("def f(x):\n    ", "\n", Mode.MULTI_LINE, STOP)
+        truncator = Truncator(cursor, healed="    ")
+        shown = [truncator.feed(piece) for piece in pieces]
+        rest, _ = truncator.close(Finish.STOP)
+        assert "".join(shown) + rest == expected

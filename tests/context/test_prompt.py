@@ -28,6 +28,17 @@ def test_fim_layout_puts_stable_text_first() -> None:
     )
 
 
+def test_a_cursor_after_indentation_ends_the_prompt_at_the_newline() -> None:
+    doc = Document("main.py", "python", "def f(x):\n    \nprint(f(1))\n", cursor=14)
+    prompt = build_prompt("demo", doc, [], QWEN, SETTINGS)
+    assert prompt.healed == "    "
+    assert "<|fim_prefix|>def f(x):\n<|fim_suffix|>\nprint(f(1))\n<|fim_middle|>" in prompt.text
+    kept = build_prompt("demo", doc, [], QWEN, dataclasses.replace(SETTINGS, heal_indent=False))
+    assert kept.healed == "" and "def f(x):\n    <|fim_suffix|>" in kept.text
+    typed = Document("main.py", "python", "def f(x):\n    re\n", cursor=16)
+    assert build_prompt("demo", typed, [], QWEN, SETTINGS).healed == ""
+
+
 def test_budgets_are_respected_in_estimated_tokens() -> None:
     settings = dataclasses.replace(
         SETTINGS, prefix_token_budget=100, suffix_token_budget=30, context_token_budget=60
