@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         default="edit-distance,none",
         help="comma-separated; the first is the baseline (see benchmarks/eval/run.py)",
     )
+    evaluate.add_argument(
+        "--retrieval-only", action="store_true", help="no engine: recall@k of each variant"
+    )
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--concurrency", type=int, default=8, help="completions in flight")
     evaluate.add_argument("--engine", choices=("auto", "llama.cpp", "vllm"))
@@ -248,6 +251,7 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
         variants=chosen,
         seed=args.seed,
         concurrency=args.concurrency,
+        retrieval_only=args.retrieval_only,
     )
     try:
         run_plan(plan, settings, args.out)

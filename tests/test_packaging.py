@@ -83,6 +83,8 @@ def test_the_wheel_holds_one_top_level_name_with_stubs_and_templates(wheel: Path
         "ghostpen/server/engines/worker.py",
         "ghostpen/editor_client/agent.py",
         "ghostpen/benchmarks/eval/run.py",
+        "ghostpen/benchmarks/eval/suites.toml",
+        "ghostpen/benchmarks/eval/gate.toml",
     ):
         assert needed in names
 

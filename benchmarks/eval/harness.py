@@ -9,15 +9,24 @@ import dataclasses
 import json
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from ghostpen.benchmarks.eval.execution import ScratchProject, function_tasks
 from ghostpen.benchmarks.eval.report import markdown, summary
-from ghostpen.benchmarks.eval.run import EvalTask, Record, Variant, evaluate, parse_variant
+from ghostpen.benchmarks.eval.run import (
+    EvalTask,
+    Record,
+    Variant,
+    evaluate,
+    parse_variant,
+    retrieve_only,
+)
 from ghostpen.benchmarks.eval.suites import load_projects, project_files, suite
 from ghostpen.benchmarks.eval.tasks import build_tasks, source_files
+from ghostpen.context.template import load_template
 from ghostpen.server.completion import Completer, Discard
 from ghostpen.server.settings import Settings
 
@@ -32,6 +41,7 @@ class Plan:
     variants: tuple[Variant, ...]
     seed: int
     concurrency: int
+    retrieval_only: bool = False  # no engine: recall@k of each variant's context only
 
 
 def eval_tasks(plan: Plan, settings: Settings) -> list[EvalTask]:
@@ -70,18 +80,19 @@ def run_plan(plan: Plan, settings: Settings, out: Path) -> list[dict[str, object
     records: list[Record] = []
 
     async def run() -> None:
+        if plan.retrieval_only:
+            with (out / "records.jsonl").open("w", encoding="utf-8") as jsonl:
+                template = load_template(settings.context.template)
+                keep = _writer(records, jsonl)
+                retrieve_only(template, settings.context, tasks, plan.variants, keep)
+            return
         engine = await start_in_process(settings.engine, settings.cache_dir)
         # An evaluation serves nobody: its outcomes are neither counted nor stored.
         completer = Completer.from_settings(engine, settings, sink=Discard())
         runners = scratch_projects(tasks, settings.cache_dir / "eval")
         try:
             with (out / "records.jsonl").open("w", encoding="utf-8") as jsonl:
-
-                def keep(record: Record) -> None:
-                    records.append(record)
-                    jsonl.write(json.dumps(dataclasses.asdict(record)) + "\n")
-                    jsonl.flush()
-
+                keep = _writer(records, jsonl)
                 await evaluate(completer, tasks, plan.variants, runners, plan.concurrency, keep)
         finally:
             for runner in runners.values():
@@ -128,6 +139,17 @@ def scratch_projects(tasks: Sequence[EvalTask], cache: Path) -> dict[str, Scratc
     return {
         name: ScratchProject(known[name], cache) for name in {t.project for t in tasks if t.tests}
     }
+
+
+def _writer(records: list[Record], jsonl: TextIO) -> Callable[[Record], None]:
+    """Keeps each record and writes it at once: a run stopped midway keeps what it did."""
+
+    def keep(record: Record) -> None:
+        records.append(record)
+        jsonl.write(json.dumps(dataclasses.asdict(record)) + "\n")
+        jsonl.flush()
+
+    return keep
 
 
 def _share(total: int, parts: int, index: int) -> int:

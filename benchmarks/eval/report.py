@@ -23,6 +23,8 @@ METRICS = (
     ("recall_at_k", lambda r: float(r.recalled) if r.oracle else None),
 )
 
+JUDGED = ("pass_at_1", "recall_at_k")  # scored on some tasks only: the table says how many
+
 
 def read_records(path: Path) -> list[Record]:
     with path.open(encoding="utf-8") as lines:
@@ -74,7 +76,8 @@ def summary(records: Sequence[Record], variants: Sequence[str]) -> list[dict[str
 def markdown(rows: Sequence[dict[str, object]], variants: Sequence[str]) -> str:
     """Means per variant, then the differences from the baseline, a table each."""
     present = [m for m, _ in METRICS if any(row[f"{m}_tasks"] for row in rows)]
-    header = ["group", "variant", "tasks", *present]
+    judged = [f"{m}_tasks" for m in present if m in JUDGED]
+    header = ["group", "variant", "tasks", *present, *judged]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [_cell(row[h]) for h in header]

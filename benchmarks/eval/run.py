@@ -23,9 +23,9 @@ from ghostpen.benchmarks.eval.strategies import STRATEGIES, identifiers
 from ghostpen.benchmarks.eval.tasks import Task
 from ghostpen.context.chunker import Chunk
 from ghostpen.context.postprocess import Mode
-from ghostpen.context.prompt import Document
+from ghostpen.context.prompt import Document, build_prompt
 from ghostpen.context.settings import ContextSettings
-from ghostpen.context.template import load_template
+from ghostpen.context.template import Template, load_template
 from ghostpen.server.completion import Completer, CompletionJob, RequestSpec
 from ghostpen.server.context_process import ChunkCache
 from ghostpen.server.engines.base import EngineRequest
@@ -89,10 +89,10 @@ class Record:
     variant: str
     expected: str
     predicted: str
-    exact: float
-    edit_similarity: float
-    identifier_exact: float
-    identifier_f1: float
+    exact: float | None  # None: not completed (a retrieval-only run)
+    edit_similarity: float | None
+    identifier_exact: float | None
+    identifier_f1: float | None
     oracle: bool  # a chunk of another file defines a name the expected text needs
     recalled: bool  # and the prompt's context holds one
     passed: bool | None  # function-body tasks: the project's tests pass with the completion
@@ -146,14 +146,57 @@ async def evaluate(
                 group.create_task(one(item, variant, runner))
 
 
+def retrieve_only(
+    template: Template,
+    context: ContextSettings,
+    tasks: Sequence[EvalTask],
+    chosen: Sequence[Variant],
+    record: Callable[[Record], None],
+) -> None:
+    """Retrieval on its own, without the engine: for each task and variant, whether the prompt's
+    context holds a chunk the oracle names (recall@k), in milliseconds a task."""
+    cache = ChunkCache(context.chunk_max_lines)
+    variants = [(variant, _parts(template, context, variant)) for variant in chosen]
+    for item in tasks:
+        task = item.task
+        chunks = [c for f in task.context for c in cache.chunks(f.path, f.language, f.text)]
+        oracle = _oracle(task, chunks)
+        document = _document(task)
+        for variant, (mine, settings) in variants:
+            started = time.monotonic()
+            rank = STRATEGIES[variant.strategy]
+            prompt = build_prompt(_repo(task), document, chunks, mine, settings, rank=rank)
+            took_ms = (time.monotonic() - started) * 1000
+            picked = {r.chunk for r in prompt.context}
+            record(
+                Record(
+                    task.task_id, item.project, task.file.language, task.kind, variant.name,
+                    task.expected, "", None, None, None, None, bool(oracle),
+                    bool(picked & oracle), None, prompt.estimated_tokens, 0, took_ms, took_ms,
+                )
+            )  # fmt: skip
+
+
+def _document(task: Task) -> Document:
+    return Document(task.file.path, task.file.language, task.left + task.right, len(task.left))
+
+
+def _repo(task: Task) -> str:
+    return task.file.path.split("/", 1)[0]
+
+
 def _completer_for(completer: Completer, variant: Variant) -> Completer:
-    template = load_template(variant.template) if variant.template else None
-    context = (
-        dataclasses.replace(completer.context_settings, **dict(variant.context))
-        if variant.context
-        else None
+    return completer.varied(*_parts(completer.template, completer.context_settings, variant))
+
+
+def _parts(
+    template: Template, context: ContextSettings, variant: Variant
+) -> tuple[Template, ContextSettings]:
+    """The template and context settings a variant runs with."""
+    return (
+        load_template(variant.template) if variant.template else template,
+        dataclasses.replace(context, **dict(variant.context)),
     )
-    return completer.varied(template, context)
 
 
 async def _complete(
@@ -161,12 +204,11 @@ async def _complete(
 ) -> tuple[str, CompletionJob, tuple[int, int, float, float]]:
     """The completion's text, its job, and (prompt tokens, completion tokens, context ms,
     total ms)."""
-    document = Document(task.file.path, task.file.language, task.left + task.right, len(task.left))
+    document = _document(task)
     mode = Mode.MULTI_LINE if task.kind in ("block", "function") else Mode.SINGLE_LINE
     received = time.monotonic()
     spec = RequestSpec(f"{task.task_id}:{variant.name}", mode, 0, "", DEADLINE_S, received)
-    repo = task.file.path.split("/", 1)[0]
-    prompt = completer.prompt(repo, document, chunks, rank=STRATEGIES[variant.strategy])
+    prompt = completer.prompt(_repo(task), document, chunks, rank=STRATEGIES[variant.strategy])
     job = completer.job(spec, document, prompt)  # stateless: variants share what they can
     if not variant.truncate:
         return await _raw(completer, job)

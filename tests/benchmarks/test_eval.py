@@ -141,3 +141,36 @@ async def test_the_harness_runs_tasks_through_the_real_pipeline(server, settings
     rows = summary(records, names)
     assert [row["variant"] for row in rows[: len(names)]] == names
     assert markdown(rows, names).count("(CI ") >= len(names) - 1
+
+
+def test_retrieval_alone_runs_without_an_engine(tmp_path: Path) -> None:
+    from ghostpen.benchmarks.eval.harness import Plan, run_plan, variants_of
+    from ghostpen.benchmarks.eval.report import read_records
+    from ghostpen.server.settings import Settings
+
+    (tmp_path / "tree").mkdir()
+    write_tree(tmp_path / "tree")
+    plan = Plan(
+        suites=(), tree=tmp_path / "tree", tasks=4, function_tasks=0, kinds=("line",),
+        variants=variants_of(["edit-distance", "none"]), seed=0, concurrency=1,
+        retrieval_only=True,
+    )  # fmt: skip
+    run_plan(plan, Settings.load({"cache_dir": str(tmp_path / "home")}), tmp_path / "out")
+    records = read_records(tmp_path / "out" / "records.jsonl")
+    assert sorted(r.variant for r in records) == ["edit-distance"] * 4 + ["none"] * 4
+    assert all(r.exact is None and r.predicted == "" for r in records)
+    assert not any(r.recalled for r in records if r.variant == "none")
+    # cart.py's line needs money.cents_to_display_string, which money.py defines.
+    needing = [r for r in records if r.oracle and r.variant == "edit-distance"]
+    assert needing and all(r.recalled for r in needing)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "recall_at_k" in report and "exact_match" not in report
+
+
+def test_a_bad_variant_or_suite_is_refused_with_what_is_known(capsys) -> None:
+    from ghostpen.cli import main
+
+    assert main(["eval", "--suite", "python", "--variants", "edit-distance,fastest"]) == 2
+    assert "variant part 'fastest' is none of" in capsys.readouterr().err
+    assert main(["eval", "--suite", "cobol", "--retrieval-only"]) == 2
+    assert "unknown suite 'cobol'; suites: gate, go, java" in capsys.readouterr().err
