@@ -61,7 +61,7 @@ def function_tasks(
     max_files: int,
 ) -> list[Checked]:  # fmt: skip
     """Up to `count` qualifying functions of the project, drawn by `seed`."""
-    if not project.tests:
+    if not project.tests or count == 0:
         return []
     top = unpacked(project, cache)
     tests = _tests_by_name(top, project.tests)
@@ -74,24 +74,25 @@ def function_tasks(
     random.Random(seed).shuffle(candidates)
     verdicts_file = top / "function_verdicts.json"
     verdicts = json.loads(verdicts_file.read_text()) if verdicts_file.is_file() else {}
-    runner = ScratchProject(project, cache)
+    runner = None  # made only when a verdict is not cached yet
     chosen = []
     try:
         for source, name, cursor, expected in candidates:
             if len(chosen) == count:
                 break
             task = Task("function", source, cursor, expected, related(source, files, max_files))
-            key = task.task_id
-            if key not in verdicts:
-                ids = tests[name][:MAX_TESTS_PER_FUNCTION]
-                verdicts[key] = runner.passes(task, expected, ids) and not runner.passes(
+            ids = tuple(tests[name][:MAX_TESTS_PER_FUNCTION])
+            if task.task_id not in verdicts:
+                runner = runner or ScratchProject(project, cache)
+                verdicts[task.task_id] = runner.passes(task, expected, ids) and not runner.passes(
                     task, STUB, ids
                 )
                 verdicts_file.write_text(json.dumps(verdicts, indent=0, sort_keys=True))
-            if verdicts[key]:
-                chosen.append(Checked(task, tuple(tests[name][:MAX_TESTS_PER_FUNCTION])))
+            if verdicts[task.task_id]:
+                chosen.append(Checked(task, ids))
     finally:
-        runner.close()
+        if runner is not None:
+            runner.close()
     return chosen
 
 

@@ -55,16 +55,17 @@ def eval_tasks(plan: Plan, settings: Settings) -> list[EvalTask]:
     found = []
     for name in plan.suites:
         projects = suite(name)
+        files = {p.name: project_files(p, cache, max_bytes) for p in projects}
         for index, project in enumerate(projects):
-            files = project_files(project, cache, max_bytes)
             count = _share(plan.tasks, len(projects), index)
-            tasks = build_tasks(files, count, plan.seed, max_files, plan.kinds)
+            tasks = build_tasks(files[project.name], count, plan.seed, max_files, plan.kinds)
             found += [EvalTask(task, project.name) for task in tasks]
         tested = [p for p in projects if p.tests]
         for index, project in enumerate(tested):
-            files = project_files(project, cache, max_bytes)
             count = _share(plan.function_tasks, len(tested), index)
-            checked = function_tasks(project, cache, files, count, plan.seed, max_files)
+            checked = function_tasks(
+                project, cache, files[project.name], count, plan.seed, max_files
+            )
             found += [EvalTask(c.task, project.name, c.tests) for c in checked]
     return found
 

@@ -117,9 +117,10 @@ async def evaluate(
     slots = asyncio.Semaphore(concurrency)
     variants = [(variant, _completer_for(completer, variant)) for variant in chosen]
 
-    async def one(item: EvalTask, variant: Variant, runner: Completer) -> None:
+    async def one(
+        item: EvalTask, chunks: list[Chunk], oracle: set[Chunk], variant: Variant, runner: Completer
+    ) -> None:
         task = item.task
-        chunks = [c for f in task.context for c in cache.chunks(f.path, f.language, f.text)]
         async with slots:
             predicted, job, outcome = await _complete(runner, task, variant, chunks)
         passed = None
@@ -129,7 +130,6 @@ async def evaluate(
                     runners[item.project].passes, task, predicted, item.tests
                 )
         picked = {r.chunk for r in job.prompt.context}
-        oracle = _oracle(task, chunks)
         exact_ids, f1 = identifier_match(predicted, task.expected)
         record(
             Record(
@@ -142,8 +142,9 @@ async def evaluate(
 
     async with asyncio.TaskGroup() as group:
         for item in tasks:
+            chunks, oracle = _candidates(cache, item.task)  # once a task, for all its variants
             for variant, runner in variants:
-                group.create_task(one(item, variant, runner))
+                group.create_task(one(item, chunks, oracle, variant, runner))
 
 
 def retrieve_only(
@@ -159,8 +160,7 @@ def retrieve_only(
     variants = [(variant, _parts(template, context, variant)) for variant in chosen]
     for item in tasks:
         task = item.task
-        chunks = [c for f in task.context for c in cache.chunks(f.path, f.language, f.text)]
-        oracle = _oracle(task, chunks)
+        chunks, oracle = _candidates(cache, task)
         document = _document(task)
         for variant, (mine, settings) in variants:
             started = time.monotonic()
@@ -175,6 +175,12 @@ def retrieve_only(
                     bool(picked & oracle), None, prompt.estimated_tokens, 0, took_ms, took_ms,
                 )
             )  # fmt: skip
+
+
+def _candidates(cache: ChunkCache, task: Task) -> tuple[list[Chunk], set[Chunk]]:
+    """The chunks of a task's open files, and those among them the oracle names."""
+    chunks = [c for f in task.context for c in cache.chunks(f.path, f.language, f.text)]
+    return chunks, _oracle(task, chunks)
 
 
 def _document(task: Task) -> Document:
