@@ -94,12 +94,14 @@ def cut_at_line_end(text: str, cursor: CursorSurroundings) -> Cut | None:
 
 
 def cut_at_block_end(text: str, cursor: CursorSurroundings) -> Cut | None:
-    """Indentation rules: a line that dedents below the cursor line ends the block; one that
-    comes back to the cursor line's level after going deeper ends it too (a closing bracket is
-    kept as the block's last line)."""
+    """Indentation rules: a line that dedents below the cursor line ends the block. After code on
+    the cursor line (`if ready:`), one that comes back to its level after going deeper ends it
+    too, the opened block being done (a closing bracket is kept as its last line). On a line of
+    only indentation the block being written is the enclosing one, nested blocks and all."""
     if cursor.mode is not Mode.MULTI_LINE:
         return None
     base = _indent(cursor.line_prefix)
+    opened = bool(cursor.line_prefix.strip())
     went_deeper = False
     offset = text.find("\n") + 1
     if offset == 0:
@@ -110,7 +112,7 @@ def cut_at_block_end(text: str, cursor: CursorSurroundings) -> Cut | None:
             indent = _indent(line)
             if indent < base:
                 return Cut(offset - 1, Finish.BLOCK_END)
-            if indent == base and went_deeper:
+            if indent == base and went_deeper and opened:
                 if line.strip().startswith(_BLOCK_CLOSERS):
                     return Cut(end, Finish.BLOCK_END)
                 return Cut(offset - 1, Finish.BLOCK_END)

@@ -39,6 +39,23 @@ def stream(text: str) -> list[str]:
             "y = x + 1\n    return y",
             Finish.BLOCK_END,
         ),
+        # on a line of only indentation: the enclosing block, a nested block and what follows
+        (
+            "def f(n):\n    ",
+            "\n",
+            Mode.MULTI_LINE,
+            "if n == 0:\n        return []\n    return [n]\n\ndef g():\n    pass\n",
+            "if n == 0:\n        return []\n    return [n]",
+            Finish.BLOCK_END,
+        ),
+        (
+            "function f(n) {\n  ",
+            "\n}\n",
+            Mode.MULTI_LINE,
+            "if (n) {\n    return 1;\n  }\n  return 0;\n}\n\nfunction g() {}\n",
+            "if (n) {\n    return 1;\n  }\n  return 0;",
+            Finish.BLOCK_END,
+        ),
         # multi-line after a block opener: the body, then back at the opener's level ends it
         (
             "    if ready:",
