@@ -33,6 +33,7 @@ class Finish(Enum):
     BLOCK_END = "block_end"
     SUFFIX_OVERLAP = "suffix_overlap"
     CANCELLED = "cancelled"
+    WITHHELD = "withheld"  # the show gate's verdict (gate.py), not the model's
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,10 @@ class ContextSettings:
     # the indentation itself, which post-processing removes. Ending on spaces splits the tokens
     # the model was trained on ("\n", "   ", " return"); it then wrote the indent a second time.
     heal_indent: bool = True
+    # The show gate (gate.py) withholds suggestions unlikely to be kept. Off, its verdict is still
+    # recorded on each completion (shadow mode) and the text shown.
+    show_gate: bool = True
+    show_min_confidence: float = -1.0  # mean token log-probability below which: withheld
 
     def tokens(self, text: str) -> int:
         """Estimated tokens, so budgets need no tokenizer on the per-keystroke path."""

@@ -253,11 +253,12 @@ class SessionClient:
         if chunk.finish_reason == pb.FINISH_REASON_CANCELLED:
             pending.resolve(None)
             return
+        withheld = chunk.finish_reason == pb.FINISH_REASON_WITHHELD  # the server's show gate
         pending.resolve(
             Completion(
                 request_id=chunk.request_id,
                 completion_id=chunk.completion_id,
-                text="".join(pending.parts),
+                text="" if withheld else "".join(pending.parts),
                 finish_reason=pb.FinishReason.Name(chunk.finish_reason),
                 server_total_ms=chunk.timings.total_ms,
                 sent_at=pending.sent_at,

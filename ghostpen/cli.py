@@ -116,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument(
         "--retrieval-only", action="store_true", help="no engine: recall@k of each variant"
     )
+    evaluate.add_argument(
+        "--needs-context",
+        action="store_true",
+        help="only the tasks whose expected text needs a definition another open file holds",
+    )
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--concurrency", type=int, default=8, help="completions in flight")
     evaluate.add_argument("--engine", choices=("auto", "llama.cpp", "vllm"))
@@ -252,6 +257,7 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
         seed=args.seed,
         concurrency=args.concurrency,
         retrieval_only=args.retrieval_only,
+        needs_context=args.needs_context,
     )
     try:
         run_plan(plan, settings, args.out)

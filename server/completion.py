@@ -8,6 +8,7 @@ from the context process), `Completer.run` streams it and hands its `Outcome` to
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ghostpen.context.chunker import Chunk
+from ghostpen.context.gate import confidence, withhold_reason
 from ghostpen.context.postprocess import CursorSurroundings, Finish, Mode, Truncator
 from ghostpen.context.prompt import Document, Prompt, build_prompt
 from ghostpen.context.ranker import Ranker, rank_chunks
@@ -72,6 +74,8 @@ class Outcome:
     completion_tokens: int
     cached_tokens: int
     chars: int  # characters shown
+    confidence: float | None = None  # mean log-probability of the tokens kept; None: not known
+    withheld: str = ""  # why the show gate held the text back (gate.py); "": it passed
 
     @property
     def model(self) -> str:
@@ -197,7 +201,8 @@ class Completer:
         return self._limits.default_max_tokens_multi_line
 
     async def run(self, job: CompletionJob) -> AsyncIterator[CompletionEvent]:
-        """Stream the completion, truncated where it should end.
+        """Stream the completion, truncated where it should end. A final event that finishes
+        WITHHELD says the show gate held it back: the text streamed before it is not to be shown.
 
         Cancelling the consumer aborts the engine request (`task.cancel(reason)` names why); a
         passed deadline aborts it and raises DeadlinePassed. Either way, and on success, the sink
@@ -217,12 +222,14 @@ class Completer:
         )
         clock = _Clock(job)
         finish, stopped, last = Finish.STOP, "error", None
+        logprobs: list[float] = []
         try:
             async with asyncio.timeout_at(_loop_time(job.deadline)):
                 async with aclosing(self.engine.generate(request)) as deltas:
                     async for delta in deltas:
                         clock.delta()
                         last = delta
+                        logprobs.extend(delta.logprobs)
                         text = truncator.feed(delta.text)
                         if text:
                             yield CompletionEvent(job.request_id, job.completion_id, text)
@@ -248,7 +255,16 @@ class Completer:
             if stopped:
                 self._sink.stopped(self._outcome(job, cursor.mode, finish, stopped, clock, last, 0))
         rest, finish = truncator.close(finish)
-        outcome = self._outcome(job, cursor.mode, finish, "", clock, last, len(truncator.text))
+        sure = confidence(logprobs)
+        withheld = withhold_reason(truncator.text, cursor, sure, self.context_settings)
+        shown = len(truncator.text)
+        if withheld and self.context_settings.show_gate:  # the client drops what streamed
+            rest, finish, shown = "", Finish.WITHHELD, 0
+        outcome = dataclasses.replace(
+            self._outcome(job, cursor.mode, finish, "", clock, last, shown),
+            confidence=sure,
+            withheld=withheld,
+        )
         await self._sink.finished(outcome)
         yield CompletionEvent(job.request_id, job.completion_id, rest, True, finish, outcome)
 

@@ -85,6 +85,7 @@ _FINISH = {
     Finish.BLOCK_END: pb.FINISH_REASON_BLOCK_END,
     Finish.SUFFIX_OVERLAP: pb.FINISH_REASON_SUFFIX_OVERLAP,
     Finish.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    Finish.WITHHELD: pb.FINISH_REASON_WITHHELD,
 }
 _UNITS = {pb.PartiallyAccepted.UNIT_WORD: "word", pb.PartiallyAccepted.UNIT_LINE: "line"}
 _REASONS = {pb.Rejected.REASON_DISMISSED: "dismissed", pb.Rejected.REASON_TYPED_OVER: "typed_over"}

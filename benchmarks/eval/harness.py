@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import TextIO
 
 from ghostpen.benchmarks.eval.execution import ScratchProject, function_tasks
-from ghostpen.benchmarks.eval.report import markdown, summary
+from ghostpen.benchmarks.eval.report import gate_markdown, gate_rows, markdown, summary
 from ghostpen.benchmarks.eval.run import (
     EvalTask,
     Record,
     Variant,
+    candidates,
     evaluate,
     parse_variant,
     retrieve_only,
@@ -28,6 +29,7 @@ from ghostpen.benchmarks.eval.suites import load_projects, project_files, suite
 from ghostpen.benchmarks.eval.tasks import build_tasks, source_files
 from ghostpen.context.template import load_template
 from ghostpen.server.completion import Completer, Discard
+from ghostpen.server.context_process import ChunkCache
 from ghostpen.server.settings import Settings
 
 
@@ -42,10 +44,22 @@ class Plan:
     seed: int
     concurrency: int
     retrieval_only: bool = False  # no engine: recall@k of each variant's context only
+    # Only the tasks whose expected text needs a definition another open file holds (the
+    # retrieval oracle is not empty): the selection CrossCodeEval makes.
+    needs_context: bool = False
 
 
 def eval_tasks(plan: Plan, settings: Settings) -> list[EvalTask]:
-    """The plan's tasks, deterministic for its seed."""
+    """The plan's tasks, deterministic for its seed: those drawn, or with `needs_context` the
+    drawn tasks that need another open file's definition."""
+    drawn = _drawn(plan, settings)
+    if not plan.needs_context:
+        return drawn
+    chunks = ChunkCache(settings.context.chunk_max_lines)
+    return [item for item in drawn if candidates(chunks, item.task)[1]]
+
+
+def _drawn(plan: Plan, settings: Settings) -> list[EvalTask]:
     max_files, max_bytes = settings.limits.max_files, settings.limits.max_file_bytes
     if plan.tree is not None:
         files = source_files(plan.tree, max_bytes)
@@ -104,12 +118,14 @@ def run_plan(plan: Plan, settings: Settings, out: Path) -> list[dict[str, object
     finished = time.time()
     names = [v.name for v in plan.variants]
     rows = summary(records, names)
+    gate = [] if plan.retrieval_only else gate_rows(records, names)
     completions = len(records)
     meta = {
         "suites": list(plan.suites),
         "tree": str(plan.tree) if plan.tree else None,
         "seed": plan.seed,
         "tasks": len(tasks),
+        "needs_context": plan.needs_context,
         "kinds": list(plan.kinds),
         "variants": names,
         "concurrency": plan.concurrency,
@@ -122,6 +138,7 @@ def run_plan(plan: Plan, settings: Settings, out: Path) -> list[dict[str, object
         "running_s": round(finished - planned, 1),
         "completions_per_minute": round(completions / max(finished - planned, 1e-9) * 60, 1),
         "summary": rows,
+        "gate": gate,
     }
     (out / "summary.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     header = (
@@ -130,7 +147,10 @@ def run_plan(plan: Plan, settings: Settings, out: Path) -> list[dict[str, object
         f"{plan.concurrency} in flight; tasks planned in {meta['planning_s']} s. "
         f"CPU: {meta['cpu']}.\n\n"
     )
-    (out / "report.md").write_text(header + markdown(rows, names) + "\n", encoding="utf-8")
+    report = header + markdown(rows, names) + "\n"
+    if gate:
+        report += "\n" + gate_markdown(gate) + "\n"
+    (out / "report.md").write_text(report, encoding="utf-8")
     return rows
 
 

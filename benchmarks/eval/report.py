@@ -2,17 +2,19 @@
 variant) with a paired bootstrap 95% CI, over all tasks, per language and per kind of task.
 
 Records are read back from JSONL, so a report can be made from any run, and two runs compared
-task by task (`compare`)."""
+task by task (`compare`). The show gate's trade-off is computed from the same records
+(`gate_rows`): the gate ran in shadow, so each floor on the model's confidence can be tried
+after the fact."""
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from ghostpen.benchmarks.eval.run import Record
-from ghostpen.benchmarks.eval.stats import paired_bootstrap
+from ghostpen.benchmarks.eval.stats import paired_bootstrap, proportion
 
 # (name, how a record scores on it, or None where the record is not judged on it)
 METRICS = (
@@ -24,6 +26,9 @@ METRICS = (
 )
 
 JUDGED = ("pass_at_1", "recall_at_k")  # scored on some tasks only: the table says how many
+
+KEPT_SIMILARITY = 0.8  # a suggestion this close to what the author wrote counts as one kept
+CONFIDENCE_FLOORS = (-1.5, -1.0, -0.75, -0.5, -0.35, -0.25, -0.15)  # mean token log-probability
 
 
 def read_records(path: Path) -> list[Record]:
@@ -92,6 +97,65 @@ def markdown(rows: Sequence[dict[str, object]], variants: Sequence[str]) -> str:
                 cells += [str(row.get(f"{m}_diff", "")) for m in present]
                 lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def gate_rows(records: Sequence[Record], variants: Sequence[str]) -> list[dict[str, object]]:
+    """Per variant and rule, what the show gate shows: precision is the share of the shown
+    suggestions that would be kept (edit similarity >= KEPT_SIMILARITY), recall the share of the
+    keepable ones that are shown, each with its 95% interval. Rules: no gate; the gate's text
+    checks (blank, closers, repeats); those and each confidence floor."""
+
+    def text_checks(r: Record) -> bool:
+        return r.withheld in ("", "unsure")
+
+    rules: list[tuple[str, Callable[[Record], bool]]] = [
+        ("no gate", lambda r: True),
+        ("blank, closers, repeats", text_checks),
+    ]
+    rules += [
+        (
+            f"... and confidence >= {floor}",
+            lambda r, f=floor: text_checks(r) and (r.confidence is None or r.confidence >= f),
+        )
+        for floor in CONFIDENCE_FLOORS
+    ]
+    rows = []
+    for variant in variants:
+        mine = [
+            r
+            for r in records
+            if r.variant == variant and r.predicted and r.edit_similarity is not None
+        ]
+        keepable = sum(_kept(r) for r in mine)
+        for rule, shows in rules:
+            shown = [r for r in mine if shows(r)]
+            kept = sum(_kept(r) for r in shown)
+            rows.append(
+                {
+                    "variant": variant,
+                    "rule": rule,
+                    "shown": f"{len(shown)} of {len(mine)}",
+                    "precision": proportion(kept, len(shown)).describe(),
+                    "recall": proportion(kept, keepable).describe(),
+                }
+            )
+    return rows
+
+
+def gate_markdown(rows: Sequence[dict[str, object]]) -> str:
+    header = ["variant", "rule", "shown", "precision", "recall"]
+    lines = [
+        f"The show gate (kept: edit similarity >= {KEPT_SIMILARITY}; Wilson 95% CIs):",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    lines += ["| " + " | ".join(str(row[h]) for h in header) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _kept(record: Record) -> bool:
+    return (record.edit_similarity or 0.0) >= KEPT_SIMILARITY
 
 
 def compare(a: Iterable[Record], b: Iterable[Record]) -> list[dict[str, object]]:

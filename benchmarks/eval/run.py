@@ -2,10 +2,15 @@
 flight at once so the engine batches them, and record one line per task and variant.
 
 A variant changes one component and keeps the others as the server runs them. Its spec joins
-parts with `+`: a retrieval strategy (`none`, `edit-distance`, `jaccard`, `bm25`, `hybrid`), a
+parts with `+`: a retrieval strategy (`none`, `edit-distance`, `jaccard`, `bm25`, `hybrid`, or
+`oracle`, retrieval's upper bound: the chunks that define what the expected text needs), a
 template (`template:generic-prefix`), `raw` (the engine's text with no post-processing, up to the
 mode's token budget), or a context setting (`suffix_token_budget=128`). Unnamed parts are the
 server's: `bm25` is BM25 with the server's template and budgets.
+
+Every suggestion is scored, whatever the show gate says of it: the gate runs in shadow, and its
+verdict and the model's confidence are recorded beside the scores, so the report can weigh what
+the gate withholds against what it keeps (`report.gate_rows`).
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from ghostpen.benchmarks.eval.metrics import edit_similarity, exact_match, ident
 from ghostpen.benchmarks.eval.strategies import STRATEGIES, identifiers
 from ghostpen.benchmarks.eval.tasks import Task
 from ghostpen.context.chunker import Chunk
+from ghostpen.context.gate import confidence
 from ghostpen.context.postprocess import Mode
 from ghostpen.context.prompt import Document, build_prompt
+from ghostpen.context.ranker import Exclusion, RankedChunk, Ranker
 from ghostpen.context.settings import ContextSettings
 from ghostpen.context.template import Template, load_template
 from ghostpen.server.completion import Completer, CompletionJob, RequestSpec
@@ -31,6 +38,7 @@ from ghostpen.server.context_process import ChunkCache
 from ghostpen.server.engines.base import EngineRequest
 
 DESIGN_STRATEGY = "edit-distance"
+ORACLE = "oracle"  # not a strategy the server could run: it knows the expected text
 DEADLINE_S = 3600.0  # an evaluation waits for every completion, however long the queue
 
 
@@ -52,20 +60,21 @@ def parse_variant(spec: str) -> Variant:
         if f.type in ("int", "float", "bool")
     }
     for part in spec.split("+"):
-        if part in STRATEGIES:
+        if part in STRATEGIES or part == ORACLE:
             variant = dataclasses.replace(variant, strategy=part)
         elif part.startswith("template:"):
             load_template(part.removeprefix("template:"))  # refuses an unknown template
             variant = dataclasses.replace(variant, template=part.removeprefix("template:"))
         elif part == "raw":
             variant = dataclasses.replace(variant, truncate=False)
-        elif (setting := re.fullmatch(r"(\w+)=([0-9.]+)", part)) and setting[1] in settable:
+        elif (setting := re.fullmatch(r"(\w+)=(-?[0-9.]+)", part)) and setting[1] in settable:
             kind = {"float": float, "bool": lambda v: bool(int(v))}.get(settable[setting[1]], int)
             changed = (*variant.context, (setting[1], kind(setting[2])))
             variant = dataclasses.replace(variant, context=changed)
         else:
             raise ValueError(
-                f"variant part {part!r} is none of: a strategy ({', '.join(STRATEGIES)}), "
+                f"variant part {part!r} is none of: a strategy ({', '.join(STRATEGIES)}, "
+                f"{ORACLE}), "
                 "template:NAME, raw, or FIELD=NUMBER for a context setting"
             )
     return variant
@@ -100,6 +109,8 @@ class Record:
     completion_tokens: int
     context_ms: float
     total_ms: float
+    confidence: float | None = None  # the mean log-probability of the suggestion's tokens
+    withheld: str = ""  # the show gate's reason to hold the suggestion back ("": shown)
 
 
 async def evaluate(
@@ -122,7 +133,8 @@ async def evaluate(
     ) -> None:
         task = item.task
         async with slots:
-            predicted, job, outcome = await _complete(runner, task, variant, chunks)
+            rank = _rank(variant, oracle)
+            predicted, job, outcome = await _complete(runner, task, variant, rank, chunks)
         passed = None
         if item.tests:
             async with runners_busy[item.project]:
@@ -142,7 +154,7 @@ async def evaluate(
 
     async with asyncio.TaskGroup() as group:
         for item in tasks:
-            chunks, oracle = _candidates(cache, item.task)  # once a task, for all its variants
+            chunks, oracle = candidates(cache, item.task)  # once a task, for all its variants
             for variant, runner in variants:
                 group.create_task(one(item, chunks, oracle, variant, runner))
 
@@ -160,11 +172,11 @@ def retrieve_only(
     variants = [(variant, _parts(template, context, variant)) for variant in chosen]
     for item in tasks:
         task = item.task
-        chunks, oracle = _candidates(cache, task)
+        chunks, oracle = candidates(cache, task)
         document = _document(task)
         for variant, (mine, settings) in variants:
             started = time.monotonic()
-            rank = STRATEGIES[variant.strategy]
+            rank = _rank(variant, oracle)
             prompt = build_prompt(_repo(task), document, chunks, mine, settings, rank=rank)
             took_ms = (time.monotonic() - started) * 1000
             picked = {r.chunk for r in prompt.context}
@@ -177,10 +189,21 @@ def retrieve_only(
             )  # fmt: skip
 
 
-def _candidates(cache: ChunkCache, task: Task) -> tuple[list[Chunk], set[Chunk]]:
+def candidates(cache: ChunkCache, task: Task) -> tuple[list[Chunk], set[Chunk]]:
     """The chunks of a task's open files, and those among them the oracle names."""
     chunks = [c for f in task.context for c in cache.chunks(f.path, f.language, f.text)]
     return chunks, _oracle(task, chunks)
+
+
+def _rank(variant: Variant, oracle: set[Chunk]) -> Ranker:
+    if variant.strategy != ORACLE:
+        return STRATEGIES[variant.strategy]
+    ordered = sorted(oracle, key=lambda c: (c.path, c.start_line))
+
+    def known(query: str, chunks: Sequence[Chunk], exclude: Exclusion, top_k: int) -> list:
+        return [RankedChunk(c, 1.0) for c in ordered if not exclude.covers(c)][:top_k]
+
+    return known
 
 
 def _document(task: Task) -> Document:
@@ -198,23 +221,26 @@ def _completer_for(completer: Completer, variant: Variant) -> Completer:
 def _parts(
     template: Template, context: ContextSettings, variant: Variant
 ) -> tuple[Template, ContextSettings]:
-    """The template and context settings a variant runs with."""
+    """The template and context settings a variant runs with; the show gate in shadow."""
     return (
         load_template(variant.template) if variant.template else template,
-        dataclasses.replace(context, **dict(variant.context)),
+        dataclasses.replace(context, **{**dict(variant.context), "show_gate": False}),
     )
 
 
+# prompt tokens, completion tokens, context ms, total ms, confidence, the show gate's verdict
+Measured = tuple[int, int, float, float, float | None, str]
+
+
 async def _complete(
-    completer: Completer, task: Task, variant: Variant, chunks: list[Chunk]
-) -> tuple[str, CompletionJob, tuple[int, int, float, float]]:
-    """The completion's text, its job, and (prompt tokens, completion tokens, context ms,
-    total ms)."""
+    completer: Completer, task: Task, variant: Variant, rank: Ranker, chunks: list[Chunk]
+) -> tuple[str, CompletionJob, Measured]:
+    """The completion's text, its job, and what was measured of it."""
     document = _document(task)
     mode = Mode.MULTI_LINE if task.kind in ("block", "function") else Mode.SINGLE_LINE
     received = time.monotonic()
     spec = RequestSpec(f"{task.task_id}:{variant.name}", mode, 0, "", DEADLINE_S, received)
-    prompt = completer.prompt(_repo(task), document, chunks, rank=STRATEGIES[variant.strategy])
+    prompt = completer.prompt(_repo(task), document, chunks, rank=rank)
     job = completer.job(spec, document, prompt)  # stateless: variants share what they can
     if not variant.truncate:
         return await _raw(completer, job)
@@ -226,25 +252,25 @@ async def _complete(
     timings = outcome.timings
     return text, job, (
         outcome.prompt_tokens, outcome.completion_tokens,
-        timings.context_s * 1000, timings.total_s * 1000,
+        timings.context_s * 1000, timings.total_s * 1000, outcome.confidence, outcome.withheld,
     )  # fmt: skip
 
 
-async def _raw(
-    completer: Completer, job: CompletionJob
-) -> tuple[str, CompletionJob, tuple[int, int, float, float]]:
+async def _raw(completer: Completer, job: CompletionJob) -> tuple[str, CompletionJob, Measured]:
     """What the engine says for the prompt, with no post-processing at all."""
     request = EngineRequest(
         job.completion_id, job.prompt.text, completer.max_tokens(job.mode), job.cache_key
     )
-    text, last = "", None
+    text, last, logprobs = "", None, []
     async for delta in completer.engine.generate(request):
         text += delta.text
         last = delta
+        logprobs += delta.logprobs
     done = time.monotonic()
     tokens = (last.prompt_tokens, last.completion_tokens) if last else (0, 0)
     return text, job, (
         *tokens, (job.prompted - job.received) * 1000, (done - job.received) * 1000,
+        confidence(logprobs), "",
     )  # fmt: skip
 
 

@@ -37,6 +37,7 @@ class EngineDelta:
     length_limited: bool = False  # finished because max_tokens was reached
     aborted: bool = False  # finished because abort() stopped it
     cached_tokens: int = 0  # prompt tokens reused from the engine's prefix cache
+    logprobs: tuple[float, ...] = ()  # natural log-probability of each token in `text`, if known
 
 
 def check_adapter(adapter: str, loaded: Collection[str]) -> None:

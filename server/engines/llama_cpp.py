@@ -6,8 +6,9 @@ prompt does not slow the others' decoding). One scheduler thread runs steps: eac
 `llama_decode` of every decoding request's next token plus up to `batch_tokens` of prompt from the
 requests still reading theirs. A new request joins at the next step, and a long prompt read is cut
 into chunks so that the others keep decoding (continuous batching). Greedy sampling runs inside
-llama.cpp, from the batch that read the prompt's last token: no logits are copied to Python and no
-extra forward pass is made.
+llama.cpp, from the batch that read the prompt's last token, with no extra forward pass; the
+sampled token's log-probability (the show gate's confidence) is read from llama.cpp's logits in
+place, without copying them.
 
 Abort and deadlines take effect between any two steps, prompt reads included. Waiting requests are
 admitted newest first (`queue_order`): under overload the newest request is the one whose developer
@@ -24,12 +25,15 @@ import bisect
 import codecs
 import ctypes
 import logging
+import math
 import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from ghostpen.server.engines.base import (
     STEP_BUCKETS,
@@ -90,6 +94,7 @@ class _Llama:
                 f"{settings.context_window} tokens (settings kv_cache_tokens, context_window)"
             )
         self.vocab = lc.llama_model_get_vocab(self.model)
+        self.vocab_size = lc.llama_vocab_n_tokens(self.vocab)
         self.memory = lc.llama_get_memory(self.ctx)
         self.can_shift = bool(lc.llama_memory_can_shift(self.memory))
         self.sampler = lc.llama_sampler_init_greedy()
@@ -150,9 +155,15 @@ class _Llama:
         batch.n_tokens = len(entries)
         return self._lc.llama_decode(self.ctx, batch)
 
-    def sample(self, index: int) -> int:
-        """The greedy token from the logits of the last step's entry `index`."""
-        return self._lc.llama_sampler_sample(self.sampler, self.ctx, index)
+    def sample(self, index: int) -> tuple[int, float]:
+        """The greedy token from the logits of the last step's entry `index`, and its
+        log-probability (a log-softmax over the vocabulary, ~0.3 ms)."""
+        token = self._lc.llama_sampler_sample(self.sampler, self.ctx, index)
+        pointer = self._lc.llama_get_logits_ith(self.ctx, index)
+        logits = np.ctypeslib.as_array(pointer, shape=(self.vocab_size,))
+        top = float(logits.max())
+        total = float(np.exp(logits - top).sum())
+        return token, float(logits[token]) - top - math.log(total)
 
     def close(self) -> None:
         lc = self._lc
@@ -187,7 +198,13 @@ class _Job:
     )
 
     def delta(
-        self, text: str = "", *, finished: bool = False, length: bool = False, aborted: bool = False
+        self,
+        text: str = "",
+        logprob: float | None = None,
+        *,
+        finished: bool = False,
+        length: bool = False,
+        aborted: bool = False,
     ) -> EngineDelta:
         return EngineDelta(
             text,
@@ -198,6 +215,7 @@ class _Job:
             length_limited=length,
             aborted=aborted,
             cached_tokens=self.cached,
+            logprobs=() if logprob is None else (logprob,),
         )
 
 
@@ -412,9 +430,9 @@ class LlamaCppEngine(Engine):
                 if index >= 0:
                     outputs.append((job, index))
             for job, index in outputs:
-                self._take(job, self._llama.sample(index))
+                self._take(job, *self._llama.sample(index))
 
-    def _take(self, job: _Job, token: int) -> None:
+    def _take(self, job: _Job, token: int, logprob: float) -> None:
         """A sampled token: stream it, or finish the request."""
         if job.cancelled:
             self._end(job, job.delta(aborted=True))
@@ -427,10 +445,10 @@ class LlamaCppEngine(Engine):
         text = job.decoder.decode(self._llama.piece(token))
         if job.generated >= job.max_tokens:
             text += job.decoder.decode(b"", final=True)
-            self._end(job, job.delta(text, length=True))
+            self._end(job, job.delta(text, logprob, length=True))
             return
         job.next_token = token
-        job.deliver(job.delta(text))
+        job.deliver(job.delta(text, logprob))
 
     def _end(self, job: _Job, last: EngineDelta | BaseException, keep_kv: bool = True) -> None:
         """Finish a running request and free its sequence (called with the lock held)."""

@@ -109,6 +109,8 @@ class LlamaServerEngine(Engine):
             "top_k": 1,
             "samplers": ["top_k"],
             "return_tokens": False,
+            "n_probs": 1,  # the sampled token's log-probability, for the show gate
+            "post_sampling_probs": False,
         }
         submitted = time.monotonic()
         count, queue_s = 0, -1.0
@@ -134,6 +136,9 @@ class LlamaServerEngine(Engine):
                         finished=done,
                         length_limited=done and event.get("stop_type") == "limit",
                         cached_tokens=timings.get("cache_n", 0),
+                        logprobs=tuple(
+                            p["logprob"] for p in event.get("completion_probabilities", ())
+                        ),
                     )
                     if done:
                         return

@@ -71,6 +71,7 @@ class VllmEngine(Engine):
             max_tokens=request.max_tokens,
             temperature=0.0,
             skip_special_tokens=False,  # post-processing must see the template's stop tokens
+            logprobs=0,  # the sampled token's own, for the show gate
             output_kind=RequestOutputKind.DELTA,
         )
         submitted = time.monotonic()
@@ -97,6 +98,7 @@ class VllmEngine(Engine):
                     length_limited=completion.finish_reason == "length",
                     aborted=completion.finish_reason == "abort",
                     cached_tokens=output.num_cached_tokens or 0,
+                    logprobs=_sampled_logprobs(completion),
                 )
         except (ValueError, RuntimeError) as exc:
             raise EngineFailure(f"vLLM failed: {exc}") from exc
@@ -115,3 +117,10 @@ def _queue_seconds(stats: object, fallback: float) -> float:
     """Time between the scheduler queueing the request and first scheduling it."""
     queued, scheduled = getattr(stats, "queued_ts", 0.0), getattr(stats, "scheduled_ts", 0.0)
     return max(0.0, scheduled - queued) if queued and scheduled else fallback
+
+
+def _sampled_logprobs(completion: object) -> tuple[float, ...]:
+    """Each new token's log-probability (vLLM gives a {token id: Logprob} per token)."""
+    per_token = getattr(completion, "logprobs", None) or ()
+    tokens = getattr(completion, "token_ids", ())
+    return tuple(chosen[token].logprob for chosen, token in zip(per_token, tokens, strict=False))

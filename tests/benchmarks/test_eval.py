@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import subprocess
 from pathlib import Path
@@ -115,7 +116,10 @@ async def test_the_harness_runs_tasks_through_the_real_pipeline(server, settings
     write_tree(tmp_path)
     tasks = build_tasks(source_files(tmp_path, 10_000), 2, seed=1, max_files=12)
     completer = Completer.from_settings(server.engine, settings, sink=Discard())
-    names = ["edit-distance", "none", "template:generic-prefix", "raw", "suffix_token_budget=0"]
+    names = [
+        "edit-distance", "none", "template:generic-prefix", "raw", "suffix_token_budget=0",
+        "oracle",
+    ]  # fmt: skip
     records = []
     await evaluate(
         completer, [EvalTask(t, "shop") for t in tasks], [parse_variant(n) for n in names],
@@ -127,6 +131,9 @@ async def test_the_harness_runs_tasks_through_the_real_pipeline(server, settings
     for record in records:
         assert 0 <= record.edit_similarity <= 1 and record.passed is None
         assert record.total_ms > record.context_ms > 0 and record.prompt_tokens > 0
+        # every suggestion scored, with the model's confidence and the show gate's verdict
+        assert record.confidence is not None and record.confidence <= 0
+        assert record.withheld in ("", "blank", "closers", "repeats", "unsure")
     by = {(r.task_id, r.variant): r for r in records}
     for task in tasks:
         # Single-line tasks: the raw output runs on past the line, the truncated one does not.
@@ -138,6 +145,7 @@ async def test_the_harness_runs_tasks_through_the_real_pipeline(server, settings
             by[task.task_id, "edit-distance"].prompt_tokens
         )
         assert by[task.task_id, "none"].recalled is False
+        assert by[task.task_id, "oracle"].recalled is by[task.task_id, "oracle"].oracle
     rows = summary(records, names)
     assert [row["variant"] for row in rows[: len(names)]] == names
     assert markdown(rows, names).count("(CI ") >= len(names) - 1
@@ -165,6 +173,33 @@ def test_retrieval_alone_runs_without_an_engine(tmp_path: Path) -> None:
     assert needing and all(r.recalled for r in needing)
     report = (tmp_path / "out" / "report.md").read_text()
     assert "recall_at_k" in report and "exact_match" not in report
+
+
+def test_needing_context_keeps_the_tasks_with_an_oracle_which_the_oracle_variant_recalls(
+    tmp_path: Path,
+) -> None:
+    from ghostpen.benchmarks.eval.harness import Plan, eval_tasks, run_plan, variants_of
+    from ghostpen.benchmarks.eval.report import read_records
+    from ghostpen.server.settings import Settings
+
+    (tmp_path / "tree").mkdir()
+    write_tree(tmp_path / "tree")
+    settings = Settings.load({"cache_dir": str(tmp_path / "home")})
+    plan = Plan(
+        suites=(), tree=tmp_path / "tree", tasks=6, function_tasks=0, kinds=("line",),
+        variants=variants_of(["none", "oracle"]), seed=0, concurrency=1, retrieval_only=True,
+    )  # fmt: skip
+    drawn = eval_tasks(plan, settings)
+    needing = dataclasses.replace(plan, needs_context=True)
+    kept = eval_tasks(needing, settings)
+    assert 0 < len(kept) < len(drawn) and {t.task.task_id for t in kept} <= {
+        t.task.task_id for t in drawn
+    }
+    run_plan(needing, settings, tmp_path / "out")
+    records = read_records(tmp_path / "out" / "records.jsonl")
+    assert len(records) == 2 * len(kept) and all(r.oracle for r in records)
+    assert [r.recalled for r in records if r.variant == "oracle"] == [True] * len(kept)
+    assert not any(r.recalled for r in records if r.variant == "none")
 
 
 def test_a_bad_variant_or_suite_is_refused_with_what_is_known(capsys) -> None:

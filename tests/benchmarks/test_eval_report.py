@@ -5,9 +5,16 @@ import json
 
 import pytest
 
-from ghostpen.benchmarks.eval.report import compare, markdown, read_records, summary
+from ghostpen.benchmarks.eval.report import (
+    compare,
+    gate_markdown,
+    gate_rows,
+    markdown,
+    read_records,
+    summary,
+)
 from ghostpen.benchmarks.eval.run import Record, Variant, _oracle, parse_variant
-from ghostpen.benchmarks.eval.stats import paired_bootstrap
+from ghostpen.benchmarks.eval.stats import paired_bootstrap, proportion
 from ghostpen.benchmarks.eval.tasks import SourceFile, Task
 from ghostpen.context.chunker import Chunk
 
@@ -74,6 +81,8 @@ def test_variant_specs_change_one_part_each() -> None:
         "bm25+suffix_token_budget=0+raw", "bm25", "", False, (("suffix_token_budget", 0),)
     )
     assert parse_variant("chars_per_token=2.5").context == (("chars_per_token", 2.5),)
+    assert parse_variant("show_min_confidence=-0.5").context == (("show_min_confidence", -0.5),)
+    assert parse_variant("oracle+template:generic-prefix").strategy == "oracle"
     with pytest.raises(ValueError, match="variant part 'fast' is none of"):
         parse_variant("fast")
     with pytest.raises(ValueError, match="unknown prompt template 'nope'"):
@@ -88,3 +97,32 @@ def test_the_oracle_is_the_chunks_that_define_the_names_the_answer_needs() -> No
     java = Chunk.of("p/M.java", 0, 1, "  public static String to_display(int cents) {")
     call = Chunk.of("p/J.java", 0, 1, "    return to_display(cents);")
     assert _oracle(task, [defines, uses, java, call]) == {defines, java}
+
+
+def test_a_share_gets_wilsons_interval() -> None:
+    half = proportion(10, 20)
+    assert half.value == 0.5 and (half.low, half.high) == pytest.approx((0.299, 0.701), abs=1e-3)
+    none = proportion(0, 10)  # never zero-width at the edges, unlike the normal approximation
+    assert (none.low, round(none.high, 3)) == (0.0, 0.278)
+    assert proportion(0, 0).describe() == "none"
+    with pytest.raises(ValueError, match="0 <= hits <= of"):
+        proportion(3, 2)
+
+
+def test_the_gate_table_trades_precision_for_recall_by_the_recorded_verdicts() -> None:
+    def shadowed(i: int, kept: bool, sure: float, withheld: str = "") -> Record:
+        return record(f"t{i}", "ed", 1.0 if kept else 0.0, confidence=sure, withheld=withheld)
+
+    records = [shadowed(i, True, -0.1) for i in range(6)]  # kept and sure
+    records += [shadowed(10 + i, False, -2.0, "unsure") for i in range(3)]  # rejected, unsure
+    records += [shadowed(20, True, -2.0, "unsure")]  # kept, though unsure
+    records += [shadowed(30, False, -0.1, "closers")]  # withheld whatever the floor
+    records += [record("t40", "ed", 0.0, predicted="")]  # no suggestion: not counted
+    rows = {row["rule"]: row for row in gate_rows(records, ["ed"])}
+    assert rows["no gate"]["shown"] == "11 of 11"
+    assert rows["no gate"]["precision"].startswith("0.636")  # 7 of 11
+    assert rows["blank, closers, repeats"]["shown"] == "10 of 11"
+    floor = rows["... and confidence >= -1.0"]
+    assert floor["shown"] == "6 of 11"
+    assert floor["precision"].startswith("1.000") and floor["recall"].startswith("0.857")
+    assert "| ed | no gate | 11 of 11 |" in gate_markdown(list(rows.values()))

@@ -147,3 +147,22 @@ async def test_a_server_with_a_token_turns_away_clients_without_it(settings) -> 
         await without.close()
         await with_token.close()
         await running.stop(0.5)
+
+
+async def test_a_completion_the_show_gate_withholds_is_nothing_to_show(settings) -> None:
+    """A floor above any log-probability withholds every completion: the client gets its final
+    chunk and shows nothing, though text streamed before it."""
+    unsure = dataclasses.replace(settings.context, show_min_confidence=0.5)
+    port = free_port()
+    running = await serve_on(dataclasses.replace(settings, context=unsure), port)
+    client, _ = new_client(port)
+    client.files.open("math.py", "python", CODE, 1)
+    client.start()
+    try:
+        await until(lambda: client.connected)
+        completion = await client.complete("math.py", len(CODE))
+        assert completion is not None and completion.completion_id
+        assert (completion.text, completion.finish_reason) == ("", "FINISH_REASON_WITHHELD")
+    finally:
+        await client.close()
+        await running.stop(0.5)

@@ -45,6 +45,9 @@ async def test_generate_streams_until_max_tokens(engine) -> None:
     assert [d.completion_tokens for d in deltas] == list(range(1, 7))
     assert all(d.prompt_tokens == deltas[0].prompt_tokens > 10 for d in deltas)
     assert "4," in "".join(d.text for d in deltas)
+    # each token's log-probability, the show gate's confidence: sure of counting on
+    assert [len(d.logprobs) for d in deltas] == [1] * 6
+    assert all(-1.0 < d.logprobs[0] <= 0.0 for d in deltas)
 
 
 def function_prompt(case: int, i: int) -> str:

@@ -47,6 +47,8 @@ async def test_generates_exactly_max_tokens(vllm_engine) -> None:
     assert deltas[-1].completion_tokens == 8
     assert deltas[-1].prompt_tokens > 0
     assert "".join(d.text for d in deltas)
+    logprobs = [p for d in deltas for p in d.logprobs]  # one per token, the sampled one's
+    assert len(logprobs) == 8 and all(p <= 0.0 for p in logprobs)
 
 
 async def test_a_request_gets_the_adapter_it_names(vllm_engine) -> None:
