@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Sequence
@@ -87,10 +88,8 @@ def build_prompt(
     chosen = _in_prompt_order(_fill_budget(ranked, settings), previous)
     comment = line_comment(document.language)
     parts = [_fill(template.repo_header, repo=repo)]
-    for path, texts in _sections(chosen):
-        parts.append(
-            _fill(template.context_file, path=path, text="\n".join(texts), comment=comment)
-        )
+    for path, text in _sections(chosen, comment):
+        parts.append(_fill(template.context_file, path=path, text=text, comment=comment))
     parts.append(_fill(template.current_file, path=document.path, comment=comment))
     parts.append(_fill(template.body, prefix=prefix, suffix=suffix))
     text = "".join(parts)
@@ -173,12 +172,21 @@ def _in_prompt_order(chosen: list[RankedChunk], previous: Sequence[Chunk]) -> li
     return kept + new
 
 
-def _sections(chosen: list[RankedChunk]) -> list[tuple[str, list[str]]]:
-    """Consecutive chunks of one file share a file section."""
-    sections: list[tuple[str, list[str]]] = []
+def _sections(chosen: list[RankedChunk], comment: str) -> list[tuple[str, str]]:
+    """Consecutive chunks of one file share a file section. Where lines between two of them are
+    left out, a `...` comment says so: the model would otherwise read them as adjacent code."""
+    sections: list[tuple[str, list[Chunk]]] = []
     for item in chosen:
         if sections and sections[-1][0] == item.chunk.path:
-            sections[-1][1].append(item.chunk.text)
+            sections[-1][1].append(item.chunk)
         else:
-            sections.append((item.chunk.path, [item.chunk.text]))
-    return sections
+            sections.append((item.chunk.path, [item.chunk]))
+    return [(path, _joined(chunks, comment)) for path, chunks in sections]
+
+
+def _joined(chunks: list[Chunk], comment: str) -> str:
+    text = chunks[0].text
+    for before, chunk in itertools.pairwise(chunks):
+        gap = chunk.start_line != before.end_line
+        text += (f"\n{comment} ...\n" if gap else "\n") + chunk.text
+    return text

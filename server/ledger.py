@@ -70,6 +70,8 @@ class Ledger:
                 user_id=job.owner.user,
                 team=job.owner.team,
                 tenant=job.owner.tenant,
+                confidence=outcome.confidence,
+                withheld=outcome.withheld,
             )
         )
         with contextlib.suppress(TimeoutError, StoreUnavailable):  # kept and written again

@@ -32,6 +32,8 @@ class CompletionRecord:
     user_id: str = ""  # the owner (server/identity.py): only they report on it
     team: str = ""
     tenant: str = ""
+    confidence: float | None = None  # the mean log-probability of its tokens, if the engine said
+    withheld: str = ""  # the show gate's verdict ("": shown); kept in shadow mode too
 
     def row(self) -> tuple:
         """Its fields in order, as the database stores them."""

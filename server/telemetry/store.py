@@ -84,6 +84,12 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE events_by_user RENAME TO events;
     CREATE INDEX events_completion ON events (completion_id);
     """,
+    # The show gate: its verdict on each completion, and the confidence it judged, so that its
+    # precision can be measured on real traffic in shadow mode before it withholds anything.
+    """
+    ALTER TABLE completions ADD COLUMN confidence DOUBLE PRECISION;
+    ALTER TABLE completions ADD COLUMN withheld TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 _COMPLETION_COLUMNS = [f.name for f in fields(CompletionRecord)]

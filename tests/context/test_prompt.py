@@ -164,3 +164,8 @@ def test_consecutive_chunks_of_one_file_share_a_section() -> None:
     prompt = build_prompt("r", doc, [second, first], QWEN, settings)
     assert prompt.text.count("<|file_sep|>u.py") == 1
     assert prompt.text.index("db.get(user_id)") < prompt.text.index("load_user(i)")
+    # lines 1-4 are not in the prompt: the section says so between the two
+    assert "db.get(user_id)\n# ...\ndef load_users" in prompt.text
+    adjacent = Chunk.of("u.py", 1, 2, "def save_user(user): db.put(user)")
+    prompt = build_prompt("r", doc, [adjacent, first], QWEN, settings)
+    assert "db.get(user_id)\ndef save_user" in prompt.text

@@ -124,6 +124,14 @@ def test_event_ids_are_unique_per_user(store: Store) -> None:
     assert store.query("SELECT user_id FROM events ORDER BY user_id") == [("alice",), ("bob",)]
 
 
+def test_the_show_gates_verdict_and_confidence_are_kept_with_the_completion(store: Store) -> None:
+    withheld = replace(BASE, completion_id="w", confidence=-1.75, withheld="unsure", chars=0)
+    store.write([withheld, COMPLETIONS[0]], [])
+    known = store.known_completions(["w", "a"])
+    assert known == {"w": withheld, "a": COMPLETIONS[0]}
+    assert (known["a"].confidence, known["a"].withheld) == (None, "")
+
+
 def test_the_report_narrows_to_a_user_a_team_and_a_tenant(store: Store) -> None:
     owned = [
         replace(COMPLETIONS[0], user_id="alice", team="platform", tenant="acme"),
