@@ -153,6 +153,8 @@ def _fill_budget(ranked: list[RankedChunk], settings: ContextSettings) -> list[R
     for item in ranked:
         if len(chosen) == settings.top_k:
             break
+        if item.score < settings.context_min_similarity:
+            continue
         cost = settings.tokens(item.chunk.text) + 8  # the file separator and path
         if used + cost <= settings.context_token_budget:
             chosen.append(item)

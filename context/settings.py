@@ -14,6 +14,9 @@ class ContextSettings:
     max_tree_chars: int = 32 * 1024 * 1024
     query_lines: int = 12  # lines behind the cursor that rank the other files' chunks
     top_k: int = 8
+    # Selective retrieval: a chunk less similar than this to the query is left out, and with no
+    # chunk left the prompt has no context to read (0: every chunk within budget counts).
+    context_min_similarity: float = 0.0
     context_stickiness: float = 0.1  # similarity bonus that keeps the last prompt's context chunks
     chars_per_token: float = 3.0  # budget estimate; conservative for code
     prefix_token_budget: int = 640

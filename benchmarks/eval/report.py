@@ -23,6 +23,7 @@ METRICS = (
     ("identifier_f1", lambda r: r.identifier_f1),
     ("pass_at_1", lambda r: None if r.passed is None else float(r.passed)),
     ("recall_at_k", lambda r: float(r.recalled) if r.oracle else None),
+    ("prompt_tokens", lambda r: float(r.prompt_tokens)),  # the cost: reading it is the latency
 )
 
 JUDGED = ("pass_at_1", "recall_at_k")  # scored on some tasks only: the table says how many

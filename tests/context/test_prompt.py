@@ -169,3 +169,16 @@ def test_consecutive_chunks_of_one_file_share_a_section() -> None:
     adjacent = Chunk.of("u.py", 1, 2, "def save_user(user): db.put(user)")
     prompt = build_prompt("r", doc, [adjacent, first], QWEN, settings)
     assert "db.get(user_id)\ndef save_user" in prompt.text
+
+
+def test_selective_retrieval_leaves_out_chunks_too_unlike_the_query() -> None:
+    alike = Chunk.of("u.py", 0, 1, "total = sum(price for price in prices)")
+    unlike = Chunk.of("v.py", 0, 1, "class Config: pass")
+    doc = Document("m.py", "python", "total = sum(price for price in ", 31)
+    everything = build_prompt("r", doc, [alike, unlike], QWEN, SETTINGS)
+    assert {r.chunk for r in everything.context} == {alike, unlike}
+    selective = dataclasses.replace(SETTINGS, context_min_similarity=0.5)
+    prompt = build_prompt("r", doc, [alike, unlike], QWEN, selective)
+    assert [r.chunk for r in prompt.context] == [alike] and "v.py" not in prompt.text
+    nothing = build_prompt("r", doc, [unlike], QWEN, selective)
+    assert nothing.context == () and nothing.text.count("<|file_sep|>") == 1  # its own file
