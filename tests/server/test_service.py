@@ -60,7 +60,7 @@ async def test_session_completes_a_line_with_the_real_model(stub) -> None:
     assert text.replace(" ", "") == "2*math.pi*radius"
     chunk = final.chunk
     assert chunk.finish_reason in (pb.FINISH_REASON_LINE_END, pb.FINISH_REASON_STOP)
-    assert chunk.template_id == "qwen25-coder-repo-fim@v1"
+    assert chunk.template_id == "generic-prefix@v1"
     assert len(chunk.template_hash) == 12
     assert chunk.model_id == welcome.model_id
     assert chunk.completion_id
@@ -200,7 +200,7 @@ async def test_metrics_count_completions_and_stage_latencies(stub, server) -> No
     labels = {
         "engine": "llama.cpp",
         "model": "qwen2.5-coder-0.5b-instruct-q4_k_m",
-        "template": "qwen25-coder-repo-fim@v1",
+        "template": "generic-prefix@v1",
     }
     count = ("ghostpen_stage_seconds_count", {**labels, "stage": "total"})
     before = registry.get_sample_value(*count) or 0

@@ -9,7 +9,7 @@ def test_defaults_need_nothing() -> None:
     settings = Settings.load(environ={})
     assert settings.limits.max_files == 12
     assert settings.engine.engine == "auto"
-    assert settings.context.template == "qwen25-coder-repo-fim"
+    assert settings.context.template == "generic-prefix"
 
 
 def test_environment_then_overrides_win() -> None:
