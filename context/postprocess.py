@@ -208,7 +208,7 @@ class Truncator:
         self._suffix_holdback = len(cursor.line_suffix.strip())
         self._raw = ""
         self._released = 0
-        self._healing = healed  # indentation the prompt left out, which the model writes first
+        self._healing = healed  # blanks the prompt left out, which the model writes first
         self._held = ""
         self.finish: Finish | None = None
 

@@ -49,7 +49,7 @@ class Prompt:
     context: tuple[RankedChunk, ...]  # in the order the prompt holds them
     prefix_start_line: int
     estimated_tokens: int
-    healed: str = ""  # the cursor line's indentation, left out of the prompt (heal_indent)
+    healed: str = ""  # the blanks before the cursor, left out of the prompt (heal_blanks)
 
 
 def build_prompt(
@@ -71,7 +71,7 @@ def build_prompt(
     a dropped one leaves the rest in place, for the engine's KV shift.
     `rank`: another retrieval strategy, for evaluations that compare them."""
     prefix, prefix_start = _prefix_window(document.prefix, settings)
-    healed = _cursor_indent(prefix) if settings.heal_indent else ""
+    healed = _trailing_blanks(prefix) if settings.heal_blanks else ""
     prefix = prefix[: len(prefix) - len(healed)]
     suffix = _suffix_window(document.suffix, settings)
     cursor_line = document.prefix.count("\n")
@@ -120,10 +120,10 @@ def _prefix_window(prefix: str, settings: ContextSettings) -> tuple[str, int]:
     return (text[-max_chars:] if len(text) > max_chars else text), anchored
 
 
-def _cursor_indent(prefix: str) -> str:
-    """The cursor line's text when it is indentation only, else ""."""
+def _trailing_blanks(prefix: str) -> str:
+    """The spaces and tabs the cursor line ends with: its indentation, or a typed space."""
     line = prefix[prefix.rfind("\n") + 1 :]
-    return line if line and not line.strip(" \t") else ""
+    return line[len(line.rstrip(" \t")) :]
 
 
 def _suffix_window(suffix: str, settings: ContextSettings) -> str:

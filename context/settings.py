@@ -26,10 +26,11 @@ class ContextSettings:
     suffix_token_budget: int = 48  # re-read on every keystroke (it follows the cursor): keep small
     context_token_budget: int = 512
     prefix_anchor_lines: int = 32  # the prefix window starts on a multiple of this, for cache reuse
-    # A cursor after a line's indentation: the prompt ends at the newline and the model writes
-    # the indentation itself, which post-processing removes. Ending on spaces splits the tokens
-    # the model was trained on ("\n", "   ", " return"); it then wrote the indent a second time.
-    heal_indent: bool = True
+    # A cursor after blanks (a line's indentation, or the space typed after `return`): the prompt
+    # ends before them and the model writes them itself, which post-processing removes. Ending on
+    # blanks splits the tokens the model was trained on ("\n", "   ", " return"; " a"): it wrote
+    # the indentation a second time, and after `return ` it wrote `2 * a * b` for `a * b`.
+    heal_blanks: bool = True
     # The show gate (gate.py) withholds suggestions unlikely to be kept. Off, its verdict is still
     # recorded on each completion (shadow mode) and the text shown.
     show_gate: bool = True

@@ -51,8 +51,8 @@ async def test_ghostpen_and_a_llama_cpp_peer_serve_the_same_tasks(server, settin
         peer = OpenAITarget(base, model.path.name, template, settings.context, "llama-cpp")
         try:
             body = peer.body(tasks[0], 8)
-            assert body["prompt"].startswith("<|repo_name|>")
-            assert body["stop"][:2] == ["\n", "<|endoftext|>"] and len(body["stop"]) == 4
+            assert body["prompt"].startswith("# Path: ")  # the default template, prefix-only
+            assert body["stop"] == ["\n", *template.stop]
             theirs = await run_open_loop(peer, tasks, 2.0, 1.0, 0, max_tokens=8, deadline_s=60)
         finally:
             await peer.close()

@@ -24,8 +24,9 @@ def test_fim_layout_puts_stable_text_first() -> None:
         "<|repo_name|>demo\n"
         "<|file_sep|>util.py\ndef compute(x):\n    return x * 2\n"
         "<|file_sep|>main.py\n"
-        "<|fim_prefix|>a = compute(1)\nb = <|fim_suffix|>\nprint(b)\n<|fim_middle|>"
+        "<|fim_prefix|>a = compute(1)\nb =<|fim_suffix|>\nprint(b)\n<|fim_middle|>"
     )
+    assert prompt.healed == " "  # the typed space: the model writes it with its first token
 
 
 def test_a_cursor_after_indentation_ends_the_prompt_at_the_newline() -> None:
@@ -33,10 +34,14 @@ def test_a_cursor_after_indentation_ends_the_prompt_at_the_newline() -> None:
     prompt = build_prompt("demo", doc, [], QWEN, SETTINGS)
     assert prompt.healed == "    "
     assert "<|fim_prefix|>def f(x):\n<|fim_suffix|>\nprint(f(1))\n<|fim_middle|>" in prompt.text
-    kept = build_prompt("demo", doc, [], QWEN, dataclasses.replace(SETTINGS, heal_indent=False))
+    kept = build_prompt("demo", doc, [], QWEN, dataclasses.replace(SETTINGS, heal_blanks=False))
     assert kept.healed == "" and "def f(x):\n    <|fim_suffix|>" in kept.text
     typed = Document("main.py", "python", "def f(x):\n    re\n", cursor=16)
     assert build_prompt("demo", typed, [], QWEN, SETTINGS).healed == ""
+    # a typed space is left out too: the model writes " x", not "x" after a split token
+    spaced = Document("main.py", "python", "def f(x):\n    return \n", cursor=21)
+    prompt = build_prompt("demo", spaced, [], QWEN, SETTINGS)
+    assert prompt.healed == " " and "    return<|fim_suffix|>" in prompt.text
 
 
 def test_budgets_are_respected_in_estimated_tokens() -> None:
