@@ -8,7 +8,6 @@ from the context process), `Completer.run` streams it and hands its `Outcome` to
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -260,11 +259,7 @@ class Completer:
         shown = len(truncator.text)
         if withheld and self.context_settings.show_gate:  # the client drops what streamed
             rest, finish, shown = "", Finish.WITHHELD, 0
-        outcome = dataclasses.replace(
-            self._outcome(job, cursor.mode, finish, "", clock, last, shown),
-            confidence=sure,
-            withheld=withheld,
-        )
+        outcome = self._outcome(job, cursor.mode, finish, "", clock, last, shown, sure, withheld)
         await self._sink.finished(outcome)
         yield CompletionEvent(job.request_id, job.completion_id, rest, True, finish, outcome)
 
@@ -277,6 +272,8 @@ class Completer:
         clock: _Clock,
         last: EngineDelta | None,
         chars: int,
+        confidence: float | None = None,
+        withheld: str = "",
     ) -> Outcome:
         return Outcome(
             job=job,
@@ -291,6 +288,8 @@ class Completer:
             completion_tokens=last.completion_tokens if last else 0,
             cached_tokens=last.cached_tokens if last else 0,
             chars=chars,
+            confidence=confidence,
+            withheld=withheld,
         )
 
 

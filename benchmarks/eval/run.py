@@ -131,9 +131,8 @@ async def evaluate(
     async def one(
         item: EvalTask, chunks: list[Chunk], oracle: set[Chunk], variant: Variant, runner: Completer
     ) -> None:
-        task = item.task
+        task, rank = item.task, _rank(variant, oracle)
         async with slots:
-            rank = _rank(variant, oracle)
             predicted, job, outcome = await _complete(runner, task, variant, rank, chunks)
         passed = None
         if item.tests:
