@@ -14,6 +14,7 @@ import itertools
 import logging
 import random
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from ghostpen.proto import ghostpen_pb2 as pb
 from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+AFFINITY_HEADER = "x-ghostpen-affinity"
 
 CLIENT_NAME = "ghostpen-agent/0.1"
 OUT_OF_STEP = frozenset({"FAILED_PRECONDITION", "NOT_FOUND"})  # the server's copy of a file
@@ -77,6 +79,9 @@ class SessionClient:
         self.sessions = 0  # streams opened so far: more than one means it reconnected
         self.failed_attempts = 0  # sessions that could not open or ended: retries so far
         self._outage_reported = False  # said once per outage, not once per retry
+        # Sent with every stream, the same across reconnects: a balancer in front of several
+        # replicas (nginx, deploy/nginx/ghostpen.conf) hashes on it to keep us on one replica.
+        self.affinity = uuid.uuid4().hex
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -194,7 +199,8 @@ class SessionClient:
 
     async def _session(self) -> None:
         token = self._settings.token
-        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        metadata = ((AFFINITY_HEADER, self.affinity),)
+        metadata += (("authorization", f"Bearer {token}"),) if token else ()
         async with self._channel() as channel:
             outgoing: asyncio.Queue[pb.ClientMessage | None] = asyncio.Queue()
             hello = pb.Hello(client=CLIENT_NAME, workspace=self._workspace)

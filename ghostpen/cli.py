@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ghostpen.server.errors import ModelError
 from ghostpen.server.settings import ENGINES, Settings
+
+if TYPE_CHECKING:
+    from ghostpen.benchmarks.load import LoadConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         "--vs", choices=ENGINES, help="also run each point on this engine; report the ratios"
     )
     bench.add_argument("--save-result", type=Path, help="JSON here, a Markdown table beside it")
+    bench.add_argument(
+        "--llama-servers",
+        type=int,
+        default=0,
+        help="serve through the remote engine from this many llama-servers it starts",
+    )
+    bench.add_argument(
+        "--upstream-threads", type=int, default=0, help="compute threads of each; 0: cores / N"
+    )
     loop = bench.add_argument_group(
         "open loop", "stateless Complete requests at a set rate (as `vllm bench serve`)"
     )
@@ -158,14 +172,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             if args.rate is not None or args.endpoint or args.peers:
                 return _bench_open_loop(args, settings)
-            return _bench(args)
+            return _bench(args, settings)
         return _models(args, settings)
     except ModelError as error:
         print(f"ghostpen: {error}", file=sys.stderr)
         return 2
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _bench(args: argparse.Namespace, settings: Settings) -> int:
     import uvloop
 
     from ghostpen.benchmarks.load import (
@@ -186,8 +200,12 @@ def _bench(args: argparse.Namespace) -> int:
     for sessions in counts:  # each point on every engine in turn: the same machine conditions
         config = LoadConfig(sessions, args.duration, files, args.seed, args.warmup)
         for engine in engines:
-            with running_server("--engine", engine) as server:
-                runs[engine].append({"engine": engine, **uvloop.run(run_load(server, config))})
+            if args.llama_servers:
+                result = uvloop.run(_remote_load(args, settings, config))
+            else:
+                with running_server("--engine", engine) as server:
+                    result = uvloop.run(run_load(server, config))
+            runs[engine].append({"engine": engine, **result})
             print(markdown(runs[engine][-1:]).splitlines()[-1], flush=True)
     for engine in engines:
         print(f"\n{engine}\n{markdown(runs[engine])}")
@@ -198,6 +216,27 @@ def _bench(args: argparse.Namespace) -> int:
             path = args.save_result
             save(runs[engine], path if engine == args.engine else path.with_stem(f"{path.stem}-vs"))
     return 0
+
+
+async def _remote_load(
+    args: argparse.Namespace, settings: Settings, config: LoadConfig
+) -> dict[str, object]:
+    """One load point through the remote engine, from llama-servers started for it: a KV slot
+    for every simulated developer on each, as ghostpen's own engine keeps one per session."""
+    from ghostpen.benchmarks.load import run_load
+    from ghostpen.benchmarks.server_process import running_server
+    from ghostpen.benchmarks.upstreams import llama_servers
+    from ghostpen.server.model_store import resolve
+
+    model = resolve(settings.engine.model, settings.cache_dir, want="gguf").path
+    threads = args.upstream_threads or max(1, (os.cpu_count() or 1) // args.llama_servers)
+    servers = llama_servers(
+        args.llama_servers, model, settings.cache_dir, threads, slots=config.sessions
+    )
+    async with servers as upstreams:
+        env = {"GHOSTPEN_UPSTREAMS": ",".join(upstream.url for upstream in upstreams)}
+        with running_server("--engine", "remote", env=env) as server:
+            return await run_load(server, config)
 
 
 def _bench_open_loop(args: argparse.Namespace, settings: Settings) -> int:

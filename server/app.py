@@ -34,6 +34,9 @@ from ghostpen.server.web import ReportCache, start_web
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = wire.SERVICE.full_name
+# Health of the process alone, whatever its engine and store do: for liveness probes, which
+# must not restart a frontend because its upstreams are down. It goes NOT_SERVING on drain.
+LIVENESS_SERVICE = "liveness"
 SETTLE_S = 1.0  # after the drain, for handlers to write the statuses it decided
 
 
@@ -133,6 +136,7 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
             await health_servicer.set(name, status)
 
     await set_health(True)
+    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     health_updates: set[asyncio.Task[None]] = set()
     parts = {"engine": True, "store": True}  # serving while every part is
 

@@ -75,6 +75,8 @@ class Outcome:
     chars: int  # characters shown
     confidence: float | None = None  # mean log-probability of the tokens kept; None: not known
     withheld: str = ""  # why the show gate held the text back (gate.py); "": it passed
+    upstream: str = ""  # engine = remote: the server that answered
+    moved_from: str = ""  # engine = remote: the session's own upstream, down, that it stood in for
 
     @property
     def model(self) -> str:
@@ -290,6 +292,8 @@ class Completer:
             chars=chars,
             confidence=confidence,
             withheld=withheld,
+            upstream=last.upstream if last else "",
+            moved_from=last.moved_from if last else "",
         )
 
 

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -110,6 +110,32 @@ class Metrics:
             "ghostpen_engine_ipc_seconds",
             "Time a token delta takes from the engine process to the server's event loop.",
             buckets=(0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.05),
+            registry=self.registry,
+        )
+
+        self.upstream_seconds = Histogram(
+            "ghostpen_upstream_seconds",
+            "The remote engine's upstreams: latency to the first token and to the last.",
+            ["upstream", "stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            "ghostpen_upstream_errors",
+            "Requests an upstream failed, by reason: refused, status, broken, timeout.",
+            ["upstream", "reason"],
+            registry=self.registry,
+        )
+        self.upstream_in_flight = Gauge(
+            "ghostpen_upstream_in_flight",
+            "Requests streaming from each upstream now.",
+            ["upstream"],
+            registry=self.registry,
+        )
+        self.upstream_healthy = Gauge(
+            "ghostpen_upstream_healthy",
+            "1 while the upstream's last health check passed, else 0.",
+            ["upstream"],
             registry=self.registry,
         )
 

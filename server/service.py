@@ -127,11 +127,18 @@ class CompletionService:
         owner = await self._identify(context, "Session", request_iterator)
         try:
             self._admit_session(owner)
+            affinity = wire.affinity(context.invocation_metadata(), self._limits)
         except GhostpenError as error:
             await self._abort(context, "Session", error)
         stream = _Stream(self._metrics, self._limits)
         session = Session(
-            uuid.uuid4().hex, self._completer, self._chunker, self._settings, stream.send, owner
+            uuid.uuid4().hex,
+            self._completer,
+            self._chunker,
+            self._settings,
+            stream.send,
+            owner,
+            affinity,
         )
         self._sessions[session] = stream
         reader = asyncio.create_task(self._read(session, request_iterator, stream))

@@ -85,9 +85,13 @@ class Session:
         settings: Settings,
         send: Callable[[Outbound], None],
         owner: Identity,
+        affinity: str = "",
     ) -> None:
         self.session_id = session_id
         self.owner = owner
+        # The engine's cache key: the client's affinity outlives its reconnects, so the prompt
+        # cache stays warm across them; one user's key is never another's.
+        self.cache_key = f"{owner.user}/{affinity}" if affinity else session_id
         self.repo = ""
         self._completer = completer
         self._chunker = chunker
@@ -131,7 +135,7 @@ class Session:
             self.repo, document, self.workspace.chunks(), self._last_context
         )
         job = self._completer.job(
-            request.spec, document, prompt, self.owner, cache_key=self.session_id
+            request.spec, document, prompt, self.owner, cache_key=self.cache_key
         )
         self._last_context = tuple(ranked.chunk for ranked in job.prompt.context)
         task = asyncio.create_task(self._serve(job))

@@ -18,7 +18,7 @@ from ghostpen.context.settings import ContextSettings
 
 ENV_PREFIX = "GHOSTPEN_"
 QUEUE_ORDERS = ("newest", "oldest")
-ENGINES = ("auto", "llama.cpp", "vllm", "llama-server")
+ENGINES = ("auto", "llama.cpp", "vllm", "llama-server", "remote")
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class LimitSettings:
     max_context_files: int = 12  # inline context files on a Complete call
     max_edits_per_update: int = 1000
     max_request_id_chars: int = 128
+    max_affinity_chars: int = 128  # the x-ghostpen-affinity header (proto/ghostpen.proto)
     max_path_chars: int = 1024
     max_language_chars: int = 64  # an editor's language id ("python", "typescriptreact")
     max_sessions: int = 1000  # open Session streams; one more is refused RESOURCE_EXHAUSTED
@@ -83,7 +84,7 @@ class LimitSettings:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    engine: str = "auto"  # auto | llama.cpp | vllm
+    engine: str = "auto"  # auto | llama.cpp | vllm | remote
     model: str = "qwen2.5-coder-0.5b-instruct-q4_k_m"  # a registry name or a path
     context_window: int = 2048  # tokens of one request: prompt and completion
     # llama.cpp: compute threads; 0: every core this process may use but one (engines/llama_cpp.py)
@@ -112,6 +113,15 @@ class EngineSettings:
     gpu_memory_utilization: float = 0.85
     kv_cache_gib: float = 0.0  # vllm KV cache; 0: vLLM's default (CPU 4 GiB, GPU by utilization)
 
+    # engine = remote: OpenAI-compatible /v1/completions servers (engines/remote.py)
+    upstreams: str = ""  # base URLs, comma-separated: http://vllm-0:8000,http://vllm-1:8000
+    upstream_model: str = ""  # the model name they serve; "": the first in their /v1/models
+    upstream_api_key: str = ""  # sent as a bearer token
+    upstream_health_s: float = 2.0  # each upstream's /health is checked this often
+    upstream_timeout_s: float = 2.0  # to connect, and for a health check to answer
+    upstream_connections: int = 64  # pooled connections to each upstream
+    upstream_attempts: int = 2  # upstreams tried before the first token; none after it
+
     def __post_init__(self) -> None:
         if self.kv_cache_tokens < self.context_window:
             raise ValueError(
@@ -119,10 +129,22 @@ class EngineSettings:
                 f"context_window={self.context_window} tokens"
             )
         self.adapter_paths()
+        if self.engine == "remote" and not self.upstream_urls():
+            raise ValueError("engine=remote needs upstreams: base URLs, comma-separated")
+        if self.upstream_attempts < 1:
+            raise ValueError(f"upstream_attempts must be at least 1: {self.upstream_attempts}")
         if self.queue_order not in QUEUE_ORDERS:
             raise ValueError(
                 f"queue_order must be one of {', '.join(QUEUE_ORDERS)}: {self.queue_order!r}"
             )
+
+    def upstream_urls(self) -> tuple[str, ...]:
+        """upstreams, each without a trailing slash, in the order given."""
+        urls = tuple(u.strip().rstrip("/") for u in self.upstreams.split(",") if u.strip())
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"upstreams are http:// or https:// base URLs: {url!r}")
+        return urls
 
     def adapter_paths(self) -> dict[str, Path]:
         """lora_adapters by name, in the order given."""

@@ -301,6 +301,23 @@ def telemetry_event(message: pb.TelemetryEvent, user: str) -> TelemetryEvent:
     return TelemetryEvent(**common)
 
 
+AFFINITY_HEADER = "x-ghostpen-affinity"
+
+
+def affinity(metadata: Sequence[tuple[str, str | bytes]] | None, limits: LimitSettings) -> str:
+    """The client's affinity header (proto/ghostpen.proto), "" when it sent none."""
+    value = str(dict(metadata or ()).get(AFFINITY_HEADER, ""))
+    if len(value) > limits.max_affinity_chars:
+        raise InvalidInput(
+            over_limit(
+                f"{AFFINITY_HEADER} has {len(value)} characters",
+                "max_affinity_chars",
+                limits.max_affinity_chars,
+            )
+        )
+    return value
+
+
 def _spec(
     request: pb.CompletionRequest | pb.CompleteRequest,
     limits: LimitSettings,
@@ -449,6 +466,8 @@ def chunk(event: CompletionEvent) -> pb.CompletionChunk:
         message.prompt_tokens = outcome.prompt_tokens
         message.completion_tokens = outcome.completion_tokens
         message.cached_prompt_tokens = outcome.cached_tokens
+        message.upstream = outcome.upstream
+        message.moved_from = outcome.moved_from
         timings = outcome.timings
         message.timings.CopyFrom(
             pb.Timings(

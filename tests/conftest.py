@@ -47,6 +47,7 @@ SYSTEM_FIXTURES = {
     "editor",
     "wheel",
     "installed",
+    "upstream_servers",  # llama.cpp's own servers
 }
 
 

@@ -38,6 +38,8 @@ class EngineDelta:
     aborted: bool = False  # finished because abort() stopped it
     cached_tokens: int = 0  # prompt tokens reused from the engine's prefix cache
     logprobs: tuple[float, ...] = ()  # natural log-probability of each token in `text`, if known
+    upstream: str = ""  # the server that answered, for engines that forward (remote)
+    moved_from: str = ""  # the session's own upstream, when it was down and `upstream` stood in
 
 
 def check_adapter(adapter: str, loaded: Collection[str]) -> None:

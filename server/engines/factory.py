@@ -22,6 +22,10 @@ def choose_engine(requested: str) -> str:
 
 async def start_engine(settings: EngineSettings, cache_dir: Path, metrics: Metrics) -> Engine:
     """The engine the server uses; ModelError if it cannot start."""
+    if settings.engine == "remote":  # holds no model: nothing to supervise
+        from ghostpen.server.engines.remote import RemoteEngine
+
+        return await RemoteEngine.start(settings, metrics)
     if not settings.engine_process:
         return await start_in_process(settings, cache_dir)
     from ghostpen.server.engines.supervisor import SupervisedEngine

@@ -4,7 +4,8 @@ against, behind the same gRPC side, context pipeline and post-processing.
 It runs in the configuration that is fair to it here: a slot per session (`id_slot`), each with its
 own KV cache (`--no-kv-unified`; its default unified cache clears idle slots, so pinned sessions
 would re-read every prompt), `cache_prompt`, flash attention off, no weight repacking. Build it
-with `benchmarks/build_llama_server` (from the llama.cpp source our llama-cpp-python pin vendors).
+with `benchmarks/build_llama_server` (from the llama.cpp source our llama-cpp-python pin vendors;
+the setup runs it).
 Closing a request's stream is its abort: llama-server stops decoding within a token or two, but
 finishes a prompt read it has started.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import importlib.metadata
 import json
 import socket
@@ -32,8 +34,18 @@ START_TIMEOUT_S = 120.0
 
 
 def default_binary(cache_dir: Path) -> Path:
+    """Built for this CPU's instruction set (llama.cpp builds natively), so a cache carried to a
+    machine with another CPU builds again instead of dying of an illegal instruction."""
     version = importlib.metadata.version("llama-cpp-python")
-    return cache_dir / "llama-server" / version / "bin" / "llama-server"
+    return cache_dir / "llama-server" / f"{version}-{cpu_signature()}" / "bin" / "llama-server"
+
+
+def cpu_signature() -> str:
+    """A short hash of the CPU's feature flags."""
+    with open("/proc/cpuinfo") as cpuinfo:
+        flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+    words = sorted(flags.partition(":")[2].split())
+    return hashlib.sha256(" ".join(words).encode()).hexdigest()[:12]
 
 
 class LlamaServerEngine(Engine):

@@ -85,6 +85,25 @@ async def test_session_completes_a_line_with_the_real_model(stub) -> None:
     session.close()
 
 
+async def test_a_new_session_with_the_same_affinity_finds_its_prompt_cache_warm(stub) -> None:
+    """An editor that reconnects sends its affinity again: the engine keeps its cache by it."""
+    metadata = (("x-ghostpen-affinity", "editor-7"),)
+    asked = {"request_id": "r1", "path": "geometry.py", "version": 1}
+    asked |= {"cursor_offset": len(GEOMETRY), "mode": pb.MODE_SINGLE_LINE}
+    chunks = []
+    for _ in range(2):
+        session = SessionStream(stub, metadata)
+        session.send(hello=pb.Hello(client="test", workspace="shapes"))
+        assert (await session.read()).HasField("welcome")
+        await session.open_file("geometry.py", GEOMETRY)
+        _, final = await session.complete(**asked)
+        chunks.append(final.chunk)
+        session.close()
+    first, second = chunks
+    assert first.cached_prompt_tokens < 0.5 * first.prompt_tokens  # a key it has not seen
+    assert second.cached_prompt_tokens >= 0.8 * second.prompt_tokens
+
+
 async def test_context_from_another_recent_file_reaches_the_model(stub) -> None:
     session = SessionStream(stub)
     # Without money.py in the prompt the model writes `money.format(total)`.

@@ -205,3 +205,11 @@ def test_a_file_update_with_a_long_language_is_refused() -> None:
     item = wire.client_message(pb.ClientMessage(file_update=update), LIMITS, 0.0, "u")
     assert isinstance(item, RequestError) and item.path == "a.py"
     assert "language has 65 characters; the limit is max_language_chars=64" in str(item.error)
+
+
+def test_the_affinity_header_is_read_and_bounded() -> None:
+    limits = LimitSettings(max_affinity_chars=8)
+    assert wire.affinity(None, limits) == ""
+    assert wire.affinity((("x-ghostpen-affinity", "ed-1"), ("other", "x")), limits) == "ed-1"
+    with pytest.raises(errors.InvalidInput, match=r"has 9 characters.*max_affinity_chars=8"):
+        wire.affinity((("x-ghostpen-affinity", "123456789"),), limits)
