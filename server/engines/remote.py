@@ -148,6 +148,7 @@ class RemoteEngine(Engine):
             body["model"] = request.adapter  # vLLM serves a LoRA under its own model name
         url, submitted = upstream.url, time.monotonic()
         queue_s, tokens, prompt_tokens, cached, finish = -1.0, 0, 0, 0, ""
+        held: list[float] = []  # log-probabilities of tokens whose text has not come yet
         upstream.in_flight += 1
         self._metrics.upstream_in_flight.labels(url).inc()
         try:
@@ -176,8 +177,10 @@ class RemoteEngine(Engine):
                     finish = choice.get("finish_reason") or finish
                     logprobs = _logprobs(choice.get("logprobs"))
                     tokens += len(logprobs) or (1 if choice.get("text") else 0)
+                    held.extend(logprobs)  # a token that is part of a character has no text yet
                     if choice.get("text"):
-                        yield EngineDelta(choice["text"], tokens, 0, queue_s, logprobs=logprobs)
+                        yield EngineDelta(choice["text"], tokens, 0, queue_s, logprobs=tuple(held))
+                        held.clear()
                 if usage := event.get("usage"):
                     tokens = usage.get("completion_tokens", tokens)
                     prompt_tokens = usage.get("prompt_tokens", 0)
@@ -197,6 +200,7 @@ class RemoteEngine(Engine):
                 finished=True,
                 length_limited=finish == "length",
                 cached_tokens=cached,
+                logprobs=tuple(held),
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             if request.request_id in self._aborted:  # abort() closed the stream

@@ -75,10 +75,11 @@ class Upstream:
             except (ConnectionResetError, ConnectionError):
                 self.disconnected.set()
                 raise
+        await response.write(self._event("", -0.125))  # a token that is half a character
         await response.write(self._event(" f", -0.25))
         final = {"choices": [{"text": "", "finish_reason": "length", "logprobs": None}]}
         await response.write(b"data: " + json.dumps(final).encode() + b"\n\n")
-        usage = {"prompt_tokens": 7, "completion_tokens": 2}
+        usage = {"prompt_tokens": 7, "completion_tokens": 3}
         usage["prompt_tokens_details"] = {"cached_tokens": 3}
         await response.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode())
         await response.write(b"\n\ndata: [DONE]\n\n")
@@ -139,10 +140,10 @@ async def test_streams_text_log_probabilities_and_usage_in_either_layout(
         for upstream in upstreams:
             deltas = await _complete(engine, _home_of(upstream, urls))
             assert "".join(d.text for d in deltas) == "def f"
-            assert [lp for d in deltas for lp in d.logprobs] == [-0.5, -0.25]
+            assert [d.logprobs for d in deltas] == [(-0.5,), (-0.125, -0.25), ()]
             final = deltas[-1]
             assert final.finished and final.length_limited
-            assert (final.prompt_tokens, final.completion_tokens, final.cached_tokens) == (7, 2, 3)
+            assert (final.prompt_tokens, final.completion_tokens, final.cached_tokens) == (7, 3, 3)
             assert {d.upstream for d in deltas} == {upstream.url}
             assert not any(d.moved_from for d in deltas)
             assert upstream.bodies[-1]["model"] == "scripted-model"

@@ -1,18 +1,23 @@
-"""The remote engine against two real upstreams, llama.cpp's own servers on the default model:
+"""The remote engine against real upstreams. Two llama.cpp servers on the default model:
 completions, affinity with a warm prefix cache, cancellation and deadlines reaching the upstream,
-failover when one is killed, and the upstream named on the wire."""
+failover when one is killed, and the upstream named on the wire. And `vllm serve`: cancellation
+aborts the request inside it."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import grpc
+import pytest
 import pytest_asyncio
 
+from ghostpen.benchmarks.peers import running_peer
 from ghostpen.benchmarks.upstreams import LlamaServer, llama_servers
 from ghostpen.proto import ghostpen_pb2 as pb
 from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
@@ -22,6 +27,7 @@ from ghostpen.server.engines.remote import RemoteEngine, rank
 from ghostpen.server.metrics import Metrics
 from ghostpen.server.model_store import REGISTRY, models_dir
 from ghostpen.server.settings import EngineSettings, Settings
+from tests.tiny_model import build_tiny_llama
 
 IDLE_WAIT_S = 30.0  # how long an upstream may take to go idle once its request is gone
 PROMPT = '''import json
@@ -174,3 +180,36 @@ async def test_the_server_names_the_upstream_and_a_deadline_frees_it(
     finally:
         await running.stop(1.0)
         await engine.close()
+
+
+def _vllm_metric(base: str, name: str) -> float:
+    """A vLLM /metrics series, summed over its labels."""
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = re.findall(rf"^vllm:{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+    return sum(float(value) for value in found)
+
+
+@pytest.mark.vllm
+async def test_closing_the_stream_aborts_the_request_inside_vllm(settings: Settings) -> None:
+    model = build_tiny_llama(settings.cache_dir / "test-models" / "tiny-llama")
+    with running_peer("vllm", model, 1024) as (url, _):
+        base = url.removesuffix("/v1")
+        engine = await RemoteEngine.start(
+            EngineSettings(engine="remote", upstreams=base), Metrics()
+        )
+        try:
+            whole = await _complete(engine, "alice", "hello world", 800)
+            assert whole[-1].completion_tokens == 800  # it would go on that long
+            assert sum(len(d.logprobs) for d in whole) == 800
+            before = _vllm_metric(base, "generation_tokens_total")
+            request = EngineRequest("cut", "hello world", 800, cache_key="alice")
+            async with aclosing(engine.generate(request)) as deltas:
+                for _ in range(3):
+                    await anext(deltas)
+            async with asyncio.timeout(IDLE_WAIT_S):
+                while _vllm_metric(base, "num_requests_running"):
+                    await asyncio.sleep(0.01)
+            assert _vllm_metric(base, "generation_tokens_total") - before < 100
+        finally:
+            await engine.close()
