@@ -226,6 +226,7 @@ class OpenLoopConfig:
     peers: tuple[str, ...] = ()
     endpoint: str = ""  # an OpenAI-compatible base URL: measured instead of ghostpen
     endpoint_model: str = ""
+    upstreams: str = ""  # engine = remote: the servers it sends to
 
 
 def run_comparison(config: OpenLoopConfig, settings: Settings) -> list[dict[str, object]]:
@@ -260,7 +261,8 @@ def run_comparison(config: OpenLoopConfig, settings: Settings) -> list[dict[str,
             config.endpoint, config.endpoint_model, template, settings.context, "endpoint"
         )))  # fmt: skip
     else:
-        with running_server("--engine", config.engine) as server:
+        env = {"GHOSTPEN_UPSTREAMS": config.upstreams} if config.upstreams else None
+        with running_server("--engine", config.engine, env=env) as server:
             results.append(measure(lambda: GhostpenTarget(server.address), server.process.pid))
     for peer in config.peers:
         want = "hf" if peer == "vllm" else "gguf"

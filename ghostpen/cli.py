@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ghostpen.server.errors import ModelError
 from ghostpen.server.settings import ENGINES, Settings
+
+OPEN_LOOP_SLOTS = 8  # KV slots of each llama-server under open-loop load: requests in flight
 
 if TYPE_CHECKING:
     from ghostpen.benchmarks.load import LoadConfig
@@ -201,7 +205,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         config = LoadConfig(sessions, args.duration, files, args.seed, args.warmup)
         for engine in engines:
             if args.llama_servers:
-                result = uvloop.run(_remote_load(args, settings, config))
+                result = _remote_load(args, settings, config)
             else:
                 with running_server("--engine", engine) as server:
                     result = uvloop.run(run_load(server, config))
@@ -218,28 +222,42 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _remote_load(
+def _remote_load(
     args: argparse.Namespace, settings: Settings, config: LoadConfig
 ) -> dict[str, object]:
     """One load point through the remote engine, from llama-servers started for it: a KV slot
     for every simulated developer on each, as ghostpen's own engine keeps one per session."""
+    import uvloop
+
     from ghostpen.benchmarks.load import run_load
     from ghostpen.benchmarks.server_process import running_server
+
+    with _upstreams(args, settings, slots=config.sessions) as upstreams:
+        env = {"GHOSTPEN_UPSTREAMS": upstreams}
+        with running_server("--engine", "remote", env=env) as server:
+            return uvloop.run(run_load(server, config))
+
+
+@contextlib.contextmanager
+def _upstreams(args: argparse.Namespace, settings: Settings, slots: int) -> Iterator[str]:
+    """`--llama-servers` llama-servers on the default model, as an `upstreams` setting."""
     from ghostpen.benchmarks.upstreams import llama_servers
     from ghostpen.server.model_store import resolve
 
     model = resolve(settings.engine.model, settings.cache_dir, want="gguf").path
     threads = args.upstream_threads or max(1, (os.cpu_count() or 1) // args.llama_servers)
-    servers = llama_servers(
-        args.llama_servers, model, settings.cache_dir, threads, slots=config.sessions
-    )
-    async with servers as upstreams:
-        env = {"GHOSTPEN_UPSTREAMS": ",".join(upstream.url for upstream in upstreams)}
-        with running_server("--engine", "remote", env=env) as server:
-            return await run_load(server, config)
+    with llama_servers(args.llama_servers, model, settings.cache_dir, threads, slots) as servers:
+        yield ",".join(server.url for server in servers)
 
 
 def _bench_open_loop(args: argparse.Namespace, settings: Settings) -> int:
+    if args.llama_servers:
+        with _upstreams(args, settings, slots=OPEN_LOOP_SLOTS) as upstreams:
+            return _open_loop(args, settings, upstreams)
+    return _open_loop(args, settings, "")
+
+
+def _open_loop(args: argparse.Namespace, settings: Settings, upstreams: str) -> int:
     from ghostpen.benchmarks.load import DEFAULT_FILES
     from ghostpen.benchmarks.open_loop import OpenLoopConfig, markdown, run_comparison
 
@@ -251,10 +269,11 @@ def _bench_open_loop(args: argparse.Namespace, settings: Settings) -> int:
         seed=args.seed,
         max_tokens=args.max_tokens,
         deadline_s=args.deadline_ms / 1000,
-        engine=args.engine,
+        engine="remote" if upstreams else args.engine,
         peers=tuple(peer for peer in args.peers.split(",") if peer),
         endpoint=args.endpoint,
         endpoint_model=args.endpoint_model,
+        upstreams=upstreams,
     )
     results = run_comparison(config, settings)
     table = markdown(results)

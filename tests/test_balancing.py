@@ -75,7 +75,7 @@ async def test_an_editor_stays_on_its_replica_and_moves_through_nginx_when_it_di
     database, name = start_database()
     front = free_port()
     try:
-        async with llama_servers(1, model, settings.cache_dir) as (upstream,):
+        with llama_servers(1, model, settings.cache_dir) as (upstream,):
             environ = {
                 "GHOSTPEN_HOME": str(settings.cache_dir),
                 "GHOSTPEN_UPSTREAMS": upstream.url,
