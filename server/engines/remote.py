@@ -30,7 +30,13 @@ from typing import Any
 
 import aiohttp
 
-from ghostpen.server.engines.base import Engine, EngineDelta, EngineRequest, EngineStats
+from ghostpen.server.engines.base import (
+    Engine,
+    EngineDelta,
+    EngineRequest,
+    EngineStats,
+    check_adapter,
+)
 from ghostpen.server.errors import EngineFailure, EngineUnavailable, ModelError
 from ghostpen.server.metrics import Metrics
 from ghostpen.server.settings import EngineSettings
@@ -77,6 +83,7 @@ class RemoteEngine(Engine):
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.upstream_timeout_s),
             headers=headers if settings.upstream_api_key else None,
         )
+        self._adapters: frozenset[str] = frozenset()  # LoRA adapters the upstreams serve
         self._live: set[str] = set()  # requests being generated
         self._aborted: set[str] = set()  # ...that abort() stopped
         self._listeners: list[Callable[[bool], None]] = []
@@ -97,12 +104,14 @@ class RemoteEngine(Engine):
                     names = ", ".join(engine._upstreams)
                     raise ModelError(f"no upstream became healthy in time: {names}")
                 await asyncio.sleep(settings.upstream_health_s)
-        if not engine.model_id:
-            engine.model_id = await engine._served_model()
+        served = await engine._served_models()
+        engine.model_id = engine.model_id or served[0]
+        engine._adapters = frozenset(served) - {engine.model_id}
         engine._health_task = asyncio.get_running_loop().create_task(engine._watch_health())
         return engine
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
+        check_adapter(request.adapter, self._adapters)
         order = rank(request.cache_key or request.request_id, list(self._upstreams))
         home, failures = order[0], []
         candidates = [url for url in order if self._upstreams[url].healthy]
@@ -267,17 +276,24 @@ class RemoteEngine(Engine):
             for listener in self._listeners:
                 listener(serving)
 
-    async def _served_model(self) -> str:
-        """The first model the first healthy upstream lists."""
+    async def _served_models(self) -> list[str]:
+        """What the first healthy upstream lists, the base model first: vLLM lists each LoRA
+        adapter it loaded (`--lora-modules name=path`) as a model of its own."""
         url = next(u.url for u in self._upstreams.values() if u.healthy)
         try:
             async with self._http.get(f"{url}/v1/models") as response:
                 listing: dict[str, Any] = await response.json()
-            return str(listing["data"][0]["id"])
-        except (aiohttp.ClientError, TimeoutError, KeyError, IndexError, ValueError) as exc:
+            names = [str(model["id"]) for model in listing["data"]]
+        except (aiohttp.ClientError, TimeoutError, KeyError, TypeError, ValueError) as exc:
+            names, problem = [], str(exc)
+        else:
+            problem = "it lists none"
+        if not names:
             await self.close()
-            message = f"cannot tell which model {url} serves: {exc}; set upstream_model"
-            raise ModelError(message) from None
+            raise ModelError(
+                f"cannot tell which model {url} serves ({problem}); set upstream_model"
+            )
+        return names
 
 
 def _logprobs(logprobs: dict[str, Any] | None) -> tuple[float, ...]:

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from ghostpen.server.engines.base import EngineDelta, EngineRequest
 from ghostpen.server.engines.remote import RemoteEngine, rank
-from ghostpen.server.errors import EngineFailure, EngineUnavailable, ModelError
+from ghostpen.server.errors import EngineFailure, EngineUnavailable, InvalidInput, ModelError
 from ghostpen.server.metrics import Metrics
 from ghostpen.server.settings import EngineSettings
 
@@ -53,7 +53,8 @@ class Upstream:
         return web.Response(status=503 if self.mode == "down" else 200)
 
     async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "scripted-model"}]})
+        models = [{"id": "scripted-model"}, {"id": "seeded"}]  # vLLM lists its LoRA adapters
+        return web.json_response({"object": "list", "data": models})
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         self.bodies.append(await request.json())
@@ -284,3 +285,20 @@ def test_settings_name_what_the_remote_engine_needs() -> None:
         EngineSettings(engine="remote", upstreams="vllm-0:8000")
     settings = EngineSettings(engine="remote", upstreams=" http://a:8000/ ,http://b:8000")
     assert settings.upstream_urls() == ("http://a:8000", "http://b:8000")
+
+
+async def test_an_adapter_the_upstreams_serve_is_asked_for_by_name_others_are_refused(
+    upstreams: list[Upstream],
+) -> None:
+    urls = [u.url for u in upstreams]
+    engine = await _engine(urls)
+    try:
+        session = _home_of(upstreams[0], urls)
+        request = EngineRequest("r", "def f():", 2, cache_key=session, adapter="seeded")
+        assert [d async for d in engine.generate(request)][-1].finished
+        assert upstreams[0].bodies[-1]["model"] == "seeded"
+        unknown = dataclasses.replace(request, adapter="nope")
+        with pytest.raises(InvalidInput, match=r"unknown adapter 'nope' \(loaded: seeded"):
+            await anext(engine.generate(unknown))
+    finally:
+        await engine.close()
