@@ -158,10 +158,11 @@ class RemoteEngine(Engine):
         url, submitted = upstream.url, time.monotonic()
         queue_s, tokens, prompt_tokens, cached, finish = -1.0, 0, 0, 0, ""
         held: list[float] = []  # log-probabilities of tokens whose text has not come yet
+        drained = False
         upstream.in_flight += 1
         self._metrics.upstream_in_flight.labels(url).inc()
         try:
-            response = await self._http.post(f"{url}/v1/completions", json=body)
+            response = await self._send("POST", f"{url}/v1/completions", json=body)
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._end(upstream)
             raise UpstreamError("refused", f"cannot connect: {exc}", down=True) from None
@@ -194,13 +195,11 @@ class RemoteEngine(Engine):
                     tokens = usage.get("completion_tokens", tokens)
                     prompt_tokens = usage.get("prompt_tokens", 0)
                     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            drained = True  # read to its end: the connection can serve the next request
             if not finish:
                 raise UpstreamError(
                     "broken", "the stream ended without a finish reason", down=False
                 )
-            self._metrics.upstream_seconds.labels(url, "total").observe(
-                time.monotonic() - submitted
-            )
             yield EngineDelta(
                 "",
                 tokens,
@@ -219,9 +218,26 @@ class RemoteEngine(Engine):
         except ValueError as exc:  # not JSON
             raise UpstreamError("broken", f"unreadable stream: {exc}", down=False) from None
         finally:
+            if queue_s >= 0:  # it answered: until it finished, or until we stopped reading
+                total_s = time.monotonic() - submitted
+                self._metrics.upstream_seconds.labels(url, "total").observe(total_s)
             upstream.streams.pop(request.request_id, None)
-            response.close()
+            if drained:
+                response.release()
+            else:  # cut short: closing the connection is what aborts it upstream
+                response.close()
             self._end(upstream)
+
+    async def _send(self, method: str, url: str, **options: Any) -> aiohttp.ClientResponse:
+        """The request, on a pooled connection. A server may close an idle one (llama-server
+        does after a few requests or seconds) just as it is reused: the write fails before the
+        server read anything, so that failure is sent again once, on another connection."""
+        try:
+            return await self._http.request(method, url, **options)
+        except aiohttp.ClientConnectorError:
+            raise  # nobody listens: not a stale connection
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            return await self._http.request(method, url, **options)
 
     def _end(self, upstream: Upstream) -> None:
         upstream.in_flight -= 1
@@ -259,7 +275,9 @@ class RemoteEngine(Engine):
     async def _check(self, upstream: Upstream) -> None:
         timeout = aiohttp.ClientTimeout(total=self._settings.upstream_timeout_s)
         try:
-            async with self._http.get(f"{upstream.url}/health", timeout=timeout) as response:
+            async with await self._send(
+                "GET", f"{upstream.url}/health", timeout=timeout
+            ) as response:
                 healthy = response.status == 200
         except (aiohttp.ClientError, TimeoutError):
             healthy = False
@@ -281,7 +299,7 @@ class RemoteEngine(Engine):
         adapter it loaded (`--lora-modules name=path`) as a model of its own."""
         url = next(u.url for u in self._upstreams.values() if u.healthy)
         try:
-            async with self._http.get(f"{url}/v1/models") as response:
+            async with await self._send("GET", f"{url}/v1/models") as response:
                 listing: dict[str, Any] = await response.json()
             names = [str(model["id"]) for model in listing["data"]]
         except (aiohttp.ClientError, TimeoutError, KeyError, TypeError, ValueError) as exc:

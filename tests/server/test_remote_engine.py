@@ -5,8 +5,10 @@ test_remote_upstreams.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -26,7 +28,7 @@ WAIT_S = 10.0  # how long a test waits for something that should happen at once
 class Upstream:
     """An OpenAI-compatible server acting as the test says: ok | down | break | slow | reject."""
 
-    def __init__(self, layout: str = "vllm") -> None:
+    def __init__(self, layout: str = "vllm", keepalive_timeout: float = 75.0) -> None:
         self.mode = "ok"
         self.layout = layout  # where it puts log-probabilities: vllm (OpenAI's) or llama-server
         self.bodies: list[dict] = []
@@ -35,7 +37,7 @@ class Upstream:
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/completions", self._complete)
-        self._runner = web.AppRunner(app)
+        self._runner = web.AppRunner(app, keepalive_timeout=keepalive_timeout)
         self.url = ""
 
     async def start(self) -> Upstream:
@@ -302,3 +304,39 @@ async def test_an_adapter_the_upstreams_serve_is_asked_for_by_name_others_are_re
             await anext(engine.generate(unknown))
     finally:
         await engine.close()
+
+
+async def test_a_pooled_connection_the_upstream_drops_on_reuse_is_not_an_outage() -> None:
+    """llama-server closes idle keep-alive connections; one can go just as it is reused. This
+    upstream answers one request a connection, keep-alive promised, and drops the next."""
+
+    async def one_request_each(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        declared = re.search(r"(?im)^content-length: *(\d+)", head)
+        length = int(declared.group(1)) if declared else 0
+        await reader.readexactly(length)
+        if head.startswith("GET /health"):
+            body = b"{}"
+        elif head.startswith("GET /v1/models"):
+            body = json.dumps({"data": [{"id": "m"}]}).encode()
+        else:
+            choice = {"text": "x", "finish_reason": "stop", "logprobs": None}
+            body = b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\ndata: [DONE]\n\n"
+        kind = b"Content-Type: application/json\r\n"
+        writer.write(b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s" % (kind, len(body), body))
+        await writer.drain()
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")  # the reuse: dropped unanswered
+        writer.close()
+
+    server = await asyncio.start_server(one_request_each, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    engine = await _engine([url], upstream_health_s=3600.0)
+    try:
+        for i in range(6):
+            await engine._check_all()  # a health check's connection goes back to the pool
+            assert (await _complete(engine, f"dev-{i}"))[-1].finished
+        assert engine._upstreams[url].healthy
+    finally:
+        await engine.close()
+        server.close()

@@ -172,10 +172,9 @@ async def test_the_server_names_the_upstream_and_a_deadline_frees_it(
         sample = metrics.registry.get_sample_value
         for server in upstream_servers:
             assert sample("ghostpen_upstream_healthy", {"upstream": server.url}) == 1
-            assert sample("ghostpen_upstream_in_flight", {"upstream": server.url}) == 0
-        assert sample(
-            "ghostpen_upstream_seconds_count", {"upstream": chunks[-1].upstream, "stage": "total"}
-        )
+        served = {"upstream": chunks[-1].upstream}
+        assert sample("ghostpen_upstream_in_flight", served) == 0
+        assert sample("ghostpen_upstream_seconds_count", {**served, "stage": "total"}) >= 1
     finally:
         await running.stop(1.0)
         await engine.close()
