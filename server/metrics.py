@@ -122,7 +122,7 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "ghostpen_upstream_errors",
-            "Requests an upstream failed, by reason: refused, status, broken, timeout.",
+            "Requests an upstream failed, by reason: refused, status, broken.",
             ["upstream", "reason"],
             registry=self.registry,
         )
