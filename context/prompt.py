@@ -50,6 +50,10 @@ class Prompt:
     prefix_start_line: int
     estimated_tokens: int
     healed: str = ""  # the blanks before the cursor, left out of the prompt (heal_blanks)
+    # What `render` made `text` of, besides the context: kept with consented captures
+    repo: str = ""
+    prefix: str = ""  # the prefix window, without `healed`
+    suffix: str = ""  # the suffix window
 
 
 def build_prompt(
@@ -86,14 +90,39 @@ def build_prompt(
             reverse=True,
         )
     chosen = _in_prompt_order(_fill_budget(ranked, settings), previous)
-    comment = line_comment(document.language)
+    context = [item.chunk for item in chosen]
+    text = render(template, repo, document.path, document.language, context, prefix, suffix)
+    return Prompt(
+        text,
+        template,
+        tuple(chosen),
+        prefix_start,
+        settings.tokens(text),
+        healed,
+        repo,
+        prefix,
+        suffix,
+    )
+
+
+def render(
+    template: Template,
+    repo: str,
+    path: str,
+    language: str,
+    context: Sequence[Chunk],
+    prefix: str,
+    suffix: str,
+) -> str:
+    """The prompt text of chosen parts: the one renderer of serving and of training samples
+    (server/training/export.py), so that a model learns the very format it is served."""
+    comment = line_comment(language)
     parts = [_fill(template.repo_header, repo=repo)]
-    for path, text in _sections(chosen, comment):
-        parts.append(_fill(template.context_file, path=path, text=text, comment=comment))
-    parts.append(_fill(template.current_file, path=document.path, comment=comment))
+    for file, text in _sections(context, comment):
+        parts.append(_fill(template.context_file, path=file, text=text, comment=comment))
+    parts.append(_fill(template.current_file, path=path, comment=comment))
     parts.append(_fill(template.body, prefix=prefix, suffix=suffix))
-    text = "".join(parts)
-    return Prompt(text, template, tuple(chosen), prefix_start, settings.tokens(text), healed)
+    return "".join(parts)
 
 
 def _fill(pattern: str, **values: str) -> str:
@@ -174,15 +203,15 @@ def _in_prompt_order(chosen: list[RankedChunk], previous: Sequence[Chunk]) -> li
     return kept + new
 
 
-def _sections(chosen: list[RankedChunk], comment: str) -> list[tuple[str, str]]:
+def _sections(context: Sequence[Chunk], comment: str) -> list[tuple[str, str]]:
     """Consecutive chunks of one file share a file section. Where lines between two of them are
     left out, a `...` comment says so: the model would otherwise read them as adjacent code."""
     sections: list[tuple[str, list[Chunk]]] = []
-    for item in chosen:
-        if sections and sections[-1][0] == item.chunk.path:
-            sections[-1][1].append(item.chunk)
+    for chunk in context:
+        if sections and sections[-1][0] == chunk.path:
+            sections[-1][1].append(chunk)
         else:
-            sections.append((item.chunk.path, [item.chunk]))
+            sections.append((chunk.path, [chunk]))
     return [(path, _joined(chunks, comment)) for path, chunks in sections]
 
 

@@ -86,6 +86,10 @@ class SessionClient:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
+    def captures_text(self) -> bool:
+        """Whether the server said it keeps this user's text for training (Welcome)."""
+        return self.welcome is not None and self.welcome.capture_text
+
     async def close(self) -> None:
         """Stop the session, waiting at most close_timeout_s: grpc's asyncio channel can fail
         to finish a cancelled connection attempt, and an editor's shutdown must not hang."""

@@ -15,6 +15,7 @@ from ghostpen.editor_client.retention import RetentionCheck, RetentionTracker
 from ghostpen.proto import ghostpen_pb2 as pb
 
 SHOWN_KEPT = 1000  # completions whose time of showing is remembered
+CORRECTION_AFTER_S = 300  # the retention check that carries the correction, with consent
 UNITS = {"word": pb.PartiallyAccepted.UNIT_WORD, "line": pb.PartiallyAccepted.UNIT_LINE}
 REASONS = {
     "dismissed": pb.Rejected.REASON_DISMISSED,
@@ -27,9 +28,13 @@ class Feedback:
         self,
         report: Callable[[pb.TelemetryEvent], None],
         clock: Callable[[], float] = time.monotonic,
+        corrections: Callable[[], bool] = lambda: False,
     ) -> None:
+        """`corrections()`: whether the server keeps text for training (Welcome.capture_text),
+        and so wants each accepted completion's final text; asked when a check is due."""
         self._report = report
         self._clock = clock
+        self._corrections = corrections
         self._shown_at: OrderedDict[str, float] = OrderedDict()
         self.retention = RetentionTracker(clock, self._retention)
 
@@ -82,6 +87,7 @@ class Feedback:
         return 0 if shown is None else int((self._clock() - shown) * 1000)
 
     def _retention(self, check: RetentionCheck) -> None:
+        corrected = check.after_s == CORRECTION_AFTER_S and self._corrections()
         self._send(
             check.completion_id,
             retention=pb.Retention(
@@ -89,6 +95,7 @@ class Feedback:
                 retained_fraction=check.retained_fraction,
                 present=check.present,
                 file_closed=check.file_closed,
+                final_text=check.final_text.encode() if corrected else b"",
             ),
         )
 

@@ -3,7 +3,8 @@
 Measured where the truth is, in the editor. The accepted text is looked for near where it was
 inserted (its offset kept up to date through edits above it), then in the whole file; the
 retained fraction is 1 - normalized Levenshtein distance to the best-matching span, and the
-completion counts as present while at least half of it survives.
+completion counts as present while at least half of it survives. That span is also the
+developer's correction of the completion: what the accepted text became.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class RetentionCheck:
     retained_fraction: float
     present: bool
     file_closed: bool
+    final_text: str  # the best-matching span: the accepted text as it is now
 
 
 @dataclass
@@ -77,10 +79,10 @@ class RetentionTracker:
                 after_s = item.due.pop(0)
                 text = item.closed_text if item.closed_text is not None else text_of(item.path)
                 closed = item.closed_text is not None or text is None
-                fraction = retained_fraction(item.text, text or "", item.offset, self._margin)
+                fraction, span = best_match(item.text, text or "", item.offset, self._margin)
                 self._report(
                     RetentionCheck(
-                        item.completion_id, after_s, fraction, fraction >= PRESENT_AT, closed
+                        item.completion_id, after_s, fraction, fraction >= PRESENT_AT, closed, span
                     )
                 )
         self._tracked = [item for item in self._tracked if item.due]
@@ -97,9 +99,9 @@ class RetentionTracker:
         return sum(len(item.due) for item in self._tracked)
 
 
-def retained_fraction(accepted: str, text: str, offset: int, margin: int) -> float:
-    """Similarity of the accepted text to its best-matching span, near offset first."""
-    best = 0.0
+def best_match(accepted: str, text: str, offset: int, margin: int) -> tuple[float, str]:
+    """The span of `text` most like the accepted text, near offset first, and its similarity."""
+    best, best_span = 0.0, ""
     for width in (margin, len(text)):
         low, high = max(0, offset - width), min(len(text), offset + len(accepted) + width)
         window = text[low:high]
@@ -108,12 +110,16 @@ def retained_fraction(accepted: str, text: str, offset: int, margin: int) -> flo
         alignment = fuzz.partial_ratio_alignment(accepted, window)
         start, end = alignment.dest_start, alignment.dest_end
         # The aligned span has the accepted text's length; an edit that lengthened or shortened
-        # it shows better against the whole lines the span touches.
+        # it shows better against the span to the end of its line, or the whole lines it touches.
         line_start = window.rfind("\n", 0, start) + 1
         line_end = window.find("\n", max(start, end - 1))
         line_end = len(window) if line_end < 0 else line_end + accepted.endswith("\n")
-        for span in (window[start:end], window[line_start:line_end]):
-            best = max(best, Levenshtein.normalized_similarity(accepted, span))
+        # The tracked offset, where it falls on the span's first line, is where the text began.
+        anchor = offset - low if line_start <= offset - low < end else start
+        for span in (window[start:end], window[anchor:line_end], window[line_start:line_end]):
+            similarity = Levenshtein.normalized_similarity(accepted, span)
+            if similarity > best:
+                best, best_span = similarity, span
         if best >= PRESENT_AT:
             break
-    return best
+    return best, best_span

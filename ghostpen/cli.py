@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     revoke = token_actions.add_parser("revoke", help="a token by its id, or all of a user's")
     revoke.add_argument("who", help="a token id or a user")
 
+    data = commands.add_parser("data", help="captured text (capture_text): delete")
+    data_actions = data.add_subparsers(dest="action", required=True)
+    delete = data_actions.add_parser("delete", help="a tenant's captured text, or one user's")
+    delete.add_argument("--tenant", required=True, help="a tenant; '*': every tenant")
+    delete.add_argument("--user", help="only this user's")
+
     bench = commands.add_parser("bench", help="load: simulated developers typing real files")
     bench.add_argument("--sessions", type=int, default=4)
     bench.add_argument("--sweep", help="comma-separated session counts, e.g. 1,2,4,8,16,32,64")
@@ -171,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args, settings)
         if args.command == "tokens":
             return _tokens(args, settings)
+        if args.command == "data":
+            return _data(args, settings)
         if args.command == "eval":
             return _eval(args, settings)
         if args.command == "bench":
@@ -383,6 +391,18 @@ def _tokens(args: argparse.Namespace, settings: Settings) -> int:
             f"{entry.token_id:8}  {entry.user:16}  {entry.team:16}  {entry.tenant:12}  "
             f"{entry.created}"
         )
+    return 0
+
+
+def _data(args: argparse.Namespace, settings: Settings) -> int:
+    from ghostpen.server.telemetry.store import Store
+
+    store = Store.open(settings.telemetry.database, settings.cache_dir)
+    try:
+        texts, corrections = store.delete_captured(args.tenant, args.user)
+    finally:
+        store.close()
+    print(f"deleted {texts} completions' text and {corrections} corrections")
     return 0
 
 

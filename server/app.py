@@ -22,11 +22,12 @@ from ghostpen.server.completion import Completer
 from ghostpen.server.context_process import ContextProcess
 from ghostpen.server.engines.base import Engine
 from ghostpen.server.engines.factory import start_engine
+from ghostpen.server.errors import StoreUnavailable
 from ghostpen.server.inline import InlineCompletions
 from ghostpen.server.ledger import Ledger
 from ghostpen.server.metrics import Metrics
 from ghostpen.server.service import CompletionService
-from ghostpen.server.settings import Settings
+from ghostpen.server.settings import Settings, TelemetrySettings
 from ghostpen.server.telemetry.ingest import Telemetry
 from ghostpen.server.telemetry.store_process import StoreProcess
 from ghostpen.server.telemetry.writer import TelemetryWriter
@@ -51,6 +52,7 @@ class RunningServer:
     context: ContextProcess
     chunker: ChunkerProcess
     loop_watch: asyncio.Task[None]
+    expiry: asyncio.Task[None]  # deletes captured text past its retention period
     port: int
     web: web.AppRunner | None = None
     web_port: int = 0
@@ -67,6 +69,7 @@ class RunningServer:
         await self.service.drain(grace_s)
         await self.server.stop(min(SETTLE_S, grace_s))
         self.loop_watch.cancel()
+        self.expiry.cancel()
         if self.web is not None:
             await self.web.cleanup()
         if self.dashboard is not None:
@@ -99,8 +102,8 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
         store, stored.write_batch_max, stored.known_completions, stored.retry_s
     )
     writer.start()
-    telemetry = Telemetry(writer, metrics, settings.limits.max_request_id_chars)
-    ledger = Ledger(metrics, telemetry.record, stored.record_commit_wait_ms / 1000)
+    telemetry = Telemetry(writer, metrics, settings.limits.max_request_id_chars, stored.captures)
+    ledger = Ledger(metrics, telemetry.record, stored.record_commit_wait_ms / 1000, stored.captures)
     completer = Completer.from_settings(engine, settings, ledger)
     context = ContextProcess(settings.context, completer.template)
     chunker = ChunkerProcess(settings.context)
@@ -153,6 +156,7 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
     store.watch(watcher("store"))
     metrics.watch_engine(engine.stats)
     loop_watch = asyncio.get_running_loop().create_task(metrics.watch_loop())
+    expiry = asyncio.get_running_loop().create_task(_expire_captured(writer, stored))
     running = RunningServer(
         server,
         service,
@@ -163,6 +167,7 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
         context,
         chunker,
         loop_watch,
+        expiry,
         port,
     )
     if settings.server.metrics_port >= 0:
@@ -179,6 +184,21 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
         )
         running.dashboard = reader
     return running
+
+
+async def _expire_captured(writer: TelemetryWriter, settings: TelemetrySettings) -> None:
+    """Delete captured text older than capture_retention_days, at start and every
+    capture_purge_s after: whether or not capture is on now, text kept before expires."""
+    while True:
+        before_ms = int((time.time() - settings.capture_retention_days * 86_400) * 1000)
+        try:
+            texts, corrections = await writer.delete_captured("*", None, before_ms)
+        except StoreUnavailable as error:
+            log.warning("expired captured text not deleted yet: %s", error)
+        else:
+            if texts:
+                log.info("deleted %d expired captured texts, %d corrections", texts, corrections)
+        await asyncio.sleep(settings.capture_purge_s)
 
 
 async def serve(settings: Settings) -> None:

@@ -73,6 +73,7 @@ class Outcome:
     completion_tokens: int
     cached_tokens: int
     chars: int  # characters shown
+    text: str = ""  # the text shown
     confidence: float | None = None  # mean log-probability of the tokens kept; None: not known
     withheld: str = ""  # why the show gate held the text back (gate.py); "": it passed
     upstream: str = ""  # engine = remote: the server that answered
@@ -254,13 +255,15 @@ class Completer:
             raise
         finally:
             if stopped:
-                self._sink.stopped(self._outcome(job, cursor.mode, finish, stopped, clock, last, 0))
+                self._sink.stopped(
+                    self._outcome(job, cursor.mode, finish, stopped, clock, last, "")
+                )
         rest, finish = truncator.close(finish)
         sure = confidence(logprobs)
         withheld = withhold_reason(truncator.text, cursor, sure, self.context_settings)
-        shown = len(truncator.text)
+        shown = truncator.text
         if withheld and self.context_settings.show_gate:  # the client drops what streamed
-            rest, finish, shown = "", Finish.WITHHELD, 0
+            rest, finish, shown = "", Finish.WITHHELD, ""
         outcome = self._outcome(job, cursor.mode, finish, "", clock, last, shown, sure, withheld)
         await self._sink.finished(outcome)
         yield CompletionEvent(job.request_id, job.completion_id, rest, True, finish, outcome)
@@ -273,7 +276,7 @@ class Completer:
         stopped: str,
         clock: _Clock,
         last: EngineDelta | None,
-        chars: int,
+        text: str,
         confidence: float | None = None,
         withheld: str = "",
     ) -> Outcome:
@@ -289,7 +292,8 @@ class Completer:
             prompt_tokens=last.prompt_tokens if last else 0,
             completion_tokens=last.completion_tokens if last else 0,
             cached_tokens=last.cached_tokens if last else 0,
-            chars=chars,
+            chars=len(text),
+            text=text,
             confidence=confidence,
             withheld=withheld,
             upstream=last.upstream if last else "",

@@ -263,7 +263,12 @@ class CompletionService:
             return
         if isinstance(item, Hello):
             engine = self._completer.engine
-            stream.put(wire.welcome(session.session_id, engine.model_id, engine.name, self._limits))
+            capture = self._telemetry.captures(session.owner.tenant)
+            stream.put(
+                wire.welcome(
+                    session.session_id, engine.model_id, engine.name, self._limits, capture
+                )
+            )
         elif reply is not None:
             stream.send(reply)
 
@@ -320,11 +325,21 @@ class CompletionService:
         try:
             if self._draining:
                 raise _refused()
-            events = wire.report_events(request, self._max_events, owner.user)
+            events = wire.report_events(request, self._max_events, owner.user, self._limits)
             duplicates = await self._telemetry.report(owner, events)
         except Exception as exc:
             await self._abort(context, "Report", exc)
         return wire.report_response(events, duplicates)
+
+    async def DeleteCapturedText(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        owner = await self._identify(context, "DeleteCapturedText", None)
+        try:
+            if isinstance(request, wire.Corrupt):
+                raise request.error()
+            completions, corrections = await self._telemetry.delete_captured(owner)
+        except Exception as exc:
+            await self._abort(context, "DeleteCapturedText", exc)
+        return wire.deleted_captured(completions, corrections)
 
     async def _abort(self, context: grpc.aio.ServicerContext, rpc: str, exc: Exception) -> NoReturn:
         error = _ours(exc)

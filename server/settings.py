@@ -69,6 +69,7 @@ class LimitSettings:
     max_queued_messages: int = 4096
     session_idle_s: float = 1800.0  # a Session without a client message this long is ended
     max_error_chars: int = 1024  # an error's message is cut here: it must not echo unbounded input
+    max_correction_chars: int = 16_384  # Retention.final_text: the corrected region of a completion
     max_tokens_limit: int = 512  # the most a request may ask for
     default_max_tokens_single_line: int = 48
     default_max_tokens_multi_line: int = 192
@@ -169,6 +170,17 @@ class TelemetrySettings:
     retry_s: float = 1.0  # records of a failed write are written again after this
     store_probe_s: float = 1.0  # while the store is down (health NOT_SERVING), tried this often
     dashboard_cache_s: float = 5.0  # /dashboard and /dashboard.json reuse a report this long
+    # Consent to keep text for training (server/training): each completion's prompt inputs and
+    # suggestion, and the developer's correction of it. "": none (the default); "*": every
+    # tenant; or tenants, comma-separated.
+    capture_text: str = ""
+    capture_retention_days: float = 30.0  # captured text older than this is deleted
+    capture_purge_s: float = 3600.0  # how often expired captured text is looked for
+
+    def captures(self, tenant: str) -> bool:
+        """Whether text of `tenant`'s completions is kept."""
+        tenants = {t.strip() for t in self.capture_text.split(",") if t.strip()}
+        return "*" in tenants or tenant in tenants
 
 
 @dataclass(frozen=True)

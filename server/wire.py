@@ -158,7 +158,7 @@ def client_message(
         if kind == "cancel":
             return Cancel(message.cancel.request_id)
         if kind == "event":
-            return telemetry_event(message.event, user)
+            return telemetry_event(message.event, user, limits)
         raise InvalidInput(
             "empty ClientMessage: set one of hello, file_update, completion_request, cancel, event"
         )
@@ -167,6 +167,7 @@ def client_message(
             message.completion_request.request_id or message.cancel.request_id,
             message.file_update.path or message.completion_request.path,
             error,
+            event_id=message.event.event_id,
         )
 
 
@@ -245,7 +246,7 @@ def inline_request(
 
 
 def report_events(
-    request: pb.ReportRequest | Corrupt, max_events: int, user: str
+    request: pb.ReportRequest | Corrupt, max_events: int, user: str, limits: LimitSettings
 ) -> list[TelemetryEvent]:
     if isinstance(request, Corrupt):
         raise request.error()
@@ -255,10 +256,10 @@ def report_events(
                 f"{len(request.events)} events in one report", "max_events_per_report", max_events
             )
         )
-    return [telemetry_event(e, user) for e in request.events]
+    return [telemetry_event(e, user, limits) for e in request.events]
 
 
-def telemetry_event(message: pb.TelemetryEvent, user: str) -> TelemetryEvent:
+def telemetry_event(message: pb.TelemetryEvent, user: str, limits: LimitSettings) -> TelemetryEvent:
     """An event `user` sent; one without a kind becomes kind "" and fails its check."""
     kind = message.WhichOneof("kind") or ""
     common = {
@@ -297,8 +298,22 @@ def telemetry_event(message: pb.TelemetryEvent, user: str) -> TelemetryEvent:
             fraction=body.retained_fraction,
             present=body.present,
             file_closed=body.file_closed,
+            final_text=_correction(body, message.event_id, limits) if body.final_text else None,
         )
     return TelemetryEvent(**common)
+
+
+def _correction(body: pb.Retention, event_id: str, limits: LimitSettings) -> str:
+    text = _decode(body.final_text, f"final_text of event {event_id!r}")
+    if len(text) > limits.max_correction_chars:
+        raise LimitExceeded(
+            over_limit(
+                f"final_text of event {event_id!r} ({len(text)} characters)",
+                "max_correction_chars",
+                limits.max_correction_chars,
+            )
+        )
+    return text
 
 
 AFFINITY_HEADER = "x-ghostpen-affinity"
@@ -392,7 +407,9 @@ def _decode(data: bytes, what: str) -> str:
 # Results out
 
 
-def welcome(session_id: str, model_id: str, engine: str, limits: LimitSettings) -> pb.ServerMessage:
+def welcome(
+    session_id: str, model_id: str, engine: str, limits: LimitSettings, capture_text: bool
+) -> pb.ServerMessage:
     return pb.ServerMessage(
         welcome=pb.Welcome(
             session_id=session_id,
@@ -402,6 +419,7 @@ def welcome(session_id: str, model_id: str, engine: str, limits: LimitSettings) 
             max_file_bytes=limits.max_file_bytes,
             max_session_bytes=limits.max_session_bytes,
             max_tokens_limit=limits.max_tokens_limit,
+            capture_text=capture_text,
         )
     )
 
@@ -446,6 +464,10 @@ def report_response(
             for e, duplicate in zip(events, duplicates, strict=True)
         ]
     )
+
+
+def deleted_captured(completions: int, corrections: int) -> pb.DeleteCapturedTextResponse:
+    return pb.DeleteCapturedTextResponse(completions=completions, corrections=corrections)
 
 
 def chunk(event: CompletionEvent) -> pb.CompletionChunk:

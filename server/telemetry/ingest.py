@@ -6,30 +6,49 @@ characters that completion showed: a client cannot write into another user's num
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 
 from ghostpen.server.errors import InvalidInput, PermissionDenied
 from ghostpen.server.identity import Identity
 from ghostpen.server.metrics import Metrics
-from ghostpen.server.telemetry.records import CompletionRecord, TelemetryEvent
+from ghostpen.server.telemetry.records import CaptureRecord, CompletionRecord, TelemetryEvent
 from ghostpen.server.telemetry.writer import TelemetryWriter
 
 
 class Telemetry:
-    def __init__(self, writer: TelemetryWriter, metrics: Metrics, max_id_chars: int) -> None:
+    """`captures(tenant)`: whether that tenant consented to keeping text (capture_text); a
+    correction from anyone else is dropped on arrival."""
+
+    def __init__(
+        self,
+        writer: TelemetryWriter,
+        metrics: Metrics,
+        max_id_chars: int,
+        captures: Callable[[str], bool],
+    ) -> None:
         self._writer = writer
         self._metrics = metrics
         self._max_id_chars = max_id_chars
+        self.captures = captures
 
-    def record(self, completion: CompletionRecord) -> asyncio.Future[None]:
-        """Resolves once the record is committed."""
-        return self._writer.record(completion)
+    def record(
+        self, completion: CompletionRecord, capture: CaptureRecord | None
+    ) -> asyncio.Future[None]:
+        """Resolves once the record (and the captured text, if any) is committed."""
+        return self._writer.record(completion, capture)
+
+    async def delete_captured(self, owner: Identity) -> tuple[int, int]:
+        """Delete all of `owner`'s captured text; how many completions' text and corrections."""
+        return await self._writer.delete_captured(owner.tenant, owner.user)
 
     async def report(self, owner: Identity, events: Sequence[TelemetryEvent]) -> list[bool]:
         """Store `owner`'s events (all or, on a bad one, none). Returns, per event, whether it
         is a duplicate: stored before, or repeated earlier in `events`."""
         for event in events:
             event.check(self._max_id_chars)
+        if not self.captures(owner.tenant):
+            events = [dataclasses.replace(e, final_text=None) for e in events]
         completions = await self._writer.completions_for(list(events))
         for event in events:
             _check_owned(owner, event, completions[event.completion_id])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 from ghostpen.server.errors import InvalidInput
@@ -56,6 +57,9 @@ class TelemetryEvent:
     present: bool | None = None
     file_closed: bool | None = None
     user_id: str = ""  # who reported it: event ids are unique per user
+    # retention, with consent: the accepted region as the developer corrected it. Never in the
+    # events table: it is captured text, kept (and deleted) with its completion's capture.
+    final_text: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -88,5 +92,41 @@ class TelemetryEvent:
                 )
 
 
+@dataclass(frozen=True)
+class CaptureRecord:
+    """A completion's text, kept with consent (TelemetrySettings.capture_text) to train on:
+    what its prompt was made of and what it suggested. `prefix` and `suffix` are the prompt's
+    windows; `healed`, the blanks the prompt left out before the cursor (the model wrote them)."""
+
+    completion_id: str
+    created_ms: int
+    user_id: str
+    tenant: str
+    template_id: str
+    repo: str
+    path: str
+    language: str
+    prefix: str
+    suffix: str
+    healed: str
+    context: str  # JSON: [{"path", "start_line", "end_line", "text"}], in prompt order
+    shown: str  # the suggestion ("" when the show gate withheld it)
+
+    def row(self) -> tuple:
+        return _CAPTURE_ROW(self)
+
+
+def corrections(events: Sequence[TelemetryEvent]) -> list[tuple]:
+    """The corrections the events carry, as rows of the corrections table."""
+    return [
+        (e.completion_id, e.after_s, e.final_text, e.received_ms)
+        for e in events
+        if e.final_text is not None
+    ]
+
+
+EVENT_COLUMNS = tuple(f.name for f in fields(TelemetryEvent) if f.name != "final_text")
+CAPTURE_COLUMNS = tuple(f.name for f in fields(CaptureRecord))
 _COMPLETION_ROW = operator.attrgetter(*(f.name for f in fields(CompletionRecord)))
-_EVENT_ROW = operator.attrgetter(*(f.name for f in fields(TelemetryEvent)))
+_EVENT_ROW = operator.attrgetter(*EVENT_COLUMNS)
+_CAPTURE_ROW = operator.attrgetter(*CAPTURE_COLUMNS)

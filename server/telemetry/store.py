@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from ghostpen.server.errors import StoreUnavailable
-from ghostpen.server.telemetry.records import CompletionRecord, TelemetryEvent
+from ghostpen.server.telemetry.records import (
+    CAPTURE_COLUMNS,
+    EVENT_COLUMNS,
+    CaptureRecord,
+    CompletionRecord,
+    TelemetryEvent,
+    corrections,
+)
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -90,10 +97,40 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE completions ADD COLUMN confidence DOUBLE PRECISION;
     ALTER TABLE completions ADD COLUMN withheld TEXT NOT NULL DEFAULT '';
     """,
+    # Text kept with consent for training (capture_text): a completion's prompt inputs and
+    # suggestion, and the developer's corrections of it. Deleted per user or tenant, and when
+    # older than capture_retention_days.
+    """
+    CREATE TABLE captures (
+        completion_id TEXT PRIMARY KEY REFERENCES completions (completion_id),
+        created_ms BIGINT NOT NULL,
+        user_id TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        template_id TEXT NOT NULL,
+        repo TEXT NOT NULL,
+        path TEXT NOT NULL,
+        language TEXT NOT NULL,
+        prefix TEXT NOT NULL,
+        suffix TEXT NOT NULL,
+        healed TEXT NOT NULL,
+        context TEXT NOT NULL,
+        shown TEXT NOT NULL
+    );
+    CREATE INDEX captures_owner ON captures (tenant, user_id);
+    CREATE INDEX captures_created ON captures (created_ms);
+    CREATE TABLE corrections (
+        completion_id TEXT NOT NULL REFERENCES captures (completion_id),
+        after_s INTEGER NOT NULL,
+        text TEXT NOT NULL,
+        received_ms BIGINT NOT NULL,
+        PRIMARY KEY (completion_id, after_s)
+    );
+    """,
 )
 
 _COMPLETION_COLUMNS = [f.name for f in fields(CompletionRecord)]
-_EVENT_COLUMNS = [f.name for f in fields(TelemetryEvent)]
+_EVENT_COLUMNS = list(EVENT_COLUMNS)
+_CORRECTION_COLUMNS = ["completion_id", "after_s", "text", "received_ms"]
 
 
 class Store:
@@ -135,22 +172,41 @@ class Store:
                 cursor.execute(self._sql("INSERT INTO schema_version VALUES (?)"), (version,))
 
     def write(
-        self, completions: Sequence[CompletionRecord], events: Sequence[TelemetryEvent]
+        self,
+        completions: Sequence[CompletionRecord],
+        events: Sequence[TelemetryEvent],
+        captures: Sequence[CaptureRecord] = (),
     ) -> set[tuple[str, str]]:
-        """Commit both in one transaction; returns the keys (user, event id) of events that
+        """Commit all in one transaction; returns the keys (user, event id) of events that
         were stored before. A key repeated within `events` is stored once, from its first
-        occurrence."""
-        return self.write_rows([c.row() for c in completions], [e.row() for e in events])
+        occurrence. An event's correction (`final_text`) is kept only where its completion's
+        text is: captured, and not deleted since."""
+        return self.write_rows(
+            [c.row() for c in completions],
+            [e.row() for e in events],
+            [c.row() for c in captures],
+            corrections(events),
+        )
 
     def write_rows(
-        self, completions: Sequence[tuple], events: Sequence[tuple]
+        self,
+        completions: Sequence[tuple],
+        events: Sequence[tuple],
+        captures: Sequence[tuple] = (),
+        corrections: Sequence[tuple] = (),
     ) -> set[tuple[str, str]]:
-        """`write` for rows (`.row()`), which cross to the store's process ten times cheaper than
-        the dataclasses."""
+        """`write` for rows (`.row()`, `corrections`), which cross to the store's process ten
+        times cheaper than the dataclasses."""
         with self._mapped("store telemetry"):
-            return self._write(completions, events)
+            return self._write(completions, events, captures, corrections)
 
-    def _write(self, completions: Sequence[tuple], events: Sequence[tuple]) -> set[tuple[str, str]]:
+    def _write(
+        self,
+        completions: Sequence[tuple],
+        events: Sequence[tuple],
+        captures: Sequence[tuple],
+        corrections: Sequence[tuple],
+    ) -> set[tuple[str, str]]:
         before = self._existing_events([_event_key(row) for row in events])
         seen: set[tuple[str, str]] = set()
         fresh = []
@@ -162,9 +218,47 @@ class Store:
         with self._transaction() as cursor:
             if completions:
                 cursor.executemany(self._insert("completions", _COMPLETION_COLUMNS), completions)
+            if captures:
+                cursor.executemany(self._insert("captures", list(CAPTURE_COLUMNS)), captures)
             if fresh:
                 cursor.executemany(self._insert("events", _EVENT_COLUMNS), fresh)
+            if corrections:
+                columns = ", ".join(_CORRECTION_COLUMNS)
+                cursor.executemany(
+                    self._sql(
+                        f"INSERT INTO corrections ({columns}) SELECT ?, ?, ?, ? WHERE EXISTS "
+                        "(SELECT 1 FROM captures WHERE completion_id = ?) ON CONFLICT DO NOTHING"
+                    ),
+                    [(*row, row[0]) for row in corrections],
+                )
         return before
+
+    def delete_captured(
+        self, tenant: str, user_id: str | None = None, before_ms: int | None = None
+    ) -> tuple[int, int]:
+        """Delete captured text: a tenant's ("*": every tenant's), one user's of it, or what was
+        captured before `before_ms`. Returns how many completions' text and corrections went."""
+        where, parameters = [], []
+        if tenant != "*":
+            where.append("tenant = ?")
+            parameters.append(tenant)
+        if user_id is not None:
+            where.append("user_id = ?")
+            parameters.append(user_id)
+        if before_ms is not None:
+            where.append("created_ms < ?")
+            parameters.append(before_ms)
+        chosen = f"SELECT completion_id FROM captures WHERE {' AND '.join(where) or 'TRUE'}"
+        with self._mapped("delete captured text"), self._transaction() as cursor:
+            cursor.execute(
+                self._sql(f"DELETE FROM corrections WHERE completion_id IN ({chosen})"),
+                parameters,
+            )
+            corrected = cursor.rowcount
+            cursor.execute(
+                self._sql(f"DELETE FROM captures WHERE completion_id IN ({chosen})"), parameters
+            )
+            return cursor.rowcount, corrected
 
     def ping(self) -> None:
         """Fails unless the connection can write. SQLite opens a file it cannot write read-only,

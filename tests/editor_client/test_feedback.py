@@ -36,3 +36,16 @@ def test_unknown_units_and_reasons_are_refused() -> None:
         feedback.partially_accepted("c1", "a.py", 0, "x", "char")
     with pytest.raises(ValueError, match="reason must be one of dismissed, typed_over"):
         feedback.rejected("c1", "bored")
+
+
+@pytest.mark.parametrize("consent", [True, False])
+def test_the_correction_goes_with_the_5_minute_check_only_with_consent(consent: bool) -> None:
+    clock, sent = Clock(), []
+    feedback = Feedback(sent.append, clock, corrections=lambda: consent)
+    feedback.accepted("c1", "a.py", 0, "x = 1\n")
+    for seconds in (15, 15, 90, 180):
+        clock.now += seconds
+        feedback.retention.check_due({"a.py": "x = 12\ny = 2\n"}.get)
+    checks = [e.retention for e in sent if e.WhichOneof("kind") == "retention"]
+    assert [c.after_s for c in checks] == [15, 30, 120, 300]
+    assert [c.final_text for c in checks] == [b""] * 3 + [b"x = 12\n" if consent else b""]

@@ -87,3 +87,12 @@ def test_stopping_drops_pending_checks_and_says_which() -> None:
     assert tracker.abandon() == [("c1", 30), ("c1", 120), ("c1", 300), ("c1", 600)]
     advance(tracker, clock, files, 600)
     assert [c.after_s for c in checks] == [15]
+
+
+def test_the_best_match_is_the_correction_of_the_accepted_text() -> None:
+    tracker, clock, checks, files = tracker_with(BEFORE + ACCEPTED + AFTER)
+    corrected = "total = sum(item.price * item.qty for item in cart)\n"
+    files["shop.py"] = BEFORE + corrected + AFTER
+    advance(tracker, clock, files, 15)
+    [check] = checks
+    assert check.final_text == corrected

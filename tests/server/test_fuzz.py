@@ -131,10 +131,13 @@ event_bodies = st.one_of(
     ),
     st.builds(lambda r: {"rejected": pb.Rejected(reason=r)}, st.integers(-1, 4)),
     st.builds(
-        lambda a, f, p: {"retention": pb.Retention(after_s=a, retained_fraction=f, present=p)},
+        lambda a, f, p, t: {
+            "retention": pb.Retention(after_s=a, retained_fraction=f, present=p, final_text=t)
+        },
         st.one_of(st.sampled_from([15, 30, 120, 300, 600]), uint32s),
         st.floats(allow_nan=True, allow_infinity=True),
         st.booleans(),
+        st.one_of(st.just(b""), st.binary(max_size=40)),  # a correction, UTF-8 or not
     ),
     st.just({}),  # no kind
 )
@@ -170,11 +173,13 @@ frames = st.one_of(st.binary(max_size=64), st.just(b"\x0a\xff\xff\xff"))
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def edge(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Edge]:
-    async with edge_server(tmp_path_factory.mktemp("fuzz"), max_sessions="64") as opened:
+    async with edge_server(
+        tmp_path_factory.mktemp("fuzz"), max_sessions="64", capture_text="*"
+    ) as opened:
         yield opened
     # Whatever was sent, nothing was answered as a failure of ours.
     for code in ("INTERNAL", "UNKNOWN"):
-        for rpc in ("Session", "Complete", "Report"):
+        for rpc in ("Session", "Complete", "Report", "DeleteCapturedText"):
             assert not opened.errors(rpc, code), (rpc, code)
 
 
@@ -232,7 +237,10 @@ async def test_complete(edge: Edge, request: pb.CompleteRequest) -> None:
 
 
 @FUZZ
-@given(method=st.sampled_from(["Complete", "Report"]), data=st.binary(max_size=200))
+@given(
+    method=st.sampled_from(["Complete", "Report", "DeleteCapturedText"]),
+    data=st.binary(max_size=200),
+)
 async def test_raw_bytes_on_unary_calls(edge: Edge, method: str, data: bytes) -> None:
     kind = edge.channel.unary_stream if method == "Complete" else edge.channel.unary_unary
     _, code, details = await answered(kind(SERVICE + method)(data))

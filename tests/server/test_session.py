@@ -18,7 +18,7 @@ from ghostpen.server.ledger import Ledger
 from ghostpen.server.metrics import Metrics
 from ghostpen.server.session import Cancel, FileRequest, RequestError, Session
 from ghostpen.server.settings import Settings
-from ghostpen.server.telemetry.records import CompletionRecord
+from ghostpen.server.telemetry.records import CaptureRecord, CompletionRecord
 from ghostpen.server.workspace import FileChange
 from tests.scripted_engine import ScriptedEngine
 
@@ -36,7 +36,7 @@ def make_session(engine: Engine) -> tuple[Session, list[object], Metrics, list[C
     metrics = Metrics()
     recorded: list[CompletionRecord] = []
 
-    def record(completion: CompletionRecord) -> asyncio.Future[None]:
+    def record(completion: CompletionRecord, capture: CaptureRecord | None) -> asyncio.Future[None]:
         recorded.append(completion)
         committed = asyncio.get_running_loop().create_future()
         committed.set_result(None)

@@ -183,6 +183,8 @@ class _Servicer:
 
     def Report(self) -> None: ...
 
+    def DeleteCapturedText(self) -> None: ...
+
 
 class _Details(grpc.HandlerCallDetails):
     def __init__(self, method: str) -> None:

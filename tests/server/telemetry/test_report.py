@@ -57,20 +57,6 @@ EVENTS = [
 ]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        opened = Store.open(str(tmp_path / "t.db"), tmp_path)
-        yield opened
-        opened.close()
-        return
-    url, name = start_database()
-    opened = Store.open(url, tmp_path)
-    yield opened
-    opened.close()
-    drop_database(name)
-
-
 def test_report_numbers(store: Store) -> None:
     assert store.write(COMPLETIONS, EVENTS) == set()
     report = build_report(store, ReportFilter())
