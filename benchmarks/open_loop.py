@@ -1,7 +1,7 @@
 """Open-loop load on the stateless path, in the manner of `vllm bench serve`: requests arrive at a
 set rate whatever the server's pace (Poisson, or gamma for burstiness), each with a deadline.
 
-The requests are completion tasks cut from a real source tree (`benchmarks/eval/tasks.py`). Two
+The requests are completion tasks cut from a real source tree (`server/training/tasks.py`). Two
 kinds of target take them:
 - ghostpen's `Complete` over gRPC: prefix, suffix and the recently touched files travel inline;
 - any OpenAI-compatible `/v1/completions` endpoint, streaming: how peers (llama-cpp-python's own
@@ -26,7 +26,7 @@ import grpc
 import uvloop
 
 from ghostpen.benchmarks.corpus import percentile_cells, percentiles
-from ghostpen.benchmarks.eval.tasks import Task, build_tasks, source_files
+from ghostpen.server.training.tasks import Task, build_tasks, source_files
 from ghostpen.benchmarks.peers import running_peer
 from ghostpen.benchmarks.server_process import process_usage, running_server
 from ghostpen.context.prompt import Document, build_prompt

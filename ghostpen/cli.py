@@ -20,6 +20,7 @@ OPEN_LOOP_SLOTS = 8  # KV slots of each llama-server under open-loop load: reque
 
 if TYPE_CHECKING:
     from ghostpen.benchmarks.load import LoadConfig
+    from ghostpen.server.telemetry.store import Store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,8 +75,26 @@ def main(argv: list[str] | None = None) -> int:
     revoke = token_actions.add_parser("revoke", help="a token by its id, or all of a user's")
     revoke.add_argument("who", help="a token id or a user")
 
-    data = commands.add_parser("data", help="captured text (capture_text): delete")
+    data = commands.add_parser("data", help="training data: export; captured text: delete")
     data_actions = data.add_subparsers(dest="action", required=True)
+    export = data_actions.add_parser(
+        "export", help="training samples from kept completions and a repository"
+    )
+    export.add_argument("--out", type=Path, required=True, help="a directory")
+    export.add_argument("--repo", type=Path, help="the team's own code, to cut samples from")
+    export.add_argument(
+        "--no-captures", action="store_true", help="leave out the captured completions"
+    )
+    export.add_argument("--samples", type=int, default=2000, help="cuts from the repository")
+    export.add_argument("--min-retained", type=float, default=0.5, help="at 5 minutes, 0..1")
+    export.add_argument("--heldout-files", type=float, default=0.1, help="files held out, 0..1")
+    export.add_argument(
+        "--heldout-recent", type=float, default=0.1, help="newest samples held out, 0..1"
+    )
+    export.add_argument(
+        "--template", help="the prompt template to render in; default: the serving one"
+    )
+    export.add_argument("--seed", type=int, default=0)
     delete = data_actions.add_parser("delete", help="a tenant's captured text, or one user's")
     delete.add_argument("--tenant", required=True, help="a tenant; '*': every tenant")
     delete.add_argument("--user", help="only this user's")
@@ -399,10 +418,37 @@ def _data(args: argparse.Namespace, settings: Settings) -> int:
 
     store = Store.open(settings.telemetry.database, settings.cache_dir)
     try:
-        texts, corrections = store.delete_captured(args.tenant, args.user)
+        if args.action == "delete":
+            texts, corrections = store.delete_captured(args.tenant, args.user)
+            print(f"deleted {texts} completions' text and {corrections} corrections")
+            return 0
+        return _export(args, settings, store)
     finally:
         store.close()
-    print(f"deleted {texts} completions' text and {corrections} corrections")
+
+
+def _export(args: argparse.Namespace, settings: Settings, store: Store) -> int:
+    from ghostpen.context.template import load_template
+    from ghostpen.server.training.export import ExportConfig, export
+
+    if args.no_captures and args.repo is None:
+        print(
+            "ghostpen: nothing to export: give --repo, or leave out --no-captures", file=sys.stderr
+        )
+        return 2
+    config = ExportConfig(
+        out=args.out,
+        template=load_template(args.template or settings.context.template),
+        context=settings.context,
+        min_retained=args.min_retained,
+        repo_samples=args.samples,
+        heldout_files=args.heldout_files,
+        heldout_recent=args.heldout_recent,
+        seed=args.seed,
+    )
+    manifest = export(config, None if args.no_captures else store, args.repo)
+    print(json.dumps({k: manifest[k] for k in ("counts", "dropped", "privacy", "hash")}, indent=2))
+    print(f"wrote {args.out}/train.jsonl, heldout.jsonl and manifest.json")
     return 0
 
 

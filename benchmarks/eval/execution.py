@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ghostpen.benchmarks.eval.suites import Project, unpacked
-from ghostpen.benchmarks.eval.tasks import SourceFile, Task, related
+from ghostpen.server.training.tasks import SourceFile, Task, related
 
 BODY_MIN_LINES = 2
 BODY_MAX_LINES = 10  # fits the multi-line token budget

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from ghostpen.benchmarks.eval.execution import ScratchProject
 from ghostpen.benchmarks.eval.metrics import edit_similarity, exact_match, identifier_match
 from ghostpen.benchmarks.eval.strategies import STRATEGIES, identifiers
-from ghostpen.benchmarks.eval.tasks import Task
+from ghostpen.server.training.tasks import Task
 from ghostpen.context.chunker import Chunk
 from ghostpen.context.gate import confidence
 from ghostpen.context.postprocess import Mode

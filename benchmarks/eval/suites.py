@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
 
-from ghostpen.benchmarks.eval.tasks import SourceFile
+from ghostpen.server.training.tasks import SourceFile
 from ghostpen.context.languages import language_of
 
 SUITES_FILE = Path(__file__).with_name("suites.toml")

@@ -7,7 +7,7 @@ import pytest
 
 from ghostpen.benchmarks.eval.metrics import edit_similarity, exact_match, identifier_match
 from ghostpen.benchmarks.eval.strategies import STRATEGIES
-from ghostpen.benchmarks.eval.tasks import SourceFile, build_tasks, related, source_files
+from ghostpen.server.training.tasks import SourceFile, build_tasks, related, source_files
 from ghostpen.context.chunker import Chunk
 from ghostpen.context.ranker import Exclusion
 

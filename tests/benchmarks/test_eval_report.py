@@ -15,7 +15,7 @@ from ghostpen.benchmarks.eval.report import (
 )
 from ghostpen.benchmarks.eval.run import Record, Variant, _oracle, parse_variant
 from ghostpen.benchmarks.eval.stats import paired_bootstrap, proportion
-from ghostpen.benchmarks.eval.tasks import SourceFile, Task
+from ghostpen.server.training.tasks import SourceFile, Task
 from ghostpen.context.chunker import Chunk
 
 

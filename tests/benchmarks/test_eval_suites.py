@@ -168,7 +168,7 @@ def test_tests_run_without_network(tmp_path):
     files = project_files(project, cache, max_bytes=10_000)
     runner = ScratchProject(project, cache)
     try:
-        from ghostpen.benchmarks.eval.tasks import Task
+        from ghostpen.server.training.tasks import Task
 
         text = files[1].text
         cursor = text.index("socket.create_connection")

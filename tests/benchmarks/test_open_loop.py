@@ -6,7 +6,7 @@ import statistics
 import sysconfig
 from pathlib import Path
 
-from ghostpen.benchmarks.eval.tasks import build_tasks, source_files
+from ghostpen.server.training.tasks import build_tasks, source_files
 from ghostpen.benchmarks.open_loop import (
     GhostpenTarget,
     OpenAITarget,

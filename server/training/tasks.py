@@ -1,4 +1,5 @@
-"""Completion tasks cut from real source files, deterministically from a seed.
+"""Completion tasks cut from real source files, deterministically from a seed: what the evaluation
+asks (benchmarks/eval) and what training learns from a repository (export.py).
 
 In the manner of RepoEval and CrossCodeEval: pick a line, keep everything before the cursor and
 after it, and hand over the project's other files as the recently touched files: those whose
@@ -31,6 +32,7 @@ class SourceFile:
     path: str  # relative to the tree
     language: str
     text: str
+    changed: float = 0.0  # Unix time of its last commit, or of its last modification
 
 
 @dataclass(frozen=True)
@@ -71,9 +73,9 @@ def source_files(root: Path, max_bytes: int) -> list[SourceFile]:
         except UnicodeDecodeError:
             continue
         changed = committed.get(path.resolve(), path.stat().st_mtime)
-        found.append((changed, SourceFile(str(path.relative_to(root)), language, text)))
-    found.sort(key=lambda item: (-item[0], item[1].path))
-    return [source for _, source in found]
+        found.append(SourceFile(str(path.relative_to(root)), language, text, changed))
+    found.sort(key=lambda source: (-source.changed, source.path))
+    return found
 
 
 def last_commit_times(root: Path) -> dict[Path, float]:
@@ -106,9 +108,11 @@ def build_tasks(
     seed: int,
     max_files: int,
     kinds: tuple[str, ...] = ("line", "rest_of_line"),
+    weights: Sequence[float] | None = None,
 ) -> list[Task]:
     """`count` tasks from one project's files; line and rest-of-line tasks drawn as one pool,
-    block tasks as another, in proportion to the kinds asked for."""
+    block tasks as another, in proportion to the kinds asked for. `weights`: how likely each
+    file is drawn, relative to the others (default: alike)."""
     unknown = set(kinds) - set(KINDS)
     if unknown or not kinds:
         raise ValueError(f"task kinds must be among {', '.join(KINDS)}: {', '.join(kinds)}")
@@ -117,8 +121,13 @@ def build_tasks(
         raise ValueError("no source files of a known language")
     blocks = round(count * kinds.count("block") / len(kinds))
     line_kinds = tuple(kind for kind in kinds if kind != "block")
-    tasks = _line_tasks(files, count - blocks, seed, max_files, line_kinds) if line_kinds else []
-    return tasks + _block_tasks(files, blocks, seed, max_files)
+    chances = list(weights) if weights is not None else None
+    tasks = (
+        _line_tasks(files, count - blocks, seed, max_files, line_kinds, chances)
+        if line_kinds
+        else []
+    )
+    return tasks + _block_tasks(files, blocks, seed, max_files, chances)
 
 
 def _draw(
@@ -128,6 +137,7 @@ def _draw(
     max_files: int,
     tries: int,
     cut: Callable[[random.Random, SourceFile, list[str]], tuple[str, int, str] | None],
+    weights: list[float] | None,
 ) -> list[Task]:
     """Up to `count` distinct tasks, `cut` choosing (kind, cursor, expected) in a random file, or
     None to try another; at most `tries` attempts a task."""
@@ -137,7 +147,7 @@ def _draw(
     attempts = 0
     while len(tasks) < count and attempts < count * tries:
         attempts += 1
-        chosen = rng.choice(files)
+        chosen = rng.choices(files, weights)[0] if weights else rng.choice(files)
         found = cut(rng, chosen, chosen.text.split("\n"))
         if found is None or (chosen.path, found[1]) in seen:
             continue
@@ -172,7 +182,12 @@ _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _line_tasks(
-    files: list[SourceFile], count: int, seed: int, max_files: int, kinds: tuple[str, ...]
+    files: list[SourceFile],
+    count: int,
+    seed: int,
+    max_files: int,
+    kinds: tuple[str, ...],
+    weights: list[float] | None,
 ) -> list[Task]:
     def cut(
         rng: random.Random, chosen: SourceFile, lines: list[str]
@@ -194,10 +209,12 @@ def _line_tasks(
             cursor, kind = start + first_space, "rest_of_line"
         return kind, cursor, chosen.text[cursor : start + len(line)].rstrip()
 
-    return _draw(files, count, seed, max_files, 50, cut)
+    return _draw(files, count, seed, max_files, 50, cut, weights)
 
 
-def _block_tasks(files: list[SourceFile], count: int, seed: int, max_files: int) -> list[Task]:
+def _block_tasks(
+    files: list[SourceFile], count: int, seed: int, max_files: int, weights: list[float] | None
+) -> list[Task]:
     def cut(
         rng: random.Random, chosen: SourceFile, lines: list[str]
     ) -> tuple[str, int, str] | None:
@@ -218,7 +235,7 @@ def _block_tasks(files: list[SourceFile], count: int, seed: int, max_files: int)
         start = sum(len(previous) + 1 for previous in lines[: index + 1])
         return "block", start + _indent(body[0]), "\n".join(body)[_indent(body[0]) :]
 
-    return _draw(files, count, seed, max_files, 200, cut)
+    return _draw(files, count, seed, max_files, 200, cut, weights)
 
 
 def _indent(line: str) -> int:

@@ -1,0 +1,306 @@
+"""Training samples in the serving template's own format, from what developers kept and from the
+team's own code; screened for privacy, deduplicated, and split so that nothing leaks.
+
+Two sources:
+- captures: accepted completions whose 5-minute retention reached `min_retained`, with the text
+  the developer turned them into (the correction; the suggestion where none was sent) as target;
+- a repository: fill-in-the-middle cuts (next line, rest of line, next block) of its files, with
+  the files a developer would have open beside them as context. Recently changed files are drawn
+  more often (git history where there is one, modification times elsewhere).
+
+Prompts are rendered by the serving code (`context.prompt`), so a model learns the very format it
+is served. The split is by file *and* by time: a file is held out whole when any of its samples
+is among the newest `heldout_recent` share, or when its name hashes into `heldout_files`; every
+training sample is then older than every sample that made its file held out, and no file is on
+both sides.
+
+    manifest = export(ExportConfig(out=Path("data")), store, repo=Path("~/src/app"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ghostpen.context.chunker import Chunk
+from ghostpen.context.prompt import Document, build_prompt, render
+from ghostpen.context.settings import ContextSettings
+from ghostpen.context.template import Template
+from ghostpen.server.context_process import ChunkCache
+from ghostpen.server.telemetry.store import Store
+from ghostpen.server.training.privacy import screen
+from ghostpen.server.training.tasks import KINDS, SourceFile, Task, build_tasks, source_files
+
+CORRECTION_AFTER_S = 300  # the retention check that decides, and carries the correction
+RECENT_HALF_LIFE_DAYS = 30.0  # a file changed this long ago is drawn half as often as a new one
+_SPLIT = "\n\x1fghostpen-split\x1f\n"  # joins prompt and target for one privacy scan
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training example: the model reads `prompt` and should write `target`."""
+
+    sample_id: str  # the first 16 hex digits of the sha256 of prompt and target
+    source: str  # capture | repo
+    file: str  # repository/path: the unit of the split
+    language: str
+    kind: str  # capture, or the repository cut's kind (line, rest_of_line, block)
+    time_ms: int  # when it was written: captured, or its file last changed
+    prompt: str
+    target: str  # ends with the template's end of text: the model learns to stop
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    out: Path
+    template: Template
+    context: ContextSettings
+    min_retained: float = 0.5  # retained fraction at 5 minutes for a capture to teach
+    repo_samples: int = 2000  # cuts from the repository, before deduplication and screening
+    max_file_bytes: int = 256 * 1024
+    heldout_files: float = 0.1  # share of files held out by the hash of their name
+    heldout_recent: float = 0.1  # share of samples, the newest, whose files are held out
+    seed: int = 0
+
+
+@dataclass
+class Tally:
+    """What became of everything the export read, for its manifest."""
+
+    read: Counter[str] = field(default_factory=Counter)  # by source
+    dropped: Counter[str] = field(default_factory=Counter)  # by reason
+    privacy: Counter[str] = field(default_factory=Counter)  # what the screen found, by kind
+
+
+def export(config: ExportConfig, store: Store | None, repo: Path | None) -> dict[str, object]:
+    """Write train.jsonl, heldout.jsonl and manifest.json into config.out; returns the manifest."""
+    tally = Tally()
+    sources: list[dict[str, object]] = []
+    samples: list[Sample] = []
+    if store is not None:
+        samples += captured(store, config, tally)
+        sources.append({"kind": "capture", "min_retained": config.min_retained})
+    if repo is not None:
+        samples += repository(repo, config, tally)
+        sources.append({"kind": "repo", "path": str(repo), "head": _git_head(repo)})
+    unique = _deduplicated(samples, tally)
+    train, heldout, cutoff_ms = split(unique, config)
+    config.out.mkdir(parents=True, exist_ok=True)
+    hashes = {
+        name: _write_jsonl(config.out / name, rows)
+        for name, rows in (("train.jsonl", train), ("heldout.jsonl", heldout))
+    }
+    manifest: dict[str, object] = {
+        "created_ms": int(time.time() * 1000),
+        "template": config.template.template_id,
+        "template_hash": config.template.content_hash,
+        "sources": sources,
+        "counts": {
+            "train": len(train),
+            "heldout": len(heldout),
+            "by_source": dict(Counter(s.source for s in unique)),
+            "read": dict(tally.read),
+        },
+        "dropped": dict(tally.dropped),
+        "privacy": dict(tally.privacy),
+        "split": {
+            "heldout_files": config.heldout_files,
+            "heldout_recent": config.heldout_recent,
+            "cutoff_ms": cutoff_ms,
+            "seed": config.seed,
+        },
+        "files": hashes,
+        "hash": hashlib.sha256("".join(sorted(hashes.values())).encode()).hexdigest(),
+    }
+    (config.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def captured(store: Store, config: ExportConfig, tally: Tally) -> list[Sample]:
+    """Samples of accepted completions kept past `min_retained` at five minutes."""
+    rows = store.query(
+        "SELECT c.created_ms, c.repo, c.path, c.language, c.prefix, c.suffix, "
+        "c.healed, c.context, c.shown, r.fraction, k.text FROM captures c "
+        "JOIN events r ON r.completion_id = c.completion_id AND r.kind = 'retention' "
+        "AND r.after_s = ? "
+        "LEFT JOIN corrections k ON k.completion_id = c.completion_id AND k.after_s = ? "
+        "ORDER BY c.created_ms, c.completion_id",
+        (CORRECTION_AFTER_S, CORRECTION_AFTER_S),
+    )
+    samples = []
+    for row in rows:
+        created_ms, repo, path, language, prefix, suffix, healed, context = row[:8]
+        shown, fraction, corrected = row[8:]
+        tally.read["capture"] += 1
+        if fraction < config.min_retained:
+            tally.dropped["retained below min_retained"] += 1
+            continue
+        chunks = [
+            Chunk.of(c["path"], c["start_line"], c["end_line"], c["text"])
+            for c in json.loads(context)
+        ]
+        prompt = render(config.template, repo, path, language, chunks, prefix, suffix)
+        target = healed + (shown if corrected is None else corrected)
+        sample = _sample(
+            "capture",
+            f"{repo}/{path}",
+            language,
+            "capture",
+            created_ms,
+            prompt,
+            target,
+            config.template,
+            tally,
+        )
+        if sample is not None:
+            samples.append(sample)
+    return samples
+
+
+def repository(root: Path, config: ExportConfig, tally: Tally) -> list[Sample]:
+    """Fill-in-the-middle cuts of the repository's own files, recent ones drawn more often.
+    Files are screened first: one holding a secret is left out, as target and as context."""
+    files = []
+    for source in source_files(root, config.max_file_bytes):
+        tally.read["repo file"] += 1
+        screened = screen(source.text, Path(source.path).suffix)
+        tally.privacy.update(screened.found)
+        if screened.text is None:
+            tally.dropped["repo file with a secret"] += 1
+            continue
+        files.append(SourceFile(source.path, source.language, screened.text, source.changed))
+    if not files:
+        return []
+    newest = max(f.changed for f in files)
+    weights = [0.5 ** ((newest - f.changed) / 86_400 / RECENT_HALF_LIFE_DAYS) + 0.1 for f in files]
+    tasks = build_tasks(
+        files, config.repo_samples, config.seed, config.context.top_k + 1, KINDS, weights
+    )
+    cache = ChunkCache(config.context.chunk_max_lines)
+    name = root.resolve().name
+    samples = []
+    for task in tasks:
+        tally.read["repo cut"] += 1
+        sample = _cut_sample(task, name, cache, config, tally)
+        if sample is not None:
+            samples.append(sample)
+    return samples
+
+
+def split(
+    samples: Sequence[Sample], config: ExportConfig
+) -> tuple[list[Sample], list[Sample], int]:
+    """(train, held-out, cutoff_ms): see the module's docstring."""
+    times = sorted((s.time_ms for s in samples), reverse=True)
+    recent = math.ceil(len(times) * config.heldout_recent)
+    cutoff_ms = times[min(recent, len(times) - 1)] if times else 0
+    newest: dict[str, int] = {}
+    for sample in samples:
+        newest[sample.file] = max(newest.get(sample.file, 0), sample.time_ms)
+    held = {
+        file
+        for file, when in newest.items()
+        if when > cutoff_ms or _hashed_fraction(file, config.seed) < config.heldout_files
+    }
+    train = [s for s in samples if s.file not in held]
+    heldout = [s for s in samples if s.file in held]
+    return train, heldout, cutoff_ms
+
+
+def read_samples(path: Path) -> list[Sample]:
+    with path.open(encoding="utf-8") as lines:
+        return [Sample(**json.loads(line)) for line in lines if line.strip()]
+
+
+def _cut_sample(
+    task: Task, repo: str, cache: ChunkCache, config: ExportConfig, tally: Tally
+) -> Sample | None:
+    text = task.left + task.right
+    document = Document(task.file.path, task.file.language, text, len(task.left))
+    chunks = [c for f in task.context for c in cache.chunks(f.path, f.language, f.text)]
+    prompt = build_prompt(repo, document, chunks, config.template, config.context)
+    return _sample(
+        "repo",
+        f"{repo}/{task.file.path}",
+        task.file.language,
+        task.kind,
+        int(task.file.changed * 1000),
+        prompt.text,
+        prompt.healed + task.expected,
+        config.template,
+        tally,
+        screened=True,
+    )
+
+
+def _sample(
+    source: str,
+    file: str,
+    language: str,
+    kind: str,
+    time_ms: int,
+    prompt: str,
+    target: str,
+    template: Template,
+    tally: Tally,
+    screened: bool = False,
+) -> Sample | None:
+    """The sample, screened unless its text already was; None if it must not be kept."""
+    if not target.strip():
+        tally.dropped["empty target"] += 1
+        return None
+    if not screened:
+        found = screen(prompt + _SPLIT + target)
+        tally.privacy.update(found.found)
+        if found.text is None:
+            tally.dropped["capture with a secret"] += 1
+            return None
+        prompt, target = found.text.split(_SPLIT)
+    target += template.stop[0]
+    digest = hashlib.sha256(f"{prompt}\0{target}".encode()).hexdigest()[:16]
+    return Sample(digest, source, file, language, kind, time_ms, prompt, target)
+
+
+def _deduplicated(samples: Iterable[Sample], tally: Tally) -> list[Sample]:
+    seen: set[str] = set()
+    unique = []
+    for sample in samples:
+        if sample.sample_id in seen:
+            tally.dropped["duplicate"] += 1
+            continue
+        seen.add(sample.sample_id)
+        unique.append(sample)
+    return unique
+
+
+def _hashed_fraction(file: str, seed: int) -> float:
+    digest = hashlib.sha256(f"{seed}:{file}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _write_jsonl(path: Path, samples: Sequence[Sample]) -> str:
+    """Written whole or not at all; returns the file's sha256."""
+    partial = path.with_suffix(".partial")
+    text = "".join(json.dumps(asdict(s), ensure_ascii=False) + "\n" for s in samples)
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _git_head(root: Path) -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None

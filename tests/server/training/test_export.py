@@ -1,0 +1,207 @@
+"""`ghostpen data export`: samples in the serving format, from kept completions and a repository;
+screened, deduplicated, and split by file and time without leaks."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from ghostpen.cli import main
+from ghostpen.context.chunker import Chunk
+from ghostpen.context.prompt import render
+from ghostpen.context.settings import ContextSettings
+from ghostpen.context.template import load_template
+from ghostpen.server.telemetry.records import CaptureRecord, CompletionRecord, TelemetryEvent
+from ghostpen.server.telemetry.store import Store
+from ghostpen.server.training.export import ExportConfig, export, read_samples
+
+FIM = load_template("qwen25-coder-repo-fim")
+DAY = 86_400
+NOW = 1_790_000_000
+AWS_KEY = "AKIAIOSFODNN7EXAMPLE"  # AWS's documented example key: what its scanner looks for
+
+
+def module(name: str, index: int) -> str:
+    return (
+        f'"""Module {name}."""\n\n\n'
+        f"def {name}_total(items):\n"
+        f"    total = 0\n"
+        f"    for item in items:\n"
+        f"        total += item.price * {index + 1}\n"
+        f"    return total\n\n\n"
+        f"class {name.title()}Cart:\n"
+        f"    def __init__(self, owner):\n"
+        f"        self.owner = owner\n"
+        f"        self.items = []\n\n"
+        f"    def add(self, item):\n"
+        f"        self.items.append(item)\n"
+        f"        return {name}_total(self.items)\n"
+    )
+
+
+def git_repo(root: Path, names: list[str], gap_days: int = 1) -> Path:
+    """A repository whose files were last committed `gap_days` apart, the first the oldest."""
+    root.mkdir()
+
+    def git(*args: str, when: int = NOW) -> None:
+        stamp = f"@{when} +0000"
+        env = {**os.environ, "GIT_AUTHOR_DATE": stamp, "GIT_COMMITTER_DATE": stamp}
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+            cwd=root, env=env, check=True, capture_output=True,
+        )  # fmt: skip
+
+    git("init", "-q")
+    for index, name in enumerate(names):
+        (root / f"{name}.py").write_text(module(name, index))
+        git("add", f"{name}.py")
+        git("commit", "-q", "-m", name, when=NOW - (len(names) - index) * gap_days * DAY)
+    return root
+
+
+def config(out: Path, **fields: object) -> ExportConfig:
+    return ExportConfig(out=out, template=FIM, context=ContextSettings(), **fields)
+
+
+def test_a_repository_splits_by_file_and_time_without_leaks(tmp_path: Path) -> None:
+    names = [f"shop{i}" for i in range(12)]
+    repo = git_repo(tmp_path / "shop", names)
+    manifest = export(config(tmp_path / "out", repo_samples=300), None, repo)
+    train = read_samples(tmp_path / "out" / "train.jsonl")
+    heldout = read_samples(tmp_path / "out" / "heldout.jsonl")
+    assert train and heldout
+    assert not {s.file for s in train} & {s.file for s in heldout}  # no file on both sides
+    cutoff = manifest["split"]["cutoff_ms"]
+    assert max(s.time_ms for s in train) <= cutoff
+    assert "shop/shop11.py" in {s.file for s in heldout}  # the newest file is held out
+    for sample in train + heldout:
+        assert sample.prompt.startswith("<|repo_name|>shop\n") and "<|fim_middle|>" in sample.prompt
+        assert sample.target.endswith("<|endoftext|>") and sample.target != "<|endoftext|>"
+        assert sample.kind in ("line", "rest_of_line", "block")
+    assert len({s.sample_id for s in train + heldout}) == len(train) + len(heldout)
+    counts = manifest["counts"]
+    assert (counts["train"], counts["heldout"]) == (len(train), len(heldout))
+    for name in ("train.jsonl", "heldout.jsonl"):
+        digest = hashlib.sha256((tmp_path / "out" / name).read_bytes()).hexdigest()
+        assert manifest["files"][name] == digest
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert on_disk["hash"] == manifest["hash"] and on_disk["sources"][0]["head"]
+
+
+def test_recently_changed_files_are_drawn_more_often(tmp_path: Path) -> None:
+    repo = git_repo(tmp_path / "shop", ["old", "new"], gap_days=365)
+    no_split = {"heldout_files": 0.0, "heldout_recent": 0.0}
+    export(config(tmp_path / "out", repo_samples=24, **no_split), None, repo)  # fewer than fit
+    drawn = Counter(s.file for s in read_samples(tmp_path / "out" / "train.jsonl"))
+    assert drawn["shop/new.py"] > 2 * drawn["shop/old.py"]
+
+
+def test_a_file_with_a_secret_is_left_out_and_addresses_are_redacted(tmp_path: Path) -> None:
+    repo = git_repo(tmp_path / "shop", ["cart", "orders", "billing"])
+    (repo / "keys.py").write_text(module("keys", 9) + f'AWS_ACCESS_KEY_ID = "{AWS_KEY}"\n')
+    (repo / "contact.py").write_text(module("contact", 7) + 'OWNER = "jane.doe@acme-corp.io"\n')
+    manifest = export(config(tmp_path / "out", repo_samples=200), None, repo)
+    samples = read_samples(tmp_path / "out" / "train.jsonl")
+    samples += read_samples(tmp_path / "out" / "heldout.jsonl")
+    text = "".join(s.prompt + s.target for s in samples)
+    assert AWS_KEY not in text and "jane.doe@acme-corp.io" not in text
+    assert "shop/keys.py" not in {s.file for s in samples}
+    assert manifest["dropped"]["repo file with a secret"] == 1
+    assert manifest["privacy"]["email"] >= 1
+    assert any(k.startswith("secret:") for k in manifest["privacy"])
+
+
+COMPLETION = CompletionRecord(
+    "c1", NOW * 1000, "qwen", "t@v1", "h", "llama.cpp", "python", "single_line", 9, 3, 1.0, 2.0,
+    "stop", 7, user_id="alice", tenant="acme",
+)  # fmt: skip
+CAPTURE = CaptureRecord(
+    "c1", NOW * 1000, "alice", "acme", "t@v1", "shop", "cart.py", "python",
+    "def total(cart):\n   ", "\n\nprint(total([]))", " ",
+    json.dumps([{"path": "prices.py", "start_line": 0, "end_line": 2,
+                 "text": "def price(item):\n    return item.price"}]),
+    "return sum(cart)",
+)  # fmt: skip
+
+
+def retained(completion_id: str, fraction: float, final_text: str | None) -> TelemetryEvent:
+    return TelemetryEvent(
+        uuid.uuid4().hex, completion_id, "retention", NOW * 1000, NOW * 1000, after_s=300,
+        fraction=fraction, present=fraction >= 0.5, file_closed=False, user_id="alice",
+        final_text=final_text,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def captured_store(tmp_path: Path) -> Store:
+    """c1 kept and corrected; c2 kept as suggested; c3 mostly undone; c4 holds a key; c5 the
+    same as c2; c6 accepted only minutes ago (no 5-minute check yet)."""
+    store = Store.open(str(tmp_path / "telemetry.db"), tmp_path)
+    ids = ["c1", "c2", "c3", "c4", "c5", "c6"]
+    completions = [dataclasses.replace(COMPLETION, completion_id=i) for i in ids]
+    captures = [
+        CAPTURE,
+        dataclasses.replace(CAPTURE, completion_id="c2", shown="return 0"),
+        dataclasses.replace(CAPTURE, completion_id="c3"),
+        dataclasses.replace(CAPTURE, completion_id="c4", prefix=f'KEY = "{AWS_KEY}"\n'),
+        dataclasses.replace(CAPTURE, completion_id="c5", shown="return 0"),
+        dataclasses.replace(CAPTURE, completion_id="c6"),
+    ]
+    events = [
+        retained("c1", 0.8, "return sum(item.price for item in cart)"),
+        retained("c2", 1.0, None),
+        retained("c3", 0.2, "pass"),
+        retained("c4", 1.0, None),
+        retained("c5", 1.0, None),
+    ]
+    store.write(completions, events, captures)
+    return store
+
+
+def test_kept_completions_teach_their_corrections(tmp_path: Path, captured_store: Store) -> None:
+    manifest = export(
+        config(tmp_path / "out", heldout_files=0.0, heldout_recent=0.0), captured_store, None
+    )
+    [corrected, as_shown] = read_samples(tmp_path / "out" / "train.jsonl")
+    assert corrected.target == " return sum(item.price for item in cart)<|endoftext|>"
+    assert as_shown.target == " return 0<|endoftext|>"
+    chunk = json.loads(CAPTURE.context)[0]
+    context = [Chunk.of(chunk["path"], chunk["start_line"], chunk["end_line"], chunk["text"])]
+    assert corrected.prompt == render(
+        FIM, "shop", "cart.py", "python", context, CAPTURE.prefix, CAPTURE.suffix
+    )
+    assert (corrected.source, corrected.file, corrected.kind) == (
+        "capture",
+        "shop/cart.py",
+        "capture",
+    )
+    dropped = manifest["dropped"]
+    assert dropped == {
+        "retained below min_retained": 1,
+        "capture with a secret": 1,
+        "duplicate": 1,
+    }
+    assert manifest["counts"]["read"] == {"capture": 5}  # c6 has no 5-minute check yet
+    assert any(k.startswith("secret:") for k in manifest["privacy"])
+
+
+def test_the_export_command(tmp_path: Path, captured_store: Store, capsys) -> None:
+    captured_store.close()
+    repo = git_repo(tmp_path / "shop", ["cart", "orders"])
+    database = ["--set", f"database={tmp_path / 'telemetry.db'}"]
+    out = tmp_path / "out"
+    assert main([*database, "data", "export", "--out", str(out), "--repo", str(repo),
+                 "--samples", "40", "--template", "qwen25-coder-repo-fim"]) == 0  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["by_source"]["capture"] == 2
+    assert manifest["counts"]["by_source"]["repo"] > 0
+    assert manifest["template"] == "qwen25-coder-repo-fim@v1"
+    assert manifest["hash"] in capsys.readouterr().out
