@@ -26,7 +26,6 @@ import grpc
 import uvloop
 
 from ghostpen.benchmarks.corpus import percentile_cells, percentiles
-from ghostpen.server.training.tasks import Task, build_tasks, source_files
 from ghostpen.benchmarks.peers import running_peer
 from ghostpen.benchmarks.server_process import process_usage, running_server
 from ghostpen.context.prompt import Document, build_prompt
@@ -37,6 +36,7 @@ from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
 from ghostpen.server.context_process import ChunkCache
 from ghostpen.server.model_store import resolve
 from ghostpen.server.settings import Settings
+from ghostpen.server.training.tasks import Task, build_tasks, source_files
 
 MAX_CONTEXT_FILES = 11
 MAX_STOP_STRINGS = 4

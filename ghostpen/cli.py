@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -46,7 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     for action, text in (("fetch", "download, join and verify"), ("verify", "check the sha256")):
         sub = actions.add_parser(action, help=text)
         sub.add_argument("name", nargs="?")
-    actions.add_parser("list", help="the registry, and what is in the cache")
+    actions.add_parser("list", help="built-in models and the versions the flywheel made")
+    promote = actions.add_parser(
+        "promote", help="make a version the default, if it beats the current one held out"
+    )
+    promote.add_argument("name")
+    promote.add_argument("--force", action="store_true", help="without evidence that it is better")
+    promote.add_argument("--by", default=os.environ.get("USER", ""), help="who promotes it")
     convert = actions.add_parser("convert", help="GGUF -> Hugging Face checkpoint for vLLM")
     convert.add_argument("name", nargs="?", help="a registry name or a .gguf path")
     convert.add_argument("--out", type=Path)
@@ -132,6 +139,21 @@ def main(argv: list[str] | None = None) -> int:
     loop.add_argument("--endpoint", default="", help="an OpenAI-compatible /v1 URL to measure")
     loop.add_argument("--endpoint-model", default="", help="the model name the endpoint serves")
 
+    loop = commands.add_parser(
+        "loop", help="the flywheel: export, tune, quantize, evaluate and register a version"
+    )
+    loop.add_argument("--name", required=True, help="the version to make, e.g. shop-2026-11")
+    loop.add_argument("--repo", type=Path, help="the team's own code")
+    loop.add_argument("--no-captures", action="store_true", help="leave out kept completions")
+    loop.add_argument("--base", help="the model to tune; default: the served one")
+    loop.add_argument("--template", default="qwen25-coder-repo-fim", help="the prompt format")
+    loop.add_argument("--samples", type=int, default=2000, help="cuts from the repository")
+    loop.add_argument("--minutes", type=float, default=30.0, help="of training")
+    loop.add_argument("--steps", type=int, help="of training, at most")
+    loop.add_argument("--heldout", type=int, default=100, help="samples each model is scored on")
+    loop.add_argument("--note", default="")
+    loop.add_argument("--seed", type=int, default=0)
+
     agent = commands.add_parser("agent", help="the editor agent: a language server (LSP)")
     agent.add_argument("--stdio", action="store_true", required=True, help="LSP over stdin/stdout")
 
@@ -169,6 +191,24 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--engine", choices=("auto", "llama.cpp", "vllm"))
     evaluate.add_argument("--out", type=Path, default=Path("eval-out"), help="a directory")
 
+    tune = commands.add_parser("tune", help="LoRA fine-tune on samples: adapter, merged model")
+    tune.add_argument("--data", type=Path, required=True, help="JSONL: prompt and target a line")
+    tune.add_argument("--out", type=Path, required=True, help="a directory a second run goes on in")
+    tune.add_argument("--base", help="a registry name or a Hugging Face directory; default: model")
+    tune.add_argument("--steps", type=int, help="in all, across runs; given alone, --minutes rules")
+    tune.add_argument("--minutes", type=float, help="of this run; the step in progress finishes")
+    tune.add_argument("--rank", type=int)
+    tune.add_argument("--lr", type=float)
+    tune.add_argument("--max-seq-tokens", type=int, help="a sample's; its prompt is cut to fit")
+    tune.add_argument("--batch-tokens", type=int, help="tokens an optimizer step reads")
+    tune.add_argument("--seed", type=int)
+    tune.add_argument("--dtype", choices=("auto", "bf16", "fp32"))
+    tune.add_argument(
+        "--gguf",
+        action="store_true",
+        help="also the model (Q4_K_M) and adapter as GGUF for llama.cpp",
+    )
+
     args = parser.parse_args(argv)
     overrides = dict(item.split("=", 1) for item in args.set)
     if args.command == "serve":
@@ -181,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         run_stdio()
         return 0
     settings = Settings.load(overrides)
+    if args.command == "serve" and "model" not in overrides and "GHOSTPEN_MODEL" not in os.environ:
+        settings = _promoted(settings)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -198,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
             return _tokens(args, settings)
         if args.command == "data":
             return _data(args, settings)
+        if args.command == "loop":
+            return _loop(args, settings)
+        if args.command == "tune":
+            return _tune(args, settings)
         if args.command == "eval":
             return _eval(args, settings)
         if args.command == "bench":
@@ -353,6 +399,32 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace, settings: Settings) -> int:
+    from ghostpen.server.errors import TrainingError
+    from ghostpen.server.llama_cpp_build import LlamaCppBuild
+    from ghostpen.server.training.quantize import adapter_to_gguf, to_gguf
+    from ghostpen.server.training.tune import TuneConfig, tune
+
+    options = ("steps", "minutes", "rank", "lr", "max_seq_tokens", "batch_tokens", "seed", "dtype")
+    given = {name: getattr(args, name) for name in options if getattr(args, name) is not None}
+    if args.minutes is not None and args.steps is None:
+        given["steps"] = None  # bounded by time alone
+    base = args.base or settings.engine.model
+    try:
+        result = tune(TuneConfig(args.data, args.out, base, settings.cache_dir, **given))
+    except TrainingError as error:
+        print(f"ghostpen tune: {error}", file=sys.stderr)
+        return 2
+    print(result.merged_dir)
+    if args.gguf:
+        build = LlamaCppBuild.at(settings.cache_dir)
+        print(to_gguf(result.merged_dir, args.out / "model-q4_k_m.gguf", build))
+        print(
+            adapter_to_gguf(result.adapter_dir, result.base_dir, args.out / "adapter.gguf", build)
+        )
+    return 0
+
+
 def _report(args: argparse.Namespace, settings: Settings) -> int:
     from ghostpen.server.telemetry.report import (
         ReportFilter,
@@ -475,14 +547,9 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
         model_store.verify(model, model_store.models_dir(cache) / model.filename)
         print(f"{name}: sha256 {model.sha256} OK")
     elif args.action == "list":
-        for model in model_store.REGISTRY.values():
-            path = model_store.models_dir(cache) / model.filename
-            converted = model_store.converted_dir(cache, model.name)
-            print(
-                f"{model.name}\n  gguf: {path if path.is_file() else 'not fetched'}"
-                f"\n  hf:   {converted if converted.is_dir() else 'not converted'}"
-                f"\n  from: {model.source}"
-            )
+        _list_models(settings)
+    elif args.action == "promote":
+        return _promote(args, settings)
     else:
         if name in model_store.REGISTRY:
             gguf = model_store.fetch(name, cache)
@@ -491,4 +558,127 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
             gguf = Path(name)
             out = args.out or gguf.with_suffix("")
         print(model_store.convert(gguf, out))
+    return 0
+
+
+def _list_models(settings: Settings) -> None:
+    from ghostpen.server import model_store
+    from ghostpen.server.telemetry.store import Store
+    from ghostpen.server.training import registry
+
+    cache = settings.cache_dir
+    store = Store.open(settings.telemetry.database, cache)
+    try:
+        versions, default = registry.versions(store), registry.default(store)
+    finally:
+        store.close()
+    default = default or settings.engine.model
+    for model in model_store.REGISTRY.values():
+        path = model_store.models_dir(cache) / model.filename
+        converted = model_store.converted_dir(cache, model.name)
+        print(
+            f"{model.name}{'  (default)' if model.name == default else ''}"
+            f"\n  gguf: {path if path.is_file() else 'not fetched'}"
+            f"\n  hf:   {converted if converted.is_dir() else 'not converted'}"
+            f"\n  from: {model.source}"
+        )
+    for version in versions:
+        scores = json.loads(version.scores)
+        similarity = scores.get("similarity", {})
+        made = datetime.fromtimestamp(version.created_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M")
+        print(
+            f"{version.name}{'  (default)' if version.name == default else ''}"
+            f"\n  {version.kind} tuned from {version.base} on data {version.data_hash[:12]}, "
+            f"{version.steps} steps, {version.train_tokens} tokens, {version.quantization}, "
+            f"{made} UTC"
+            f"\n  held out vs {scores.get('against', '?')} ({scores.get('samples', 0)} samples): "
+            f"edit similarity {similarity.get('mean', 0):+.3f} "
+            f"(95% CI {similarity.get('low', 0):+.3f} to {similarity.get('high', 0):+.3f})"
+            f"\n  gguf: {version.path}" + (f"\n  note: {version.note}" if version.note else "")
+        )
+
+
+def _promote(args: argparse.Namespace, settings: Settings) -> int:
+    from ghostpen.server.telemetry.store import Store
+    from ghostpen.server.training import registry
+    from ghostpen.server.training.export import read_samples
+    from ghostpen.server.training.heldout import compare
+    from ghostpen.server.training.loop import evaluate
+
+    store = Store.open(settings.telemetry.database, settings.cache_dir)
+    try:
+        version = registry.get(store, args.name)
+        current = registry.default(store) or settings.engine.model
+        evidence: dict = {}
+        if version is not None:
+            scores = json.loads(version.scores)
+            if scores.get("against") == current:
+                evidence = scores
+            else:  # measured against another model: measure against this one
+                folder = registry.version_dir(settings.cache_dir, args.name)
+                heldout = read_samples(folder / "data" / "heldout.jsonl")[: scores["samples"]]
+                differences = compare(
+                    evaluate(settings, current, heldout), evaluate(settings, args.name, heldout)
+                )
+                evidence = {
+                    "against": current,
+                    "samples": len(heldout),
+                    **{k: dataclasses.asdict(d) for k, d in differences.items()},
+                }
+        why_not = registry.decide(evidence) if evidence else "no held-out comparison"
+        if why_not and not args.force:
+            print(
+                f"ghostpen: {args.name} is not promoted over {current}: {why_not} "
+                "(--force promotes it anyway)",
+                file=sys.stderr,
+            )
+            return 1
+        registry.promote(store, args.name, args.by, bool(why_not), evidence)
+    finally:
+        store.close()
+    print(f"{args.name} is the default" + (f" (forced: {why_not})" if why_not else ""))
+    return 0
+
+
+def _promoted(settings: Settings) -> Settings:
+    """The settings with the promoted version as the model (models promote)."""
+    from ghostpen.server.telemetry.store import Store
+    from ghostpen.server.training import registry
+
+    store = Store.open(settings.telemetry.database, settings.cache_dir)
+    try:
+        chosen = registry.default(store)
+    finally:
+        store.close()
+    if chosen is None:
+        return settings
+    return dataclasses.replace(settings, engine=dataclasses.replace(settings.engine, model=chosen))
+
+
+def _loop(args: argparse.Namespace, settings: Settings) -> int:
+    from ghostpen.server.telemetry.store import Store
+    from ghostpen.server.training.loop import LoopConfig, run_loop
+
+    store = Store.open(settings.telemetry.database, settings.cache_dir)
+    try:
+        run_loop(
+            LoopConfig(
+                name=args.name,
+                base=args.base or settings.engine.model,
+                repo=args.repo,
+                captures=not args.no_captures,
+                template=args.template,
+                repo_samples=args.samples,
+                steps=args.steps,
+                minutes=args.minutes,
+                heldout_samples=args.heldout,
+                seed=args.seed,
+                note=args.note,
+            ),
+            settings,
+            store,
+            lambda line: print(line, flush=True),
+        )
+    finally:
+        store.close()
     return 0

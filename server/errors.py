@@ -19,7 +19,9 @@ GhostpenError
     ├── EngineFailure       the inference engine failed
     └── InternalError       a bug of ours, logged with its traceback
 
-ModelError is separate: it stops the server from starting (a model file missing or not matching).
+ModelError is separate: it stops the server from starting (a model file missing or not matching),
+or the flywheel from reading or writing one. TrainingError, also separate, stops a fine-tune: its
+data is malformed, or its output directory holds another run's checkpoint.
 The gRPC status of each is in one table at the edge (`server/wire.py`); nothing here knows gRPC.
 """
 
@@ -100,6 +102,10 @@ class InternalError(FatalError):
 
 class ModelError(Exception):
     """The model cannot be served: missing, unverified, or of an unknown kind."""
+
+
+class TrainingError(Exception):
+    """A fine-tune cannot start or go on (server/training/tune.py)."""
 
 
 def over_limit(what: str, setting: str, limit: int) -> str:

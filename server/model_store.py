@@ -21,6 +21,8 @@ from pathlib import Path
 from ghostpen.server.errors import ModelError
 
 _READ_BLOCK = 8 * 1024 * 1024
+TUNED_GGUF = "model.gguf"  # in models/tuned/<version>/: what llama.cpp serves
+TUNED_HF = "merged"  # and the Hugging Face checkpoint it was quantized from (vLLM)
 _SETTLED_NS = 2_000_000_000  # a file changed more recently may change again within one mtime tick
 
 
@@ -155,13 +157,19 @@ def resolve(model: str, cache_dir: Path, want: str) -> ResolvedModel:
             path = converted_dir(cache_dir, model)
             if not (path / "config.json").is_file():
                 raise ModelError(
-                    f"vLLM needs a Hugging Face checkpoint of {model}; run "
+                    f"vLLM and `ghostpen tune` need a Hugging Face checkpoint of {model}; run "
                     f"`ghostpen models convert {model}` (writes {path})"
                 )
             return ResolvedModel(model, path, "hf")
         path = models_dir(cache_dir) / entry.filename
         verify(entry, path)
         return ResolvedModel(model, path, "gguf")
+    tuned = models_dir(cache_dir) / "tuned" / model
+    if "/" not in model and tuned.is_dir():  # a version the flywheel made (training/registry.py)
+        path = tuned / (TUNED_GGUF if want == "gguf" else TUNED_HF)
+        if not path.exists():
+            raise ModelError(f"version {model} has no {path.name} in {tuned}")
+        return ResolvedModel(model, path, want)
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         kind = "gguf"

@@ -1,6 +1,8 @@
-"""A tiny Llama with a tokenizer trained here on local source files: starts vLLM in seconds.
+"""Tiny models with random weights: their text is meaningless; they exercise a path, not quality.
 
-Random weights, so its text is meaningless; it exercises the vLLM engine path, not quality.
+A Llama with a tokenizer trained here on local source files starts vLLM in seconds. A Qwen2 with
+Qwen2.5-Coder's own tokenizer (taken from the default model's GGUF) is one llama.cpp's converter
+accepts (it refuses pre-tokenizers it does not know) and fine-tunes in seconds.
 """
 
 from __future__ import annotations
@@ -60,4 +62,34 @@ def build_tiny_llama(out_dir: Path, vocab_size: int = 2048) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     fast.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_qwen2(out_dir: Path, tokenizer_gguf: Path) -> Path:
+    """Rows of 256 (hidden size, MLP width), so that llama.cpp's K-quants apply to them."""
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_gguf.parent, gguf_file=tokenizer_gguf.name)
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        dtype="bfloat16",
+    )
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(out_dir)
     return out_dir

@@ -26,11 +26,11 @@ from ghostpen.benchmarks.eval.run import (
     retrieve_only,
 )
 from ghostpen.benchmarks.eval.suites import load_projects, project_files, suite
-from ghostpen.server.training.tasks import build_tasks, source_files
 from ghostpen.context.template import load_template
 from ghostpen.server.completion import Completer, Discard
 from ghostpen.server.context_process import ChunkCache
 from ghostpen.server.settings import Settings
+from ghostpen.server.training.tasks import build_tasks, source_files
 
 
 @dataclass(frozen=True)

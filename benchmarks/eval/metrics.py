@@ -1,20 +1,11 @@
-"""Scores for one completion against what the file really held."""
+"""Identifier scores for one completion against what the file really held (exact match and edit
+similarity are server/training/heldout.py's, shared with the flywheel's held-out evaluation)."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-from rapidfuzz.distance import Levenshtein
-
 from ghostpen.benchmarks.eval.strategies import identifiers
-
-
-def exact_match(predicted: str, expected: str) -> float:
-    return float(predicted.strip() == expected.strip())
-
-
-def edit_similarity(predicted: str, expected: str) -> float:
-    return Levenshtein.normalized_similarity(predicted.strip(), expected.strip())
 
 
 def identifier_match(predicted: str, expected: str) -> tuple[float, float]:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from ghostpen.benchmarks.eval.run import Record
-from ghostpen.benchmarks.eval.stats import paired_bootstrap, proportion
+from ghostpen.server.stats import paired_bootstrap, proportion
 
 # (name, how a record scores on it, or None where the record is not judged on it)
 METRICS = (

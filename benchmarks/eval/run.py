@@ -23,9 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ghostpen.benchmarks.eval.execution import ScratchProject
-from ghostpen.benchmarks.eval.metrics import edit_similarity, exact_match, identifier_match
+from ghostpen.benchmarks.eval.metrics import identifier_match
 from ghostpen.benchmarks.eval.strategies import STRATEGIES, identifiers
-from ghostpen.server.training.tasks import Task
 from ghostpen.context.chunker import Chunk
 from ghostpen.context.gate import confidence
 from ghostpen.context.postprocess import Mode
@@ -36,6 +35,8 @@ from ghostpen.context.template import Template, load_template
 from ghostpen.server.completion import Completer, CompletionJob, RequestSpec
 from ghostpen.server.context_process import ChunkCache
 from ghostpen.server.engines.base import EngineRequest
+from ghostpen.server.training.heldout import edit_similarity, exact_match
+from ghostpen.server.training.tasks import Task
 
 DESIGN_STRATEGY = "edit-distance"
 ORACLE = "oracle"  # not a strategy the server could run: it knows the expected text

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
 
-from ghostpen.server.training.tasks import SourceFile
 from ghostpen.context.languages import language_of
+from ghostpen.server.training.tasks import SourceFile
 
 SUITES_FILE = Path(__file__).with_name("suites.toml")
 FETCH_TIMEOUT_S = 120.0

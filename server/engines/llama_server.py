@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import importlib.metadata
 import json
 import socket
 import time
@@ -28,24 +26,15 @@ import aiohttp
 from ghostpen.server.engines.base import Engine, EngineDelta, EngineRequest
 from ghostpen.server.engines.llama_cpp import compute_threads
 from ghostpen.server.errors import EngineFailure, ModelError
+from ghostpen.server.llama_cpp_build import LlamaCppBuild
 from ghostpen.server.settings import EngineSettings
 
 START_TIMEOUT_S = 120.0
 
 
 def default_binary(cache_dir: Path) -> Path:
-    """Built for this CPU's instruction set (llama.cpp builds natively), so a cache carried to a
-    machine with another CPU builds again instead of dying of an illegal instruction."""
-    version = importlib.metadata.version("llama-cpp-python")
-    return cache_dir / "llama-server" / f"{version}-{cpu_signature()}" / "bin" / "llama-server"
-
-
-def cpu_signature() -> str:
-    """A short hash of the CPU's feature flags."""
-    with open("/proc/cpuinfo") as cpuinfo:
-        flags = next((line for line in cpuinfo if line.startswith("flags")), "")
-    words = sorted(flags.partition(":")[2].split())
-    return hashlib.sha256(" ".join(words).encode()).hexdigest()[:12]
+    """Built for this CPU's instruction set (server/llama_cpp_build.py)."""
+    return LlamaCppBuild.at(cache_dir).binary("llama-server")
 
 
 class LlamaServerEngine(Engine):

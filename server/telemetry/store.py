@@ -126,6 +126,30 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (completion_id, after_s)
     );
     """,
+    # The model registry (server/training/registry.py): each version the flywheel made, with its
+    # lineage and its scores, and each promotion to the default, with who made it and why.
+    """
+    CREATE TABLE model_versions (
+        name TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        base TEXT NOT NULL,
+        path TEXT NOT NULL,
+        data_hash TEXT NOT NULL,
+        steps INTEGER NOT NULL,
+        train_tokens BIGINT NOT NULL,
+        quantization TEXT NOT NULL,
+        scores TEXT NOT NULL,
+        created_ms BIGINT NOT NULL,
+        note TEXT NOT NULL
+    );
+    CREATE TABLE model_promotions (
+        promoted_ms BIGINT NOT NULL,
+        name TEXT NOT NULL,
+        by_user TEXT NOT NULL,
+        forced INTEGER NOT NULL,
+        evidence TEXT NOT NULL
+    );
+    """,
 )
 
 _COMPLETION_COLUMNS = [f.name for f in fields(CompletionRecord)]
@@ -289,6 +313,12 @@ class Store:
             ids,
         )
         return {row[0]: CompletionRecord(*row) for row in rows}
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ()) -> int:
+        """One write in a transaction of its own; how many rows it changed."""
+        with self._mapped("write"), self._transaction() as cursor:
+            cursor.execute(self._sql(sql), tuple(parameters))
+            return cursor.rowcount
 
     def query(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple]:
         with self._mapped("read telemetry"):

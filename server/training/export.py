@@ -19,6 +19,7 @@ both sides.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -54,7 +55,13 @@ class Sample:
     kind: str  # capture, or the repository cut's kind (line, rest_of_line, block)
     time_ms: int  # when it was written: captured, or its file last changed
     prompt: str
-    target: str  # ends with the template's end of text: the model learns to stop
+    target: str  # healed + expected + the template's end of text: the model learns to stop
+    # What the served completion is judged on (server/training/heldout.py): the prompt's
+    # windows, the blanks it left to the model, and the text the developer kept
+    prefix: str
+    suffix: str
+    healed: str
+    expected: str
 
 
 @dataclass(frozen=True)
@@ -147,18 +154,12 @@ def captured(store: Store, config: ExportConfig, tally: Tally) -> list[Sample]:
             for c in json.loads(context)
         ]
         prompt = render(config.template, repo, path, language, chunks, prefix, suffix)
-        target = healed + (shown if corrected is None else corrected)
+        expected = shown if corrected is None else corrected
         sample = _sample(
-            "capture",
-            f"{repo}/{path}",
-            language,
-            "capture",
-            created_ms,
-            prompt,
-            target,
-            config.template,
-            tally,
-        )
+            Sample("", "capture", f"{repo}/{path}", language, "capture", created_ms, prompt, "",
+                   prefix, suffix, healed, expected),
+            config.template, tally,
+        )  # fmt: skip
         if sample is not None:
             samples.append(sample)
     return samples
@@ -226,46 +227,37 @@ def _cut_sample(
     document = Document(task.file.path, task.file.language, text, len(task.left))
     chunks = [c for f in task.context for c in cache.chunks(f.path, f.language, f.text)]
     prompt = build_prompt(repo, document, chunks, config.template, config.context)
-    return _sample(
-        "repo",
-        f"{repo}/{task.file.path}",
-        task.file.language,
-        task.kind,
-        int(task.file.changed * 1000),
-        prompt.text,
-        prompt.healed + task.expected,
-        config.template,
-        tally,
-        screened=True,
-    )
+    draft = Sample(
+        "", "repo", f"{repo}/{task.file.path}", task.file.language, task.kind,
+        int(task.file.changed * 1000), prompt.text, "", prompt.prefix, prompt.suffix,
+        prompt.healed, task.expected,
+    )  # fmt: skip
+    return _sample(draft, config.template, tally, screened=True)
 
 
 def _sample(
-    source: str,
-    file: str,
-    language: str,
-    kind: str,
-    time_ms: int,
-    prompt: str,
-    target: str,
-    template: Template,
-    tally: Tally,
-    screened: bool = False,
+    draft: Sample, template: Template, tally: Tally, screened: bool = False
 ) -> Sample | None:
-    """The sample, screened unless its text already was; None if it must not be kept."""
-    if not target.strip():
+    """The draft with its target and id, its text screened unless it already was; None if it
+    must not be kept."""
+    if not draft.expected.strip():
         tally.dropped["empty target"] += 1
         return None
+    texts = (draft.prompt, draft.prefix, draft.suffix, draft.expected)
     if not screened:
-        found = screen(prompt + _SPLIT + target)
+        found = screen(_SPLIT.join(texts))
         tally.privacy.update(found.found)
         if found.text is None:
             tally.dropped["capture with a secret"] += 1
             return None
-        prompt, target = found.text.split(_SPLIT)
-    target += template.stop[0]
+        texts = tuple(found.text.split(_SPLIT))
+    prompt, prefix, suffix, expected = texts
+    target = draft.healed + expected + template.stop[0]
     digest = hashlib.sha256(f"{prompt}\0{target}".encode()).hexdigest()[:16]
-    return Sample(digest, source, file, language, kind, time_ms, prompt, target)
+    return dataclasses.replace(
+        draft, sample_id=digest, prompt=prompt, target=target, prefix=prefix, suffix=suffix,
+        expected=expected,
+    )  # fmt: skip
 
 
 def _deduplicated(samples: Iterable[Sample], tally: Tally) -> list[Sample]:

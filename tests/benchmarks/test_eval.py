@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from ghostpen.benchmarks.eval.metrics import edit_similarity, exact_match, identifier_match
+from ghostpen.benchmarks.eval.metrics import identifier_match
 from ghostpen.benchmarks.eval.strategies import STRATEGIES
-from ghostpen.server.training.tasks import SourceFile, build_tasks, related, source_files
 from ghostpen.context.chunker import Chunk
 from ghostpen.context.ranker import Exclusion
+from ghostpen.server.training.heldout import edit_similarity, exact_match
+from ghostpen.server.training.tasks import SourceFile, build_tasks, related, source_files
 
 
 def write_tree(root: Path) -> None:

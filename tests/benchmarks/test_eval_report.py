@@ -14,9 +14,9 @@ from ghostpen.benchmarks.eval.report import (
     summary,
 )
 from ghostpen.benchmarks.eval.run import Record, Variant, _oracle, parse_variant
-from ghostpen.benchmarks.eval.stats import paired_bootstrap, proportion
-from ghostpen.server.training.tasks import SourceFile, Task
 from ghostpen.context.chunker import Chunk
+from ghostpen.server.stats import paired_bootstrap, proportion
+from ghostpen.server.training.tasks import SourceFile, Task
 
 
 def test_a_paired_difference_is_shown_only_when_its_interval_excludes_zero() -> None:

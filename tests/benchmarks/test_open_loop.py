@@ -6,7 +6,6 @@ import statistics
 import sysconfig
 from pathlib import Path
 
-from ghostpen.server.training.tasks import build_tasks, source_files
 from ghostpen.benchmarks.open_loop import (
     GhostpenTarget,
     OpenAITarget,
@@ -17,6 +16,7 @@ from ghostpen.benchmarks.open_loop import (
 from ghostpen.benchmarks.peers import running_peer
 from ghostpen.context.template import load_template
 from ghostpen.server.model_store import resolve
+from ghostpen.server.training.tasks import build_tasks, source_files
 
 TREE = Path(sysconfig.get_paths()["stdlib"]) / "json"
 

@@ -1,0 +1,95 @@
+"""A model scored on held-out samples as it would be served: the exported prompt, the serving
+post-processing, and the text the developer kept (or the file held) as the answer. Two models
+scored on the same samples compare pair by pair, with a bootstrap 95% interval."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rapidfuzz.distance import Levenshtein
+
+from ghostpen.context.postprocess import Mode
+from ghostpen.context.prompt import Document, Prompt
+from ghostpen.server.completion import Completer, Discard, RequestSpec
+from ghostpen.server.engines.base import Engine
+from ghostpen.server.settings import Settings
+from ghostpen.server.stats import Difference, paired_bootstrap
+from ghostpen.server.training.export import Sample
+
+DEADLINE_S = 120.0  # one held-out completion; generous: many wait their turn on a CPU
+_MODES = {"line": Mode.SINGLE_LINE, "rest_of_line": Mode.SINGLE_LINE, "block": Mode.MULTI_LINE}
+
+
+@dataclass(frozen=True)
+class Scored:
+    sample_id: str
+    text: str
+    exact: float  # 1.0 when the text is what was kept, blanks around aside
+    similarity: float  # normalized Levenshtein similarity to it
+    prompt_tokens: int
+    total_ms: float
+
+
+def exact_match(predicted: str, expected: str) -> float:
+    return float(predicted.strip() == expected.strip())
+
+
+def edit_similarity(predicted: str, expected: str) -> float:
+    return Levenshtein.normalized_similarity(predicted.strip(), expected.strip())
+
+
+async def score(
+    engine: Engine,
+    settings: Settings,
+    samples: Sequence[Sample],
+    concurrency: int,
+    adapter: str = "",
+) -> list[Scored]:
+    """Each sample completed by `engine` (with `adapter`, if named), in order; the show gate is
+    off, so that every answer counts."""
+    context = dataclasses.replace(settings.context, show_gate=False)
+    completer = Completer.from_settings(engine, settings, Discard()).varied(context=context)
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(sample: Sample) -> Scored:
+        async with slots:
+            return await _complete(completer, sample, adapter)
+
+    return list(await asyncio.gather(*(one(s) for s in samples)))
+
+
+def compare(base: Sequence[Scored], tuned: Sequence[Scored]) -> dict[str, Difference]:
+    """tuned - base on the same samples, per score."""
+    if [s.sample_id for s in base] != [s.sample_id for s in tuned]:
+        raise ValueError("the two runs scored different samples")
+    return {
+        "exact": paired_bootstrap([s.exact for s in base], [s.exact for s in tuned]),
+        "similarity": paired_bootstrap([s.similarity for s in base], [s.similarity for s in tuned]),
+    }
+
+
+async def _complete(completer: Completer, sample: Sample, adapter: str) -> Scored:
+    text = sample.prefix + sample.suffix
+    document = Document(sample.file, sample.language, text, len(sample.prefix))
+    prompt = Prompt(sample.prompt, completer.template, (), 0, 0, sample.healed)
+    received = time.monotonic()
+    mode = _MODES.get(sample.kind, Mode.AUTO)
+    spec = RequestSpec(sample.sample_id, mode, 0, adapter, DEADLINE_S, received)
+    job = completer.job(spec, document, prompt)
+    answer, outcome = "", None
+    async for event in completer.run(job):
+        answer += event.text
+        outcome = event.outcome or outcome
+    tokens = outcome.prompt_tokens if outcome else 0
+    return Scored(
+        sample.sample_id,
+        answer,
+        exact_match(answer, sample.expected),
+        edit_similarity(answer, sample.expected),
+        tokens,
+        (time.monotonic() - received) * 1000,
+    )

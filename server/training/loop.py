@@ -1,0 +1,193 @@
+"""The flywheel as one command: export → tune → quantize → evaluate → register.
+
+Everything a run makes goes into the version's folder (`models/tuned/<name>/`): data/ (the
+export), tune/ (checkpoints: a second run of the same name goes on from the last one), the
+served model.gguf, adapter.gguf and the merged checkpoint. The version is registered last, with
+its held-out comparison against its base; it becomes the default only by `ghostpen models
+promote`, which weighs that comparison.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+from ghostpen.server import model_store
+from ghostpen.server.errors import ModelError
+from ghostpen.server.llama_cpp_build import LlamaCppBuild
+from ghostpen.server.settings import Settings
+from ghostpen.server.telemetry.store import Store
+from ghostpen.server.training import registry
+from ghostpen.server.training.export import ExportConfig, Sample, export, read_samples
+from ghostpen.server.training.heldout import Scored, compare, score
+from ghostpen.server.training.quantize import QUANT, adapter_to_gguf, to_gguf
+from ghostpen.server.training.tune import TuneConfig, tune
+
+HELDOUT_SAMPLES = 100  # scored by each model: the paired comparison's size
+HELDOUT_CONCURRENCY = 4  # completions in flight while scoring
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    name: str  # the version to make
+    base: str  # the model to tune: a built-in (converted once, here) or a version
+    repo: Path | None  # the team's own code, if any
+    captures: bool  # learn from kept completions too
+    template: str
+    repo_samples: int = 2000
+    steps: int | None = None
+    minutes: float | None = 30.0  # of training
+    heldout_samples: int = HELDOUT_SAMPLES
+    seed: int = 0
+    note: str = ""
+
+
+def run_loop(
+    config: LoopConfig, settings: Settings, store: Store, say: Callable[[str], None]
+) -> registry.Version:
+    from ghostpen.context.template import load_template
+
+    if registry.get(store, config.name) is not None:
+        raise ModelError(f"version {config.name!r} is registered already; choose another name")
+    folder = registry.version_dir(settings.cache_dir, config.name)
+
+    with _stage("export", say):
+        exported = ExportConfig(
+            out=folder / "data",
+            template=load_template(config.template),
+            context=settings.context,
+            repo_samples=config.repo_samples,
+            seed=config.seed,
+        )
+        manifest = export(exported, store if config.captures else None, config.repo)
+        counts = cast(dict[str, int], manifest["counts"])
+        say(f"  {counts['train']} training samples, {counts['heldout']} held out")
+    if not counts["train"] or not counts["heldout"]:
+        raise ModelError("too little data to train and evaluate on: give a --repo, or more")
+
+    with _stage("base checkpoint", say):
+        base_hf = _base_checkpoint(config.base, settings.cache_dir)
+    with _stage("tune", say):
+        tuned = tune(
+            TuneConfig(
+                data=folder / "data" / "train.jsonl",
+                out=folder / "tune",
+                base=str(base_hf),
+                cache_dir=settings.cache_dir,
+                steps=config.steps,
+                minutes=config.minutes,
+                seed=config.seed,
+            ),
+            lambda p: say(
+                f"  step {p.step}: loss {p.loss:.3f}, {p.tokens_per_s:.0f} tokens/s, "
+                f"{p.elapsed_s:.0f} s"
+            ),
+        )
+    with _stage("quantize", say):
+        build = LlamaCppBuild.at(settings.cache_dir)
+        model = to_gguf(tuned.merged_dir, folder / model_store.TUNED_GGUF, build)
+        adapter_to_gguf(tuned.adapter_dir, base_hf, folder / "adapter.gguf", build)
+        merged = folder / model_store.TUNED_HF
+        if merged.exists():
+            shutil.rmtree(merged)
+        os.replace(tuned.merged_dir, merged)
+    with _stage("evaluate", say):
+        heldout = read_samples(folder / "data" / "heldout.jsonl")[: config.heldout_samples]
+        base_gguf = _base_gguf(config.base, base_hf, settings.cache_dir, folder, build)
+        before = evaluate(settings, base_gguf, heldout)
+        after = evaluate(settings, config.name, heldout)
+        differences = compare(before, after)
+        scores = {
+            "against": config.base,
+            "samples": len(heldout),
+            **{name: dataclasses.asdict(d) for name, d in differences.items()},
+            "tuned_similarity": _mean([s.similarity for s in after]),
+            "base_similarity": _mean([s.similarity for s in before]),
+            "latency_ms": {"base": _median(before), "tuned": _median(after)},
+        }
+        (folder / "heldout-scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+        for name, difference in differences.items():
+            say(f"  {name}: {difference.describe()}")
+    version = registry.Version(
+        name=config.name,
+        kind="model",
+        base=config.base,
+        path=str(model),
+        data_hash=str(manifest["hash"]),
+        steps=tuned.steps,
+        train_tokens=tuned.tokens,
+        quantization=QUANT,
+        scores=json.dumps(scores),
+        created_ms=int(time.time() * 1000),
+        note=config.note,
+    )
+    registry.register(store, version)
+    say(f"registered {config.name}; `ghostpen models promote {config.name}` makes it the default")
+    return version
+
+
+def evaluate(settings: Settings, model: str, samples: list[Sample]) -> list[Scored]:
+    """`model` (a name `model_store.resolve` knows) on llama.cpp, in this process, scored."""
+    from ghostpen.server.engines.factory import start_in_process
+
+    engine_settings = dataclasses.replace(
+        settings.engine, model=model, engine="llama.cpp", lora_adapters=""
+    )
+
+    async def run() -> list[Scored]:
+        engine = await start_in_process(engine_settings, settings.cache_dir)
+        try:
+            return await score(engine, settings, samples, HELDOUT_CONCURRENCY)
+        finally:
+            await engine.close()
+
+    return asyncio.run(run())
+
+
+def _base_gguf(
+    base: str, base_hf: Path, cache_dir: Path, folder: Path, build: LlamaCppBuild
+) -> str:
+    """What the base is served as; a base known only as a checkpoint is quantized like the
+    tuned model, so that both are compared as they would be served."""
+    try:
+        return str(model_store.resolve(base, cache_dir, want="gguf").path)
+    except ModelError:
+        return str(to_gguf(base_hf, folder / "base.gguf", build))
+
+
+def _base_checkpoint(base: str, cache_dir: Path) -> Path:
+    """The Hugging Face checkpoint of `base`; a built-in's is converted from its GGUF once."""
+    try:
+        return model_store.resolve(base, cache_dir, want="hf").path
+    except ModelError:
+        if base not in model_store.REGISTRY:
+            raise
+    gguf = model_store.fetch(base, cache_dir)
+    return model_store.convert(gguf, model_store.converted_dir(cache_dir, base))
+
+
+@contextmanager
+def _stage(name: str, say: Callable[[str], None]) -> Iterator[None]:
+    """Says when a stage starts and how long it took."""
+    started = time.monotonic()
+    say(f"{name}...")
+    yield
+    say(f"{name}: done in {time.monotonic() - started:.0f} s")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _median(scored: list[Scored]) -> float:
+    times = sorted(s.total_ms for s in scored)
+    return times[len(times) // 2] if times else 0.0

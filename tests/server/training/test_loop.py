@@ -1,0 +1,67 @@
+"""`ghostpen loop` end to end on a tiny Qwen2 (Qwen2.5-Coder's tokenizer, random weights): a
+repository's samples exported, a few steps of LoRA, llama.cpp's quantizer, both models scored on
+the held-out split by the llama.cpp engine, and the version registered with its lineage. It says
+nothing of quality: the benchmark (benchmarks/RESULTS.md) measures the real model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+from ghostpen.cli import main
+from ghostpen.server.model_store import REGISTRY, models_dir, resolve
+from ghostpen.server.settings import Settings
+from ghostpen.server.telemetry.store import Store
+from ghostpen.server.training import registry
+from ghostpen.server.training.loop import LoopConfig, run_loop
+from tests.server.training.test_export import git_repo
+from tests.tiny_model import build_tiny_qwen2
+
+
+def test_the_loop_makes_registers_and_serves_a_version(
+    settings: Settings, tmp_path: Path, capsys
+) -> None:
+    tokenizer = models_dir(settings.cache_dir) / REGISTRY[settings.engine.model].filename
+    base = build_tiny_qwen2(settings.cache_dir / "test-models" / "tiny-qwen2", tokenizer)
+    repo = git_repo(tmp_path / "shop", [f"shop{i}" for i in range(8)])
+    name = f"test-loop-{uuid.uuid4().hex[:8]}"
+    database = str(tmp_path / "telemetry.db")
+    loop_settings = dataclasses.replace(
+        settings, telemetry=dataclasses.replace(settings.telemetry, database=database)
+    )
+    store = Store.open(database, settings.cache_dir)
+    said: list[str] = []
+    config = LoopConfig(
+        name=name, base=str(base), repo=repo, captures=False, template="qwen25-coder-repo-fim",
+        repo_samples=60, steps=3, minutes=None, heldout_samples=6,
+    )  # fmt: skip
+    folder = registry.version_dir(settings.cache_dir, name)
+    try:
+        made = run_loop(config, loop_settings, store, said.append)
+        manifest = json.loads((folder / "data" / "manifest.json").read_text())
+        assert registry.get(store, name) == made
+        assert (made.base, made.kind, made.steps, made.quantization) == (
+            str(base),
+            "model",
+            3,
+            "Q4_K_M",
+        )
+        assert made.data_hash == manifest["hash"] and made.train_tokens > 0
+        scores = json.loads(made.scores)
+        assert scores["against"] == str(base) and scores["samples"] == 6
+        assert {"similarity", "exact"} <= scores.keys()
+        assert resolve(name, settings.cache_dir, "gguf").path == folder / "model.gguf"
+        assert (folder / "adapter.gguf").is_file() and (folder / "merged" / "config.json").is_file()
+        stages = [line for line in said if line.endswith(" s") and ": done in " in line]
+        assert [line.split(":")[0] for line in stages] == [
+            "export", "base checkpoint", "tune", "quantize", "evaluate"
+        ]  # fmt: skip
+        store.close()
+        where = ["--set", f"database={database}"]
+        assert main([*where, "models", "list"]) == 0
+        assert f"{name}\n  model tuned from {base}" in capsys.readouterr().out
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
