@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ghostpen.server.errors import ModelError
+from ghostpen.server.errors import ModelError, StoreUnavailable, TrainingError
 from ghostpen.server.settings import ENGINES, Settings
 
 OPEN_LOOP_SLOTS = 8  # KV slots of each llama-server under open-loop load: requests in flight
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     loop.add_argument("--repo", type=Path, help="the team's own code")
     loop.add_argument("--no-captures", action="store_true", help="leave out kept completions")
     loop.add_argument("--base", help="the model to tune; default: the served one")
-    loop.add_argument("--template", default="qwen25-coder-repo-fim", help="the prompt format")
+    loop.add_argument("--template", help="the prompt format; default: the serving one")
     loop.add_argument("--samples", type=int, default=2000, help="cuts from the repository")
     loop.add_argument("--minutes", type=float, default=30.0, help="of training")
     loop.add_argument("--steps", type=int, help="of training, at most")
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                 return _bench_open_loop(args, settings)
             return _bench(args, settings)
         return _models(args, settings)
-    except ModelError as error:
+    except (ModelError, TrainingError, StoreUnavailable) as error:
         print(f"ghostpen: {error}", file=sys.stderr)
         return 2
 
@@ -359,8 +359,6 @@ def _open_loop(args: argparse.Namespace, settings: Settings, upstreams: str) -> 
 
 
 def _eval(args: argparse.Namespace, settings: Settings) -> int:
-    import dataclasses
-
     from ghostpen.benchmarks.eval.harness import Plan, run_plan, variants_of
     from ghostpen.benchmarks.eval.report import compare, read_records
     from ghostpen.benchmarks.eval.suites import SuiteError
@@ -599,11 +597,11 @@ def _list_models(settings: Settings) -> None:
 
 
 def _promote(args: argparse.Namespace, settings: Settings) -> int:
+    from ghostpen.context.template import load_template
     from ghostpen.server.telemetry.store import Store
     from ghostpen.server.training import registry
     from ghostpen.server.training.export import read_samples
-    from ghostpen.server.training.heldout import compare
-    from ghostpen.server.training.loop import evaluate
+    from ghostpen.server.training.loop import drawn, measure
 
     store = Store.open(settings.telemetry.database, settings.cache_dir)
     try:
@@ -616,15 +614,11 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
                 evidence = scores
             else:  # measured against another model: measure against this one
                 folder = registry.version_dir(settings.cache_dir, args.name)
-                heldout = read_samples(folder / "data" / "heldout.jsonl")[: scores["samples"]]
-                differences = compare(
-                    evaluate(settings, current, heldout), evaluate(settings, args.name, heldout)
-                )
-                evidence = {
-                    "against": current,
-                    "samples": len(heldout),
-                    **{k: dataclasses.asdict(d) for k, d in differences.items()},
-                }
+                manifest = json.loads((folder / "data" / "manifest.json").read_text())
+                template = load_template(manifest["template"].split("@")[0])
+                heldout = read_samples(folder / "data" / "heldout.jsonl")
+                heldout = drawn(heldout, scores["samples"], 0)
+                evidence = measure(settings, template, (current, current), args.name, heldout)
         why_not = registry.decide(evidence) if evidence else "no held-out comparison"
         if why_not and not args.force:
             print(
@@ -664,10 +658,10 @@ def _loop(args: argparse.Namespace, settings: Settings) -> int:
         run_loop(
             LoopConfig(
                 name=args.name,
-                base=args.base or settings.engine.model,
+                base=args.base or _promoted(settings).engine.model,
                 repo=args.repo,
                 captures=not args.no_captures,
-                template=args.template,
+                template=args.template or settings.context.template,
                 repo_samples=args.samples,
                 steps=args.steps,
                 minutes=args.minutes,

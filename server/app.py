@@ -195,6 +195,8 @@ async def _expire_captured(writer: TelemetryWriter, settings: TelemetrySettings)
             texts, corrections = await writer.delete_captured("*", None, before_ms)
         except StoreUnavailable as error:
             log.warning("expired captured text not deleted yet: %s", error)
+        except Exception:  # a bug of ours must not end the expiry for good
+            log.exception("expired captured text not deleted")
         else:
             if texts:
                 log.info("deleted %d expired captured texts, %d corrections", texts, corrections)

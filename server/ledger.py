@@ -80,7 +80,9 @@ class Ledger:
                 confidence=outcome.confidence,
                 withheld=outcome.withheld,
             ),
-            _capture(outcome, now_ms) if self._captures(job.owner.tenant) else None,
+            _capture(outcome, now_ms)
+            if outcome.text and self._captures(job.owner.tenant)
+            else None,
         )
         with contextlib.suppress(TimeoutError, StoreUnavailable):  # kept and written again
             await asyncio.wait_for(asyncio.shield(committed), self._commit_wait_s)

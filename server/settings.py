@@ -177,6 +177,13 @@ class TelemetrySettings:
     capture_retention_days: float = 30.0  # captured text older than this is deleted
     capture_purge_s: float = 3600.0  # how often expired captured text is looked for
 
+    def __post_init__(self) -> None:
+        if self.capture_purge_s <= 0 or self.capture_retention_days < 0:
+            raise ValueError(
+                "capture_purge_s must be above 0 and capture_retention_days at least 0: "
+                f"{self.capture_purge_s}, {self.capture_retention_days}"
+            )
+
     def captures(self, tenant: str) -> bool:
         """Whether text of `tenant`'s completions is kept."""
         tenants = {t.strip() for t in self.capture_text.split(",") if t.strip()}

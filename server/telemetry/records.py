@@ -110,7 +110,7 @@ class CaptureRecord:
     suffix: str
     healed: str
     context: str  # JSON: [{"path", "start_line", "end_line", "text"}], in prompt order
-    shown: str  # the suggestion ("" when the show gate withheld it)
+    shown: str  # the suggestion (a withheld one is not captured)
 
     def row(self) -> tuple:
         return _CAPTURE_ROW(self)

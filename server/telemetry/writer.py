@@ -91,6 +91,7 @@ class TelemetryWriter:
         """Delete captured text (Store.delete_captured) once everything queued before is
         written. Returns how many completions' text and corrections went."""
         future: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_retrieved)
         self._queue.put_nowait((_Delete(tenant, user_id, before_ms), future))
         return await future
 
@@ -167,9 +168,11 @@ class TelemetryWriter:
                     Store.delete_captured, delete.tenant, delete.user_id, delete.before_ms
                 )
             except Exception as exc:
-                future.set_exception(exc)
+                if not future.done():  # its caller may have stopped waiting
+                    future.set_exception(exc)
             else:
-                future.set_result(deleted)
+                if not future.done():
+                    future.set_result(deleted)
 
     async def _write_batch(self, batch: _Batch, items: int) -> None:
         try:

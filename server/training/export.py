@@ -134,7 +134,9 @@ def captured(store: Store, config: ExportConfig, tally: Tally) -> list[Sample]:
     """Samples of accepted completions kept past `min_retained` at five minutes."""
     rows = store.query(
         "SELECT c.created_ms, c.repo, c.path, c.language, c.prefix, c.suffix, "
-        "c.healed, c.context, c.shown, r.fraction, k.text FROM captures c "
+        "c.healed, c.context, c.shown, r.fraction, k.text, (SELECT MAX(a.accepted_chars) "
+        "FROM events a WHERE a.completion_id = c.completion_id "
+        "AND a.kind IN ('accepted', 'partially_accepted')) FROM captures c "
         "JOIN events r ON r.completion_id = c.completion_id AND r.kind = 'retention' "
         "AND r.after_s = ? "
         "LEFT JOIN corrections k ON k.completion_id = c.completion_id AND k.after_s = ? "
@@ -144,7 +146,7 @@ def captured(store: Store, config: ExportConfig, tally: Tally) -> list[Sample]:
     samples = []
     for row in rows:
         created_ms, repo, path, language, prefix, suffix, healed, context = row[:8]
-        shown, fraction, corrected = row[8:]
+        shown, fraction, corrected, accepted = row[8:]
         tally.read["capture"] += 1
         if fraction < config.min_retained:
             tally.dropped["retained below min_retained"] += 1
@@ -154,11 +156,13 @@ def captured(store: Store, config: ExportConfig, tally: Tally) -> list[Sample]:
             for c in json.loads(context)
         ]
         prompt = render(config.template, repo, path, language, chunks, prefix, suffix)
-        expected = shown if corrected is None else corrected
+        # what the developer kept: their correction, else the part of the suggestion they took
+        expected = shown[:accepted] if corrected is None else corrected
+        file = f"{repo}/{_in_workspace(repo, path)}"
         sample = _sample(
-            Sample("", "capture", f"{repo}/{path}", language, "capture", created_ms, prompt, "",
-                   prefix, suffix, healed, expected),
-            config.template, tally,
+            Sample("", "capture", file, language, "capture", created_ms, prompt, "", prefix,
+                   suffix, healed, expected),
+            config.template, tally, suffix=Path(path).suffix,
         )  # fmt: skip
         if sample is not None:
             samples.append(sample)
@@ -198,17 +202,21 @@ def repository(root: Path, config: ExportConfig, tally: Tally) -> list[Sample]:
 def split(
     samples: Sequence[Sample], config: ExportConfig
 ) -> tuple[list[Sample], list[Sample], int]:
-    """(train, held-out, cutoff_ms): see the module's docstring."""
-    times = sorted((s.time_ms for s in samples), reverse=True)
-    recent = math.ceil(len(times) * config.heldout_recent)
-    cutoff_ms = times[min(recent, len(times) - 1)] if times else 0
+    """(train, held-out, cutoff_ms): files are held out whole from the most recently written
+    (ties by name) until their samples reach `heldout_recent` of all; cutoff_ms is the newest
+    sample of the last file held out so, which no training sample is newer than."""
     newest: dict[str, int] = {}
     for sample in samples:
         newest[sample.file] = max(newest.get(sample.file, 0), sample.time_ms)
-    held = {
-        file
-        for file, when in newest.items()
-        if when > cutoff_ms or _hashed_fraction(file, config.seed) < config.heldout_files
+    sizes = Counter(s.file for s in samples)
+    wanted, recent = math.ceil(len(samples) * config.heldout_recent), set()
+    for file, _ in sorted(newest.items(), key=lambda item: (-item[1], item[0])):
+        if sum(sizes[f] for f in recent) >= wanted:
+            break
+        recent.add(file)
+    cutoff_ms = min((newest[f] for f in recent), default=max(newest.values(), default=0))
+    held = recent | {
+        file for file in newest if _hashed_fraction(file, config.seed) < config.heldout_files
     }
     train = [s for s in samples if s.file not in held]
     heldout = [s for s in samples if s.file in held]
@@ -236,7 +244,7 @@ def _cut_sample(
 
 
 def _sample(
-    draft: Sample, template: Template, tally: Tally, screened: bool = False
+    draft: Sample, template: Template, tally: Tally, screened: bool = False, suffix: str = ".txt"
 ) -> Sample | None:
     """The draft with its target and id, its text screened unless it already was; None if it
     must not be kept."""
@@ -245,7 +253,7 @@ def _sample(
         return None
     texts = (draft.prompt, draft.prefix, draft.suffix, draft.expected)
     if not screened:
-        found = screen(_SPLIT.join(texts))
+        found = screen(_SPLIT.join(texts), suffix)
         tally.privacy.update(found.found)
         if found.text is None:
             tally.dropped["capture with a secret"] += 1
@@ -258,6 +266,15 @@ def _sample(
         draft, sample_id=digest, prompt=prompt, target=target, prefix=prefix, suffix=suffix,
         expected=expected,
     )  # fmt: skip
+
+
+def _in_workspace(repo: str, path: str) -> str:
+    """An editor's path within its workspace: editors send absolute paths, which the split
+    must key as the repository's own cuts are keyed (relative to its root)."""
+    marker = f"/{repo}/"
+    if path.startswith("/") and marker in path:
+        return path[path.rindex(marker) + len(marker) :]
+    return path.lstrip("/")
 
 
 def _deduplicated(samples: Iterable[Sample], tally: Tally) -> list[Sample]:

@@ -14,8 +14,10 @@ from rapidfuzz.distance import Levenshtein
 
 from ghostpen.context.postprocess import Mode
 from ghostpen.context.prompt import Document, Prompt
+from ghostpen.context.template import Template
 from ghostpen.server.completion import Completer, Discard, RequestSpec
 from ghostpen.server.engines.base import Engine
+from ghostpen.server.errors import DeadlinePassed, EngineFailure
 from ghostpen.server.settings import Settings
 from ghostpen.server.stats import Difference, paired_bootstrap
 from ghostpen.server.training.export import Sample
@@ -32,6 +34,7 @@ class Scored:
     similarity: float  # normalized Levenshtein similarity to it
     prompt_tokens: int
     total_ms: float
+    failed: bool = False  # the deadline passed or the engine failed: scored as no answer
 
 
 def exact_match(predicted: str, expected: str) -> float:
@@ -45,14 +48,17 @@ def edit_similarity(predicted: str, expected: str) -> float:
 async def score(
     engine: Engine,
     settings: Settings,
+    template: Template,
     samples: Sequence[Sample],
     concurrency: int,
     adapter: str = "",
 ) -> list[Scored]:
-    """Each sample completed by `engine` (with `adapter`, if named), in order; the show gate is
-    off, so that every answer counts."""
+    """Each sample completed by `engine` (with `adapter`, if named) in the template its prompt
+    was rendered in, in order; the show gate is off, so that every answer counts. A completion
+    that fails (its deadline passed, the engine failed) scores as an empty answer."""
     context = dataclasses.replace(settings.context, show_gate=False)
-    completer = Completer.from_settings(engine, settings, Discard()).varied(context=context)
+    completer = Completer.from_settings(engine, settings, Discard())
+    completer = completer.varied(template=template, context=context)
     slots = asyncio.Semaphore(concurrency)
 
     async def one(sample: Sample) -> Scored:
@@ -73,17 +79,22 @@ def compare(base: Sequence[Scored], tuned: Sequence[Scored]) -> dict[str, Differ
 
 
 async def _complete(completer: Completer, sample: Sample, adapter: str) -> Scored:
-    text = sample.prefix + sample.suffix
-    document = Document(sample.file, sample.language, text, len(sample.prefix))
+    """As served: the document holds the blanks the prompt left to the model (they set the
+    cursor line's indentation, which post-processing cuts blocks by)."""
+    before = sample.prefix + sample.healed
+    document = Document(sample.file, sample.language, before + sample.suffix, len(before))
     prompt = Prompt(sample.prompt, completer.template, (), 0, 0, sample.healed)
     received = time.monotonic()
     mode = _MODES.get(sample.kind, Mode.AUTO)
     spec = RequestSpec(sample.sample_id, mode, 0, adapter, DEADLINE_S, received)
     job = completer.job(spec, document, prompt)
-    answer, outcome = "", None
-    async for event in completer.run(job):
-        answer += event.text
-        outcome = event.outcome or outcome
+    answer, outcome, failed = "", None, False
+    try:
+        async for event in completer.run(job):
+            answer += event.text
+            outcome = event.outcome or outcome
+    except (DeadlinePassed, EngineFailure):
+        answer, failed = "", True
     tokens = outcome.prompt_tokens if outcome else 0
     return Scored(
         sample.sample_id,
@@ -92,4 +103,5 @@ async def _complete(completer: Completer, sample: Sample, adapter: str) -> Score
         edit_similarity(answer, sample.expected),
         tokens,
         (time.monotonic() - received) * 1000,
+        failed,
     )

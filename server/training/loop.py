@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -21,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+from ghostpen.context.template import Template, load_template
 from ghostpen.server import model_store
 from ghostpen.server.errors import ModelError
 from ghostpen.server.llama_cpp_build import LlamaCppBuild
 from ghostpen.server.settings import Settings
+from ghostpen.server.stats import Difference
 from ghostpen.server.telemetry.store import Store
 from ghostpen.server.training import registry
 from ghostpen.server.training.export import ExportConfig, Sample, export, read_samples
@@ -50,25 +53,36 @@ class LoopConfig:
     seed: int = 0
     note: str = ""
 
+    def __post_init__(self) -> None:
+        if self.heldout_samples < 2 or self.repo_samples < 0:
+            raise ValueError(
+                f"heldout_samples must be at least 2 and repo_samples at least 0: "
+                f"{self.heldout_samples}, {self.repo_samples}"
+            )
+
 
 def run_loop(
     config: LoopConfig, settings: Settings, store: Store, say: Callable[[str], None]
 ) -> registry.Version:
-    from ghostpen.context.template import load_template
-
     if registry.get(store, config.name) is not None:
         raise ModelError(f"version {config.name!r} is registered already; choose another name")
     folder = registry.version_dir(settings.cache_dir, config.name)
 
+    template = load_template(config.template)
     with _stage("export", say):
-        exported = ExportConfig(
-            out=folder / "data",
-            template=load_template(config.template),
-            context=settings.context,
-            repo_samples=config.repo_samples,
-            seed=config.seed,
-        )
-        manifest = export(exported, store if config.captures else None, config.repo)
+        done = folder / "data" / "manifest.json"
+        if done.is_file():  # a run that stopped: its checkpoint was trained on this data
+            manifest = json.loads(done.read_text())
+            say(f"  the data of the run before ({manifest['hash'][:12]})")
+        else:
+            exported = ExportConfig(
+                out=folder / "data",
+                template=template,
+                context=settings.context,
+                repo_samples=config.repo_samples,
+                seed=config.seed,
+            )
+            manifest = export(exported, store if config.captures else None, config.repo)
         counts = cast(dict[str, int], manifest["counts"])
         say(f"  {counts['train']} training samples, {counts['heldout']} held out")
     if not counts["train"] or not counts["heldout"]:
@@ -101,22 +115,14 @@ def run_loop(
             shutil.rmtree(merged)
         os.replace(tuned.merged_dir, merged)
     with _stage("evaluate", say):
-        heldout = read_samples(folder / "data" / "heldout.jsonl")[: config.heldout_samples]
+        heldout = drawn(
+            read_samples(folder / "data" / "heldout.jsonl"), config.heldout_samples, config.seed
+        )
         base_gguf = _base_gguf(config.base, base_hf, settings.cache_dir, folder, build)
-        before = evaluate(settings, base_gguf, heldout)
-        after = evaluate(settings, config.name, heldout)
-        differences = compare(before, after)
-        scores = {
-            "against": config.base,
-            "samples": len(heldout),
-            **{name: dataclasses.asdict(d) for name, d in differences.items()},
-            "tuned_similarity": _mean([s.similarity for s in after]),
-            "base_similarity": _mean([s.similarity for s in before]),
-            "latency_ms": {"base": _median(before), "tuned": _median(after)},
-        }
+        scores = measure(settings, template, (config.base, base_gguf), config.name, heldout)
         (folder / "heldout-scores.json").write_text(json.dumps(scores, indent=2) + "\n")
-        for name, difference in differences.items():
-            say(f"  {name}: {difference.describe()}")
+        for name in ("similarity", "exact"):
+            say(f"  {name}: {Difference(**scores[name]).describe()}")
     version = registry.Version(
         name=config.name,
         kind="model",
@@ -135,7 +141,39 @@ def run_loop(
     return version
 
 
-def evaluate(settings: Settings, model: str, samples: list[Sample]) -> list[Scored]:
+def drawn(samples: list[Sample], count: int, seed: int) -> list[Sample]:
+    """A seeded draw of `count` samples, so that every kind of sample is scored, not the first
+    in the file's order."""
+    if len(samples) <= count:
+        return samples
+    return [samples[i] for i in sorted(random.Random(seed).sample(range(len(samples)), count))]
+
+
+def measure(
+    settings: Settings,
+    template: Template,
+    against: tuple[str, str],
+    candidate: str,
+    samples: list[Sample],
+) -> dict[str, object]:
+    """The paired held-out comparison of `candidate` against a model, (its name, what to serve
+    it from), as the registry keeps it and promotion weighs it."""
+    before = evaluate(settings, template, against[1], samples)
+    after = evaluate(settings, template, candidate, samples)
+    return {
+        "against": against[0],
+        "template": template.template_id,
+        "samples": len(samples),
+        **{name: dataclasses.asdict(d) for name, d in compare(before, after).items()},
+        "failed": {"base": sum(s.failed for s in before), "tuned": sum(s.failed for s in after)},
+        "similarity_means": {"base": _mean(before), "tuned": _mean(after)},
+        "latency_ms_p50": {"base": _median(before), "tuned": _median(after)},
+    }
+
+
+def evaluate(
+    settings: Settings, template: Template, model: str, samples: list[Sample]
+) -> list[Scored]:
     """`model` (a name `model_store.resolve` knows) on llama.cpp, in this process, scored."""
     from ghostpen.server.engines.factory import start_in_process
 
@@ -146,7 +184,7 @@ def evaluate(settings: Settings, model: str, samples: list[Sample]) -> list[Scor
     async def run() -> list[Scored]:
         engine = await start_in_process(engine_settings, settings.cache_dir)
         try:
-            return await score(engine, settings, samples, HELDOUT_CONCURRENCY)
+            return await score(engine, settings, template, samples, HELDOUT_CONCURRENCY)
         finally:
             await engine.close()
 
@@ -184,8 +222,8 @@ def _stage(name: str, say: Callable[[str], None]) -> Iterator[None]:
     say(f"{name}: done in {time.monotonic() - started:.0f} s")
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
+def _mean(scored: list[Scored]) -> float:
+    return sum(s.similarity for s in scored) / len(scored) if scored else 0.0
 
 
 def _median(scored: list[Scored]) -> float:

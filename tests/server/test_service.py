@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ghostpen.proto import ghostpen_pb2 as pb
 from tests.conftest import SessionStream, engine_idle
+from tests.edge_server import until
 
 GEOMETRY = """import math
 
@@ -104,11 +105,17 @@ async def test_a_new_session_with_the_same_affinity_finds_its_prompt_cache_warm(
     assert second.cached_prompt_tokens >= 0.8 * second.prompt_tokens
 
 
-async def test_context_from_another_recent_file_reaches_the_model(stub) -> None:
+async def test_context_from_another_recent_file_reaches_the_model(stub, server) -> None:
     session = SessionStream(stub)
     # Without money.py in the prompt the model writes `money.format(total)`.
     await session.open_file("money.py", MONEY)
     await session.open_file("cart.py", CART)
+
+    async def chunked() -> bool:  # chunking runs beside the session: a request never waits on it
+        sessions = list(server.service._sessions)
+        return bool(sessions) and not any(s.workspace.unchunked() for s in sessions)
+
+    await until(chunked)
     text, _final = await session.complete(
         request_id="ctx",
         path="cart.py",

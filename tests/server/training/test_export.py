@@ -124,7 +124,7 @@ COMPLETION = CompletionRecord(
     "stop", 7, user_id="alice", tenant="acme",
 )  # fmt: skip
 CAPTURE = CaptureRecord(
-    "c1", NOW * 1000, "alice", "acme", "t@v1", "shop", "cart.py", "python",
+    "c1", NOW * 1000, "alice", "acme", "t@v1", "shop", "/home/alice/src/shop/cart.py", "python",
     "def total(cart):\n   ", "\n\nprint(total([]))", " ",
     json.dumps([{"path": "prices.py", "start_line": 0, "end_line": 2,
                  "text": "def price(item):\n    return item.price"}]),
@@ -142,8 +142,8 @@ def retained(completion_id: str, fraction: float, final_text: str | None) -> Tel
 
 @pytest.fixture
 def captured_store(tmp_path: Path) -> Store:
-    """c1 kept and corrected; c2 kept as suggested; c3 mostly undone; c4 holds a key; c5 the
-    same as c2; c6 accepted only minutes ago (no 5-minute check yet)."""
+    """c1 kept and corrected; c2 kept as far as its first word was accepted; c3 mostly undone;
+    c4 holds a key; c5 the same as c2; c6 accepted only minutes ago (no 5-minute check yet)."""
     store = Store.open(str(tmp_path / "telemetry.db"), tmp_path)
     ids = ["c1", "c2", "c3", "c4", "c5", "c6"]
     completions = [dataclasses.replace(COMPLETION, completion_id=i) for i in ids]
@@ -161,7 +161,12 @@ def captured_store(tmp_path: Path) -> Store:
         retained("c3", 0.2, "pass"),
         retained("c4", 1.0, None),
         retained("c5", 1.0, None),
-    ]
+        *(
+            TelemetryEvent(uuid.uuid4().hex, c, "partially_accepted", NOW * 1000, NOW * 1000,
+                           accepted_chars=6, unit="word", user_id="alice")
+            for c in ("c2", "c5")
+        ),
+    ]  # fmt: skip
     store.write(completions, events, captures)
     return store
 
@@ -172,11 +177,11 @@ def test_kept_completions_teach_their_corrections(tmp_path: Path, captured_store
     )
     [corrected, as_shown] = read_samples(tmp_path / "out" / "train.jsonl")
     assert corrected.target == " return sum(item.price for item in cart)<|endoftext|>"
-    assert as_shown.target == " return 0<|endoftext|>"
+    assert as_shown.target == " return<|endoftext|>"  # what was accepted of "return 0"
     chunk = json.loads(CAPTURE.context)[0]
     context = [Chunk.of(chunk["path"], chunk["start_line"], chunk["end_line"], chunk["text"])]
     assert corrected.prompt == render(
-        FIM, "shop", "cart.py", "python", context, CAPTURE.prefix, CAPTURE.suffix
+        FIM, "shop", CAPTURE.path, "python", context, CAPTURE.prefix, CAPTURE.suffix
     )
     assert (corrected.source, corrected.file, corrected.kind) == (
         "capture",
