@@ -431,7 +431,6 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
         to_html,
         to_json,
     )
-    from ghostpen.server.telemetry.store import Store
 
     chosen = ReportFilter(
         since_ms=_unix_ms(args.since) if args.since else 0,
@@ -443,11 +442,8 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
         team=args.team,
         tenant=args.tenant,
     )
-    store = Store.open(settings.telemetry.database, settings.cache_dir)
-    try:
+    with _store(settings) as store:
         report = build_report(store, chosen)
-    finally:
-        store.close()
     text = {"html": to_html, "json": to_json, "csv": to_csv}[args.format](report)
     if args.out:
         args.out.write_text(text, encoding="utf-8")
@@ -484,17 +480,13 @@ def _tokens(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _data(args: argparse.Namespace, settings: Settings) -> int:
-    from ghostpen.server.telemetry.store import Store
 
-    store = Store.open(settings.telemetry.database, settings.cache_dir)
-    try:
+    with _store(settings) as store:
         if args.action == "delete":
             texts, corrections = store.delete_captured(args.tenant, args.user)
             print(f"deleted {texts} completions' text and {corrections} corrections")
             return 0
         return _export(args, settings, store)
-    finally:
-        store.close()
 
 
 def _export(args: argparse.Namespace, settings: Settings, store: Store) -> int:
@@ -520,6 +512,18 @@ def _export(args: argparse.Namespace, settings: Settings, store: Store) -> int:
     print(json.dumps({k: manifest[k] for k in ("counts", "dropped", "privacy", "hash")}, indent=2))
     print(f"wrote {args.out}/train.jsonl, heldout.jsonl and manifest.json")
     return 0
+
+
+@contextlib.contextmanager
+def _store(settings: Settings) -> Iterator[Store]:
+    """The telemetry database, open for one command."""
+    from ghostpen.server.telemetry.store import Store
+
+    store = Store.open(settings.telemetry.database, settings.cache_dir)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def _unix_ms(moment: str) -> int:
@@ -561,15 +565,11 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
 
 def _list_models(settings: Settings) -> None:
     from ghostpen.server import model_store
-    from ghostpen.server.telemetry.store import Store
     from ghostpen.server.training import registry
 
     cache = settings.cache_dir
-    store = Store.open(settings.telemetry.database, cache)
-    try:
+    with _store(settings) as store:
         versions, default = registry.versions(store), registry.default(store)
-    finally:
-        store.close()
     default = default or settings.engine.model
     for model in model_store.REGISTRY.values():
         path = model_store.models_dir(cache) / model.filename
@@ -598,13 +598,11 @@ def _list_models(settings: Settings) -> None:
 
 def _promote(args: argparse.Namespace, settings: Settings) -> int:
     from ghostpen.context.template import load_template
-    from ghostpen.server.telemetry.store import Store
     from ghostpen.server.training import registry
     from ghostpen.server.training.export import read_samples
     from ghostpen.server.training.loop import drawn, measure
 
-    store = Store.open(settings.telemetry.database, settings.cache_dir)
-    try:
+    with _store(settings) as store:
         version = registry.get(store, args.name)
         current = registry.default(store) or settings.engine.model
         evidence: dict = {}
@@ -628,33 +626,25 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
             )
             return 1
         registry.promote(store, args.name, args.by, bool(why_not), evidence)
-    finally:
-        store.close()
     print(f"{args.name} is the default" + (f" (forced: {why_not})" if why_not else ""))
     return 0
 
 
 def _promoted(settings: Settings) -> Settings:
     """The settings with the promoted version as the model (models promote)."""
-    from ghostpen.server.telemetry.store import Store
     from ghostpen.server.training import registry
 
-    store = Store.open(settings.telemetry.database, settings.cache_dir)
-    try:
+    with _store(settings) as store:
         chosen = registry.default(store)
-    finally:
-        store.close()
     if chosen is None:
         return settings
     return dataclasses.replace(settings, engine=dataclasses.replace(settings.engine, model=chosen))
 
 
 def _loop(args: argparse.Namespace, settings: Settings) -> int:
-    from ghostpen.server.telemetry.store import Store
     from ghostpen.server.training.loop import LoopConfig, run_loop
 
-    store = Store.open(settings.telemetry.database, settings.cache_dir)
-    try:
+    with _store(settings) as store:
         run_loop(
             LoopConfig(
                 name=args.name,
@@ -673,6 +663,4 @@ def _loop(args: argparse.Namespace, settings: Settings) -> int:
             store,
             lambda line: print(line, flush=True),
         )
-    finally:
-        store.close()
     return 0

@@ -27,7 +27,6 @@ from ghostpen.benchmarks.eval.metrics import identifier_match
 from ghostpen.benchmarks.eval.strategies import STRATEGIES, identifiers
 from ghostpen.context.chunker import Chunk
 from ghostpen.context.gate import confidence
-from ghostpen.context.postprocess import Mode
 from ghostpen.context.prompt import Document, build_prompt
 from ghostpen.context.ranker import Exclusion, RankedChunk, Ranker
 from ghostpen.context.settings import ContextSettings
@@ -36,7 +35,7 @@ from ghostpen.server.completion import Completer, CompletionJob, RequestSpec
 from ghostpen.server.context_process import ChunkCache
 from ghostpen.server.engines.base import EngineRequest
 from ghostpen.server.training.heldout import edit_similarity, exact_match
-from ghostpen.server.training.tasks import Task
+from ghostpen.server.training.tasks import Task, mode_of
 
 DESIGN_STRATEGY = "edit-distance"
 ORACLE = "oracle"  # not a strategy the server could run: it knows the expected text
@@ -237,7 +236,7 @@ async def _complete(
 ) -> tuple[str, CompletionJob, Measured]:
     """The completion's text, its job, and what was measured of it."""
     document = _document(task)
-    mode = Mode.MULTI_LINE if task.kind in ("block", "function") else Mode.SINGLE_LINE
+    mode = mode_of(task.kind)
     received = time.monotonic()
     spec = RequestSpec(f"{task.task_id}:{variant.name}", mode, 0, "", DEADLINE_S, received)
     prompt = completer.prompt(_repo(task), document, chunks, rank=rank)

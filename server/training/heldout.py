@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from rapidfuzz.distance import Levenshtein
 
-from ghostpen.context.postprocess import Mode
 from ghostpen.context.prompt import Document, Prompt
 from ghostpen.context.template import Template
 from ghostpen.server.completion import Completer, Discard, RequestSpec
@@ -21,9 +20,9 @@ from ghostpen.server.errors import DeadlinePassed, EngineFailure
 from ghostpen.server.settings import Settings
 from ghostpen.server.stats import Difference, paired_bootstrap
 from ghostpen.server.training.export import Sample
+from ghostpen.server.training.tasks import mode_of
 
 DEADLINE_S = 120.0  # one held-out completion; generous: many wait their turn on a CPU
-_MODES = {"line": Mode.SINGLE_LINE, "rest_of_line": Mode.SINGLE_LINE, "block": Mode.MULTI_LINE}
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ async def _complete(completer: Completer, sample: Sample, adapter: str) -> Score
     document = Document(sample.file, sample.language, before + sample.suffix, len(before))
     prompt = Prompt(sample.prompt, completer.template, (), 0, 0, sample.healed)
     received = time.monotonic()
-    mode = _MODES.get(sample.kind, Mode.AUTO)
+    mode = mode_of(sample.kind)
     spec = RequestSpec(sample.sample_id, mode, 0, adapter, DEADLINE_S, received)
     job = completer.job(spec, document, prompt)
     answer, outcome, failed = "", None, False

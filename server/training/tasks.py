@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ghostpen.context.languages import language_of
+from ghostpen.context.postprocess import Mode
 
 _SKIP_DIRS = {".git", "__pycache__", "node_modules", ".venv", "venv", "build", "dist"}
 KINDS = ("line", "rest_of_line", "block")
@@ -56,6 +57,14 @@ class Task:
     def right(self) -> str:
         """What follows the expected text: the model must not see the answer."""
         return self.file.text[self.cursor + len(self.expected) :]
+
+
+def mode_of(kind: str) -> Mode:
+    """The completion mode a task (or sample) of this kind asks for; a captured completion's
+    is decided at its cursor, as it was served."""
+    if kind in ("block", "function"):
+        return Mode.MULTI_LINE
+    return Mode.SINGLE_LINE if kind in ("line", "rest_of_line") else Mode.AUTO
 
 
 def source_files(root: Path, max_bytes: int) -> list[SourceFile]:
