@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--minutes", type=float, help="of this run; the step in progress finishes")
     tune.add_argument("--rank", type=int)
     tune.add_argument("--lr", type=float)
+    tune.add_argument(
+        "--prompt-weight", type=float, help="loss weight of the prompt's own code; 0: target only"
+    )
     tune.add_argument("--max-seq-tokens", type=int, help="a sample's; its prompt is cut to fit")
     tune.add_argument("--batch-tokens", type=int, help="tokens an optimizer step reads")
     tune.add_argument("--seed", type=int)
@@ -403,7 +406,10 @@ def _tune(args: argparse.Namespace, settings: Settings) -> int:
     from ghostpen.server.training.quantize import adapter_to_gguf, to_gguf
     from ghostpen.server.training.tune import TuneConfig, tune
 
-    options = ("steps", "minutes", "rank", "lr", "max_seq_tokens", "batch_tokens", "seed", "dtype")
+    options = (
+        "steps", "minutes", "rank", "lr", "prompt_weight", "max_seq_tokens", "batch_tokens",
+        "seed", "dtype",
+    )  # fmt: skip
     given = {name: getattr(args, name) for name in options if getattr(args, name) is not None}
     if args.minutes is not None and args.steps is None:
         given["steps"] = None  # bounded by time alone

@@ -62,6 +62,7 @@ class Sample:
     suffix: str
     healed: str
     expected: str
+    context_files: tuple[str, ...] = ()  # the files its context chunks came from, as `file`
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ def export(config: ExportConfig, store: Store | None, repo: Path | None) -> dict
         sources.append({"kind": "repo", "path": str(repo), "head": _git_head(repo)})
     unique = _deduplicated(samples, tally)
     train, heldout, cutoff_ms = split(unique, config)
+    train = _without_heldout_context(train, {s.file for s in heldout}, tally)
     config.out.mkdir(parents=True, exist_ok=True)
     hashes = {
         name: _write_jsonl(config.out / name, rows)
@@ -161,7 +163,8 @@ def captured(store: Store, config: ExportConfig, tally: Tally) -> list[Sample]:
         file = f"{repo}/{_in_workspace(repo, path)}"
         sample = _sample(
             Sample("", "capture", file, language, "capture", created_ms, prompt, "", prefix,
-                   suffix, healed, expected),
+                   suffix, healed, expected,
+                   tuple(sorted({f"{repo}/{_in_workspace(repo, c.path)}" for c in chunks}))),
             config.template, tally, suffix=Path(path).suffix,
         )  # fmt: skip
         if sample is not None:
@@ -225,7 +228,17 @@ def split(
 
 def read_samples(path: Path) -> list[Sample]:
     with path.open(encoding="utf-8") as lines:
-        return [Sample(**json.loads(line)) for line in lines if line.strip()]
+        records = [json.loads(line) for line in lines if line.strip()]
+    return [Sample(**{**r, "context_files": tuple(r["context_files"])}) for r in records]
+
+
+def _without_heldout_context(train: list[Sample], held: set[str], tally: Tally) -> list[Sample]:
+    """Training samples whose prompts show no held-out file: the tune learns from prompts, and a
+    held-out file's text in one would be learned before it is scored on."""
+    kept = [s for s in train if held.isdisjoint(s.context_files)]
+    if len(kept) < len(train):
+        tally.dropped["held-out file in the context"] += len(train) - len(kept)
+    return kept
 
 
 def _cut_sample(
@@ -239,6 +252,7 @@ def _cut_sample(
         "", "repo", f"{repo}/{task.file.path}", task.file.language, task.kind,
         int(task.file.changed * 1000), prompt.text, "", prompt.prefix, prompt.suffix,
         prompt.healed, task.expected,
+        tuple(sorted({f"{repo}/{r.chunk.path}" for r in prompt.context})),
     )  # fmt: skip
     return _sample(draft, config.template, tally, screened=True)
 

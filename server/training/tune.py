@@ -7,9 +7,14 @@ The out directory holds:
     adapter/      the adapter as peft saves it
     merged/       the base with the adapter merged in, in the base's dtype, with its tokenizer
     tune.json     what was trained on, how, and how fast
-The defaults suit Qwen2.5-Coder-0.5B: rank 16 on every linear projection of attention and MLP
-(LoRA on attention alone falls short of full fine-tuning; QLoRA, Dettmers et al. 2023), alpha
-twice the rank, lr 2e-4, 16k tokens a step.
+The defaults suit Qwen2.5-Coder-0.5B on a CPU: rank 16 on every linear projection of attention
+and MLP (LoRA on attention alone falls short of full fine-tuning; QLoRA, Dettmers et al. 2023),
+alpha twice the rank, lr 2e-4, 4k tokens a step (a step takes about 100 s on two EPYC cores).
+
+The loss is on the target, and at PROMPT_WEIGHT on the prompt's own code, the file's text before
+the cursor (dataset.Sample.code): a completion's target is a few tokens, its prompt hundreds
+of tokens of the team's code, and learning that code is most of what a short run on a CPU can
+learn. The context chunks and the template's text are not learned: they are not code as written.
 """
 
 from __future__ import annotations
@@ -37,11 +42,13 @@ RANK = 16
 ALPHA = 32
 DROPOUT = 0.05
 LEARNING_RATE = 2e-4
-WARMUP_STEPS = 10  # the learning rate rises linearly over these, then stays
+WARMUP_STEPS = 3  # the learning rate rises linearly over these, then stays
 MAX_GRAD_NORM = 1.0
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_SEQ_TOKENS = 2048  # a sample's prompt and target; the serving context window's default
-BATCH_TOKENS = 16_384  # tokens (prompt and target) an optimizer step reads, over micro-batches
+BATCH_TOKENS = 4096  # tokens (prompt and target) an optimizer step reads, over micro-batches
+PROMPT_WEIGHT = 0.1  # the loss's weight on the prompt's own code, against 1 on the target
+LOGIT_CHUNK = 512  # positions projected to the vocabulary at once; recomputed in the backward
 STEPS = 100
 CHECKPOINT_EVERY_S = 600.0
 DTYPES = ("auto", "bf16", "fp32")
@@ -60,6 +67,7 @@ class TuneConfig:
     alpha: int = ALPHA
     dropout: float = DROPOUT
     lr: float = LEARNING_RATE
+    prompt_weight: float = PROMPT_WEIGHT
     target_modules: tuple[str, ...] = TARGET_MODULES
     max_seq_tokens: int = MAX_SEQ_TOKENS
     batch_tokens: int = BATCH_TOKENS
@@ -73,6 +81,8 @@ class TuneConfig:
             raise ValueError("a fine-tune needs a bound: steps, minutes, or both")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}: {self.dtype!r}")
+        if self.prompt_weight < 0:
+            raise ValueError(f"prompt_weight must be at least 0: {self.prompt_weight}")
 
 
 @dataclass(frozen=True)
@@ -152,7 +162,7 @@ def tune(config: TuneConfig, progress: Callable[[Progress], None] | None = None)
         step_started = time.monotonic()
         batches = [[dataset.samples[i] for i in batch] for batch in micro_batches]
         lr = config.lr * min(1.0, (state.step + 1) / WARMUP_STEPS)
-        loss = _step(model, optimizer, batches, lr, device)
+        loss = _step(model, optimizer, batches, lr, config.prompt_weight, device)
         tokens = sum(len(sample.ids) for batch in batches for sample in batch)
         run_tokens += tokens
         state.step, state.position, state.loss = state.step + 1, position, loss
@@ -244,6 +254,7 @@ def _run_identity(
         "alpha": config.alpha,
         "dropout": config.dropout,
         "lr": config.lr,
+        "prompt_weight": config.prompt_weight,
         "target_modules": list(config.target_modules),
         "max_seq_tokens": config.max_seq_tokens,
         "batch_tokens": config.batch_tokens,
@@ -257,16 +268,17 @@ def _step(
     optimizer: torch.optim.Optimizer,
     batches: list[list[Sample]],
     lr: float,
+    prompt_weight: float,
     device: str,
 ) -> float:
     """One optimizer step over the micro-batches, its gradient accumulated across them; the
-    mean loss over their target tokens."""
+    weighted mean loss over their learned tokens."""
     import torch
 
-    target_tokens = sum(sample.target_tokens for batch in batches for sample in batch)
+    weight = sum(_weight(sample, prompt_weight) for batch in batches for sample in batch)
     loss = 0.0
     for batch in batches:
-        part = _loss_sum(model, batch, device) / target_tokens
+        part = _loss_sum(model, batch, prompt_weight, device) / weight
         part.backward()
         loss += part.item()
     for group in optimizer.param_groups:
@@ -277,30 +289,61 @@ def _step(
     return loss
 
 
-def _loss_sum(model: PeftModel, batch: list[Sample], device: str) -> torch.Tensor:
-    """The summed cross-entropy of the batch's target tokens. The vocabulary projection is
-    applied to the target positions only: Qwen's 152k-token logits over a whole 2k-token
-    sequence would take 1.2 GB in fp32."""
+def _weight(sample: Sample, prompt_weight: float) -> float:
+    return sample.target_tokens + prompt_weight * len(_code(sample, prompt_weight))
+
+
+def _code(sample: Sample, prompt_weight: float) -> range:
+    """The prompt's tokens learned: its own code but the first token, which nothing predicts."""
+    return range(max(sample.code[0], 1), sample.code[1]) if prompt_weight else range(0)
+
+
+def _loss_sum(
+    model: PeftModel, batch: list[Sample], prompt_weight: float, device: str
+) -> torch.Tensor:
+    """The weighted, summed cross-entropy of the batch's learned tokens: the target's, and the
+    prompt's own code at prompt_weight. The vocabulary projection is applied to those positions
+    only, a chunk at a time and recomputed in the backward: Qwen's 152k-token logits over 2k
+    positions would take 1.2 GB in fp32, twice over for the softmax."""
     import torch
+    from torch.utils.checkpoint import checkpoint
 
     longest = max(len(sample.ids) for sample in batch)
     ids = torch.zeros((len(batch), longest), dtype=torch.long)
     mask = torch.zeros((len(batch), longest), dtype=torch.long)
-    rows, columns, labels = [], [], []
+    rows, columns, labels, weights = [], [], [], []
     for row, sample in enumerate(batch):
         ids[row, : len(sample.ids)] = torch.tensor(sample.ids)
         mask[row, : len(sample.ids)] = 1
-        positions = range(sample.prompt_tokens - 1, len(sample.ids) - 1)  # each predicts the next
-        rows += [row] * len(positions)
-        columns += positions
-        labels += sample.ids[sample.prompt_tokens :]
+        learned = [*_code(sample, prompt_weight), *range(sample.prompt_tokens, len(sample.ids))]
+        rows += [row] * len(learned)
+        columns += [at - 1 for at in learned]  # each position predicts the next token
+        labels += [sample.ids[at] for at in learned]
+        weights += [prompt_weight if at < sample.prompt_tokens else 1.0 for at in learned]
     lm = model.get_base_model()
     hidden = lm.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device))
     at = (torch.tensor(rows, device=device), torch.tensor(columns, device=device))
     chosen = hidden.last_hidden_state[at]
-    logits = lm.get_output_embeddings()(chosen).float()
-    return torch.nn.functional.cross_entropy(
-        logits, torch.tensor(labels, device=device), reduction="sum"
+    targets = torch.tensor(labels, device=device)
+    scale = torch.tensor(weights, device=device)
+    head = lm.get_output_embeddings()
+
+    def chunk_loss(states: torch.Tensor, wanted: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+        logits = head(states).float()
+        return (torch.nn.functional.cross_entropy(logits, wanted, reduction="none") * by).sum()
+
+    return sum(
+        (
+            checkpoint(
+                chunk_loss,
+                chosen[i : i + LOGIT_CHUNK],
+                targets[i : i + LOGIT_CHUNK],
+                scale[i : i + LOGIT_CHUNK],
+                use_reentrant=False,
+            )
+            for i in range(0, len(labels), LOGIT_CHUNK)
+        ),
+        torch.zeros((), device=device),
     )
 
 

@@ -29,10 +29,11 @@ NOW = 1_790_000_000
 AWS_KEY = "AKIAIOSFODNN7EXAMPLE"  # AWS's documented example key: what its scanner looks for
 
 
-def module(name: str, index: int) -> str:
+def module(name: str, index: int, uses: str = "") -> str:
     return (
         f'"""Module {name}."""\n\n\n'
-        f"def {name}_total(items):\n"
+        + (f"import {uses}\n\n\n" if uses else "")
+        + f"def {name}_total(items):\n"
         f"    total = 0\n"
         f"    for item in items:\n"
         f"        total += item.price * {index + 1}\n"
@@ -48,7 +49,8 @@ def module(name: str, index: int) -> str:
 
 
 def git_repo(root: Path, names: list[str], gap_days: int = 1) -> Path:
-    """A repository whose files were last committed `gap_days` apart, the first the oldest."""
+    """A repository whose files were last committed `gap_days` apart, the first the oldest;
+    each imports the one before it."""
     root.mkdir()
 
     def git(*args: str, when: int = NOW) -> None:
@@ -61,7 +63,7 @@ def git_repo(root: Path, names: list[str], gap_days: int = 1) -> Path:
 
     git("init", "-q")
     for index, name in enumerate(names):
-        (root / f"{name}.py").write_text(module(name, index))
+        (root / f"{name}.py").write_text(module(name, index, names[index - 1] if index else ""))
         git("add", f"{name}.py")
         git("commit", "-q", "-m", name, when=NOW - (len(names) - index) * gap_days * DAY)
     return root
@@ -72,16 +74,25 @@ def config(out: Path, **fields: object) -> ExportConfig:
 
 
 def test_a_repository_splits_by_file_and_time_without_leaks(tmp_path: Path) -> None:
-    names = [f"shop{i}" for i in range(12)]
+    names = [f"shop{i}" for i in range(40)]
     repo = git_repo(tmp_path / "shop", names)
-    manifest = export(config(tmp_path / "out", repo_samples=300), None, repo)
+    context = ContextSettings(top_k=1)  # the one file open beside: the one it imports
+    exported = ExportConfig(tmp_path / "out", FIM, context, repo_samples=300)
+    manifest = export(exported, None, repo)
     train = read_samples(tmp_path / "out" / "train.jsonl")
     heldout = read_samples(tmp_path / "out" / "heldout.jsonl")
     assert train and heldout
-    assert not {s.file for s in train} & {s.file for s in heldout}  # no file on both sides
+    held = {s.file for s in heldout}
+    assert not {s.file for s in train} & held  # no file on both sides
+    # nor in a training prompt's context: those that showed one were dropped, and counted
+    assert not {f for s in train for f in s.context_files} & held
+    assert {f for s in heldout for f in s.context_files} - held  # held-out prompts keep theirs
+    assert manifest["dropped"]["held-out file in the context"] > 0
+    for sample in train:
+        assert all(f.removeprefix("shop/") in sample.prompt for f in sample.context_files)
     cutoff = manifest["split"]["cutoff_ms"]
     assert max(s.time_ms for s in train) <= cutoff
-    assert "shop/shop11.py" in {s.file for s in heldout}  # the newest file is held out
+    assert "shop/shop39.py" in held  # the newest file is held out
     for sample in train + heldout:
         assert sample.prompt.startswith("<|repo_name|>shop\n") and "<|fim_middle|>" in sample.prompt
         assert sample.target.endswith("<|endoftext|>") and sample.target != "<|endoftext|>"

@@ -30,7 +30,9 @@ def test_the_loop_makes_registers_and_serves_a_version(
     name = f"test-loop-{uuid.uuid4().hex[:8]}"
     database = str(tmp_path / "telemetry.db")
     loop_settings = dataclasses.replace(
-        settings, telemetry=dataclasses.replace(settings.telemetry, database=database)
+        settings,
+        telemetry=dataclasses.replace(settings.telemetry, database=database),
+        context=dataclasses.replace(settings.context, top_k=1),  # each file imports its neighbour
     )
     store = Store.open(database, settings.cache_dir)
     said: list[str] = []

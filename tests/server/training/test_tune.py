@@ -80,20 +80,39 @@ def test_special_token_texts_become_their_special_ids(base: Path, data: Path) ->
 @pytest.mark.parametrize(
     ("prompt", "target", "limit", "expected"),
     [
-        ([1, 2, 3], [4, 5], 8, ([1, 2, 3, 4, 5], 3)),  # fits
-        ([1, 2, 3], [4, 5], 5, ([1, 2, 3, 4, 5], 3)),  # exactly
-        ([1, 2, 3], [4, 5], 4, ([2, 3, 4, 5], 2)),  # the prompt loses its start
-        ([1, 2, 3], [4, 5], 3, ([3, 4, 5], 1)),  # one token of prompt is enough
+        ([1, 2, 3], [4, 5], 8, ([1, 2, 3, 4, 5], 3, (1, 2))),  # fits
+        ([1, 2, 3], [4, 5], 5, ([1, 2, 3, 4, 5], 3, (1, 2))),  # exactly
+        ([1, 2, 3], [4, 5], 4, ([2, 3, 4, 5], 2, (0, 1))),  # the prompt loses its start
+        ([1, 2, 3], [4, 5], 3, ([3, 4, 5], 1, (0, 0))),  # one token of prompt is enough
         ([1, 2, 3], [4, 5], 2, None),  # the target alone fills it: nothing predicts its first
         ([1, 2, 3], [], 8, None),  # nothing to learn
         ([], [4, 5], 8, None),  # nothing to learn from
     ],
 )
 def test_a_sample_is_fitted_by_cutting_its_prompt_from_the_left(
-    prompt: list[int], target: list[int], limit: int, expected: tuple[list[int], int] | None
+    prompt: list[int],
+    target: list[int],
+    limit: int,
+    expected: tuple[list[int], int, tuple[int, int]] | None,
 ) -> None:
-    sample = fit(prompt, target, limit)
-    assert (sample and (list(sample.ids), sample.prompt_tokens)) == expected
+    """The prompt's own code is its second token here, and moves with the cut."""
+    sample = fit(prompt, target, limit, code=(1, 2))
+    assert (sample and (list(sample.ids), sample.prompt_tokens, sample.code)) == expected
+
+
+def test_the_prompts_own_code_is_its_prefix_window(base: Path, tmp_path: Path) -> None:
+    """Learned at prompt_weight: the file's text before the cursor, not the template's markers
+    or the context files."""
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    prefix = "def total(items):\n    "
+    path = tmp_path / "samples.jsonl"
+    lines = [{**SAMPLES[0], "prefix": prefix}, SAMPLES[1]]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with_prefix, without = read_dataset(path, tokenizer, max_seq_tokens=512).samples
+    start, end = with_prefix.code
+    assert tokenizer.decode(with_prefix.ids[start:end]) == prefix
+    assert tokenizer.decode(with_prefix.ids[start - 1 : start]) == "<|fim_prefix|>"
+    assert without.code[0] == without.code[1]  # no prefix given: nothing of it learned
 
 
 def test_reading_counts_what_was_cut_and_dropped(base: Path, tmp_path: Path) -> None:
