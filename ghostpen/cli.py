@@ -191,6 +191,45 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--engine", choices=("auto", "llama.cpp", "vllm"))
     evaluate.add_argument("--out", type=Path, default=Path("eval-out"), help="a directory")
 
+    prompt = commands.add_parser("prompts", help="prompt templates: list, show, diff, new")
+    verbs = prompt.add_subparsers(dest="action", required=True)
+    verbs.add_parser("list", help="built-in and registered versions")
+    show = verbs.add_parser("show", help="a version's TOML, to edit into a new one")
+    show.add_argument("template", help="name@vN, or name for its latest")
+    compare = verbs.add_parser("diff", help="two versions, as a unified diff")
+    compare.add_argument("before")
+    compare.add_argument("after")
+    make = verbs.add_parser("new", help="register an edited template as the next version")
+    make.add_argument("name", help="a template's name (its next version) or a new one")
+    make.add_argument("--from", dest="parent", required=True, help="the version it was made from")
+    make.add_argument("--file", type=Path, required=True, help="its TOML; '-' for stdin")
+    make.add_argument("--note", default="")
+    make.add_argument("--by", default=os.environ.get("USER", ""), help="its author")
+    experiment = commands.add_parser(
+        "experiments", help="A/B arms on real traffic: start, stop, promote, list, report"
+    )
+    steps = experiment.add_subparsers(dest="action", required=True)
+    begin = steps.add_parser("start", help="serve arms side by side; the first is the control")
+    begin.add_argument("name")
+    begin.add_argument(
+        "--arm",
+        action="append",
+        required=True,
+        help="name:weight[:template=ID,adapter=NAME,SETTING=VALUE,...]; at least two",
+    )
+    begin.add_argument("--note", default="")
+    end = steps.add_parser("stop", help="end it: every session is served the default again")
+    end.add_argument("name")
+    winner = steps.add_parser("promote", help="make an arm the default, and end its experiment")
+    winner.add_argument("name")
+    winner.add_argument("arm")
+    steps.add_parser("list", help="every experiment, and what was done to them, by whom")
+    shown = steps.add_parser("report", help="per arm, with 95%% confidence sequences")
+    shown.add_argument("name")
+    shown.add_argument("--json", action="store_true")
+    for command in (begin, end, winner):
+        command.add_argument("--by", default=os.environ.get("USER", ""), help="who does it")
+
     tune = commands.add_parser("tune", help="LoRA fine-tune on samples: adapter, merged model")
     tune.add_argument("--data", type=Path, required=True, help="JSONL: prompt and target a line")
     tune.add_argument("--out", type=Path, required=True, help="a directory a second run goes on in")
@@ -247,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
             return _loop(args, settings)
         if args.command == "tune":
             return _tune(args, settings)
+        if args.command == "experiments":
+            return _experiments(args, settings)
+        if args.command == "prompts":
+            return _prompts(args, settings)
         if args.command == "eval":
             return _eval(args, settings)
         if args.command == "bench":
@@ -517,6 +560,69 @@ def _export(args: argparse.Namespace, settings: Settings, store: Store) -> int:
     manifest = export(config, None if args.no_captures else store, args.repo)
     print(json.dumps({k: manifest[k] for k in ("counts", "dropped", "privacy", "hash")}, indent=2))
     print(f"wrote {args.out}/train.jsonl, heldout.jsonl and manifest.json")
+    return 0
+
+
+def _prompts(args: argparse.Namespace, settings: Settings) -> int:
+    from ghostpen.server import prompts
+    from ghostpen.server.errors import InvalidInput
+
+    with _store(settings) as store:
+        try:
+            if args.action == "show":
+                print(prompts.version(store, args.template).content, end="")
+            elif args.action == "diff":
+                print(prompts.diff(store, args.before, args.after), end="")
+            elif args.action == "new":
+                text = sys.stdin.read() if str(args.file) == "-" else args.file.read_text()
+                made = prompts.new(store, args.name, args.parent, text, args.by, args.note)
+                print(f"registered {made.template_id} ({made.content_hash})")
+            else:
+                for v in prompts.listed(store):
+                    made = "built-in" if v.builtin else f"from {v.parent} by {v.author or '-'}"
+                    print(f"{v.template.template_id}\t{v.template.content_hash}\t{made}\t{v.note}")
+        except InvalidInput as error:
+            print(f"ghostpen prompts: {error}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def _experiments(args: argparse.Namespace, settings: Settings) -> int:
+    from ghostpen.server import experiments
+    from ghostpen.server.errors import InvalidInput
+    from ghostpen.server.telemetry.arms_report import arms_report, to_text
+
+    with _store(settings) as store:
+        try:
+            if args.action == "start":
+                arms = tuple(experiments.parse_arm(text) for text in args.arm)
+                adapters = settings.engine.adapter_paths()
+                experiments.start(store, args.name, arms, args.by, adapters, args.note)
+                print(
+                    f"started {args.name}: servers serve its arms within "
+                    f"{settings.telemetry.experiment_refresh_s:g} s"
+                )
+            elif args.action == "stop":
+                experiments.stop(store, args.name, args.by)
+                print(f"stopped {args.name}")
+            elif args.action == "promote":
+                arm = experiments.promote(store, args.name, args.arm, args.by)
+                print(f"the default is now {args.name}/{arm.name}: {arm}")
+            elif args.action == "report":
+                report = arms_report(store, args.name)
+                print(json.dumps(report, indent=2) if args.json else to_text(report), end="")
+            else:
+                for experiment in experiments.listed(store):
+                    arms = ", ".join(f"{a.name}:{a.weight:g}" for a in experiment.arms)
+                    print(f"{experiment.name}\t{experiment.status}\t{arms}\t{experiment.note}")
+                for action in experiments.actions(store):
+                    when = datetime.fromtimestamp(action.at_ms / 1000, UTC).isoformat(
+                        "T", "seconds"
+                    )
+                    print(f"  {when} {action.actor or '-'} {action.action} {action.experiment}")
+        except InvalidInput as error:
+            print(f"ghostpen experiments: {error}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ghostpen.server import wire
+from ghostpen.server.arms import Traffic
 from ghostpen.server.auth import Authenticator, TokenFile
 from ghostpen.server.chunker_process import ChunkerProcess
 from ghostpen.server.completion import Completer
@@ -53,6 +54,8 @@ class RunningServer:
     chunker: ChunkerProcess
     loop_watch: asyncio.Task[None]
     expiry: asyncio.Task[None]  # deletes captured text past its retention period
+    following: asyncio.Task[None]  # reads the running experiment and the default arm
+    traffic: Traffic
     port: int
     web: web.AppRunner | None = None
     web_port: int = 0
@@ -70,6 +73,7 @@ class RunningServer:
         await self.server.stop(min(SETTLE_S, grace_s))
         self.loop_watch.cancel()
         self.expiry.cancel()
+        self.following.cancel()
         if self.web is not None:
             await self.web.cleanup()
         if self.dashboard is not None:
@@ -104,11 +108,16 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
     writer.start()
     telemetry = Telemetry(writer, metrics, settings.limits.max_request_id_chars, stored.captures)
     ledger = Ledger(metrics, telemetry.record, stored.record_commit_wait_ms / 1000, stored.captures)
-    completer = Completer.from_settings(engine, settings, ledger)
-    context = ContextProcess(settings.context, completer.template)
+    adapters = settings.engine.adapter_paths()
+    traffic = Traffic(Completer.from_settings(engine, settings, ledger), adapters)
+    await traffic.refresh(store.call)  # a Complete call is served with the default of the start
+    completer = traffic.default
+    context = ContextProcess(completer.context_settings, completer.template)
     chunker = ChunkerProcess(settings.context)
     inline = InlineCompletions(completer, context)
-    service = CompletionService(completer, chunker, inline, telemetry, settings, metrics, auth)
+    service = CompletionService(
+        completer, traffic, chunker, inline, telemetry, settings, metrics, auth
+    )
     server.add_generic_rpc_handlers((wire.handlers(service),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -157,6 +166,9 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
     metrics.watch_engine(engine.stats)
     loop_watch = asyncio.get_running_loop().create_task(metrics.watch_loop())
     expiry = asyncio.get_running_loop().create_task(_expire_captured(writer, stored))
+    following = asyncio.get_running_loop().create_task(
+        traffic.follow(store.call, stored.experiment_refresh_s)
+    )
     running = RunningServer(
         server,
         service,
@@ -168,6 +180,8 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
         chunker,
         loop_watch,
         expiry,
+        following,
+        traffic,
         port,
     )
     if settings.server.metrics_port >= 0:

@@ -42,6 +42,17 @@ class RequestSpec:
 
 
 @dataclass(frozen=True)
+class Assignment:
+    """The experiment and arm a completion is served in; empty outside any."""
+
+    experiment: str = ""
+    arm: str = ""
+
+
+OUTSIDE = Assignment()
+
+
+@dataclass(frozen=True)
 class CompletionJob:
     request_id: str
     completion_id: str
@@ -55,6 +66,7 @@ class CompletionJob:
     cache_key: str = ""  # the session, so the engine can keep its prompt cache apart
     adapter: str = ""  # the LoRA adapter the request names; "": the base model
     owner: Identity = LOCAL  # whom it was served to: only they may report on it
+    assignment: Assignment = OUTSIDE  # the experiment's arm it was served in
 
 
 @dataclass(frozen=True)
@@ -135,10 +147,14 @@ class Completer:
         context: ContextSettings,
         limits: LimitSettings,
         sink: Sink,
+        adapter: str = "",
+        assignment: Assignment = OUTSIDE,
     ) -> None:
         self.engine = engine
         self.template = template
         self.context_settings = context
+        self.adapter = adapter  # for requests that name none
+        self.assignment = assignment
         self._limits = limits
         self._sink = sink
 
@@ -149,15 +165,22 @@ class Completer:
         return cls(engine, template, settings.context, settings.limits, sink)
 
     def varied(
-        self, template: Template | None = None, context: ContextSettings | None = None
+        self,
+        template: Template | None = None,
+        context: ContextSettings | None = None,
+        adapter: str | None = None,
+        assignment: Assignment | None = None,
     ) -> Completer:
-        """The same engine behind another template or context settings (for ablations)."""
+        """The same engine behind another template, context settings or adapter: an ablation,
+        or an experiment's arm."""
         return Completer(
             self.engine,
             template or self.template,
             context or self.context_settings,
             self._limits,
             self._sink,
+            self.adapter if adapter is None else adapter,
+            assignment or self.assignment,
         )
 
     def prompt(
@@ -192,8 +215,9 @@ class Completer:
             prompted=time.monotonic(),
             deadline=spec.received + spec.deadline_s,
             cache_key=cache_key,
-            adapter=spec.adapter,
+            adapter=spec.adapter or self.adapter,
             owner=owner,
+            assignment=self.assignment,
         )
 
     def max_tokens(self, mode: Mode) -> int:

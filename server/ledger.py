@@ -79,6 +79,8 @@ class Ledger:
                 tenant=job.owner.tenant,
                 confidence=outcome.confidence,
                 withheld=outcome.withheld,
+                experiment=job.assignment.experiment,
+                arm=job.assignment.arm,
             ),
             _capture(outcome, now_ms)
             if outcome.text and self._captures(job.owner.tenant)

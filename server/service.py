@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 import grpc
 
 from ghostpen.server import wire
+from ghostpen.server.arms import Traffic
 from ghostpen.server.auth import Authenticator
 from ghostpen.server.chunker_process import ChunkerProcess
 from ghostpen.server.completion import Completer, CompletionEvent, CompletionJob
@@ -67,6 +68,7 @@ class CompletionService:
     def __init__(
         self,
         completer: Completer,
+        traffic: Traffic,
         chunker: ChunkerProcess,
         inline: InlineCompletions,
         telemetry: Telemetry,
@@ -74,7 +76,8 @@ class CompletionService:
         metrics: Metrics,
         auth: Authenticator,
     ) -> None:
-        self._completer = completer
+        self._completer = completer  # Complete calls'; a session's is its arm's (Traffic)
+        self._traffic = traffic
         self._chunker = chunker
         self._auth = auth
         self._inline = inline
@@ -131,9 +134,10 @@ class CompletionService:
         except GhostpenError as error:
             await self._abort(context, "Session", error)
         stream = _Stream(self._metrics, self._limits)
+        session_id = uuid.uuid4().hex
         session = Session(
-            uuid.uuid4().hex,
-            self._completer,
+            session_id,
+            self._traffic.completer(owner, affinity or session_id),
             self._chunker,
             self._settings,
             stream.send,

@@ -176,6 +176,9 @@ class TelemetrySettings:
     capture_text: str = ""
     capture_retention_days: float = 30.0  # captured text older than this is deleted
     capture_purge_s: float = 3600.0  # how often expired captured text is looked for
+    # How often a server reads which experiment runs and which arm is the default: a start, stop
+    # or promotion (CLI or dashboard) reaches new sessions within this
+    experiment_refresh_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.capture_purge_s <= 0 or self.capture_retention_days < 0:
@@ -183,6 +186,8 @@ class TelemetrySettings:
                 "capture_purge_s must be above 0 and capture_retention_days at least 0: "
                 f"{self.capture_purge_s}, {self.capture_retention_days}"
             )
+        if self.experiment_refresh_s <= 0:
+            raise ValueError(f"experiment_refresh_s must be above 0: {self.experiment_refresh_s}")
 
     def captures(self, tenant: str) -> bool:
         """Whether text of `tenant`'s completions is kept."""
@@ -224,16 +229,26 @@ class Settings:
             if section.name == "cache_dir":
                 continue
             section_type = section.default_factory  # type: ignore[misc]
-            known = {f.name: f for f in dataclasses.fields(section_type)}
-            chosen = {
-                k: _convert(known[k].type, pending.pop(k)) for k in list(pending) if k in known
-            }
-            sections[section.name] = section_type(**chosen)
+            known = {f.name for f in dataclasses.fields(section_type)}
+            chosen = {k: pending.pop(k) for k in list(pending) if k in known}
+            sections[section.name] = updated(section_type(), chosen)
         cache_dir = Path(pending.pop("cache_dir")).expanduser() if "cache_dir" in pending else None
         if pending:
             raise ValueError(f"unknown setting(s): {', '.join(sorted(pending))}")
         settings = cls(**sections)
         return dataclasses.replace(settings, cache_dir=cache_dir) if cache_dir else settings
+
+
+def updated(section: Any, values: Mapping[str, str]) -> Any:
+    """The settings section with `values` (names and texts, as `--set` gives them) in place;
+    ValueError for a name it does not have or a text that is not its type."""
+    known = {f.name: f for f in dataclasses.fields(section)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown setting(s): {', '.join(unknown)}")
+    return dataclasses.replace(
+        section, **{name: _convert(known[name].type, raw) for name, raw in values.items()}
+    )
 
 
 def _convert(type_name: Any, raw: str) -> Any:

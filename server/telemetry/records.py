@@ -35,6 +35,8 @@ class CompletionRecord:
     tenant: str = ""
     confidence: float | None = None  # the mean log-probability of its tokens, if the engine said
     withheld: str = ""  # the show gate's verdict ("": shown); kept in shadow mode too
+    experiment: str = ""  # the experiment it was served in, if any; its events are joined to it
+    arm: str = ""
 
     def row(self) -> tuple:
         """Its fields in order, as the database stores them."""

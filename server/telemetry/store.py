@@ -150,8 +150,45 @@ MIGRATIONS: tuple[str, ...] = (
         evidence TEXT NOT NULL
     );
     """,
+    # Experiments (server/experiments.py): arms served side by side, at most one experiment
+    # running; who started, stopped and promoted them; each completion's experiment and arm.
+    # Prompt templates registered beside the built-in files (server/prompts.py), immutable.
+    """
+    CREATE TABLE experiments (
+        name TEXT PRIMARY KEY,
+        arms TEXT NOT NULL,
+        status TEXT NOT NULL,
+        started_ms BIGINT NOT NULL,
+        started_by TEXT NOT NULL,
+        note TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX experiments_one_running ON experiments (status)
+        WHERE status = 'running';
+    CREATE TABLE experiment_actions (
+        experiment TEXT NOT NULL REFERENCES experiments (name),
+        at_ms BIGINT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE TABLE prompt_versions (
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        content TEXT NOT NULL,
+        content_hash TEXT NOT NULL,
+        parent TEXT NOT NULL,
+        author TEXT NOT NULL,
+        note TEXT NOT NULL,
+        created_ms BIGINT NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    ALTER TABLE completions ADD COLUMN experiment TEXT NOT NULL DEFAULT '';
+    ALTER TABLE completions ADD COLUMN arm TEXT NOT NULL DEFAULT '';
+    CREATE INDEX completions_arm ON completions (experiment, arm);
+    """,
 )
 
+Write = tuple[str, Sequence[Any]]  # a statement and its parameters
 _COMPLETION_COLUMNS = [f.name for f in fields(CompletionRecord)]
 _EVENT_COLUMNS = list(EVENT_COLUMNS)
 _CORRECTION_COLUMNS = ["completion_id", "after_s", "text", "received_ms"]
@@ -314,11 +351,15 @@ class Store:
         )
         return {row[0]: CompletionRecord(*row) for row in rows}
 
-    def execute(self, sql: str, parameters: Sequence[Any] = ()) -> int:
-        """One write in a transaction of its own; how many rows it changed."""
+    def execute(self, sql: str, parameters: Sequence[Any] = (), *more: Write) -> int:
+        """One write, and any `more` (sql, parameters), in a transaction of their own; how many
+        rows the first changed."""
         with self._mapped("write"), self._transaction() as cursor:
             cursor.execute(self._sql(sql), tuple(parameters))
-            return cursor.rowcount
+            changed = cursor.rowcount
+            for statement, values in more:
+                cursor.execute(self._sql(statement), tuple(values))
+            return changed
 
     def query(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple]:
         with self._mapped("read telemetry"):
