@@ -42,7 +42,8 @@ async def developer(stub, key: str, arm: str) -> list[pb.TelemetryEvent]:
     """One developer's session: completions asked for at a few cursors, and what they did."""
     rng = random.Random(key)
     session = SessionStream(stub, (("x-ghostpen-affinity", key),))
-    await session.read()  # welcome
+    session.send(hello=pb.Hello(client="test", workspace="shapes"))
+    assert (await session.read()).HasField("welcome")
     await session.open_file("shapes.py", CODE)
     events = []
     for n in range(REQUESTS):
