@@ -29,8 +29,8 @@ class Traffic:
     def __init__(self, base: Completer, adapters: Mapping[str, object]) -> None:
         self._base = base  # the server's settings
         self._adapters = adapters
-        self._default: Arm | None = None
-        self._experiment: Experiment | None = None
+        self._read: tuple[Experiment | None, Arm | None] = (None, None)  # as last loaded
+        self._experiment: Experiment | None = None  # served: None when it cannot be
         self._completers: dict[str, Completer] = {"": base}  # by arm; "" for the default
 
     @property
@@ -51,8 +51,9 @@ class Traffic:
         """Serve `experiment` over `default` from now on; `templates`: those their arms name,
         resolved (server/prompts.py). An arm this server cannot serve (an adapter it has not
         loaded) keeps the whole experiment off here, with a logged reason."""
-        if (experiment, default) == (self._experiment, self._default):
+        if (experiment, default) == self._read:  # unchanged, whether it was served or not
             return
+        self._read = (experiment, default)
         served = self._completer(default, OUTSIDE, templates) if default else self._base
         completers = {"": served}
         if experiment is not None:
@@ -65,7 +66,7 @@ class Traffic:
             except (GhostpenError, ValueError, KeyError) as error:
                 log.error("experiment %s is not served here: %s", experiment.name, error)
                 experiment, completers = None, {"": served}
-        self._experiment, self._default, self._completers = experiment, default, completers
+        self._experiment, self._completers = experiment, completers
 
     def completer(self, owner: Identity, session_key: str) -> Completer:
         """Whose arm: the user's, or on a server without users the editor's session key."""

@@ -30,6 +30,11 @@ RETAINED_AFTER_S = (15, 30, 120, 300)
 HEADLINE = "retained_chars_300s"
 RETENTION_DUE_S = 60  # past a check's time, for the editor's report of it to have arrived
 LATENCY_LEVELS = {"latency_p50_ms": 0.5, "latency_p90_ms": 0.9}
+MEAN_FIGURES = (  # per suggestion shown
+    "acceptance_rate",
+    "accepted_chars",
+    *(f"retained_chars_{after_s}s" for after_s in RETAINED_AFTER_S),
+)
 
 
 def arms_report(store: Store, name: str, now_ms: int | None = None) -> dict[str, object]:
@@ -83,7 +88,7 @@ def arms_report(store: Store, name: str, now_ms: int | None = None) -> dict[str,
             "settings": dict(arm.settings),
             "shown": len(values["acceptance_rate"]),
         }
-        for figure in _mean_figures():
+        for figure in MEAN_FIGURES:
             entry[figure] = _figure(sequential_mean(values[figure]))
             if arm.name != control:
                 difference = sequential_difference(figures[control][figure], values[figure])
@@ -119,7 +124,7 @@ def to_text(report: dict[str, object]) -> str:
     ]
     for arm in report["arms"]:  # type: ignore[attr-defined]
         lines.append(f"\narm {arm['arm']} (weight {arm['weight']:g}): {arm['shown']} shown")
-        for figure in (*_mean_figures(), *LATENCY_LEVELS):
+        for figure in (*MEAN_FIGURES, *LATENCY_LEVELS):
             value = arm[figure]
             line = f"  {figure}: {_described(value)}"
             versus = arm.get(f"{figure}_vs_control")
@@ -129,14 +134,6 @@ def to_text(report: dict[str, object]) -> str:
                     line += f" {_described(versus)}"
             lines.append(line)
     return "\n".join(lines) + "\n"
-
-
-def _mean_figures() -> tuple[str, ...]:
-    return (
-        "acceptance_rate",
-        "accepted_chars",
-        *(f"retained_chars_{after_s}s" for after_s in RETAINED_AFTER_S),
-    )
 
 
 def _figure(value: Sequential, verdict: str = "") -> dict[str, object]:
