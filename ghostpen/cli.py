@@ -151,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     loop.add_argument("--minutes", type=float, default=30.0, help="of training")
     loop.add_argument("--steps", type=int, help="of training, at most")
     loop.add_argument("--heldout", type=int, default=100, help="samples each model is scored on")
+    loop.add_argument("--lr", type=float, help="the tune's learning rate; default 2e-4")
+    loop.add_argument(
+        "--prompt-weight", type=float, help="loss weight of the prompt's own code; default 0.1"
+    )
     loop.add_argument("--note", default="")
     loop.add_argument("--seed", type=int, default=0)
 
@@ -770,6 +774,11 @@ def _loop(args: argparse.Namespace, settings: Settings) -> int:
                 heldout_samples=args.heldout,
                 seed=args.seed,
                 note=args.note,
+                **{
+                    name: getattr(args, name)
+                    for name in ("lr", "prompt_weight")
+                    if getattr(args, name) is not None
+                },
             ),
             settings,
             store,

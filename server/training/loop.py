@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -33,7 +34,7 @@ from ghostpen.server.training import registry
 from ghostpen.server.training.export import ExportConfig, Sample, export, read_samples
 from ghostpen.server.training.heldout import Scored, compare, score
 from ghostpen.server.training.quantize import QUANT, adapter_to_gguf, to_gguf
-from ghostpen.server.training.tune import TuneConfig, tune
+from ghostpen.server.training.tune import LEARNING_RATE, PROMPT_WEIGHT, TuneConfig, tune
 
 HELDOUT_SAMPLES = 100  # scored by each model: the paired comparison's size
 HELDOUT_CONCURRENCY = 4  # completions in flight while scoring
@@ -50,6 +51,8 @@ class LoopConfig:
     steps: int | None = None
     minutes: float | None = 30.0  # of training
     heldout_samples: int = HELDOUT_SAMPLES
+    lr: float = LEARNING_RATE
+    prompt_weight: float = PROMPT_WEIGHT
     seed: int = 0
     note: str = ""
 
@@ -59,6 +62,8 @@ class LoopConfig:
                 f"heldout_samples must be at least 2 and repo_samples at least 0: "
                 f"{self.heldout_samples}, {self.repo_samples}"
             )
+        if self.lr <= 0:
+            raise ValueError(f"lr must be above 0: {self.lr}")
 
 
 def run_loop(
@@ -99,6 +104,8 @@ def run_loop(
                 cache_dir=settings.cache_dir,
                 steps=config.steps,
                 minutes=config.minutes,
+                lr=config.lr,
+                prompt_weight=config.prompt_weight,
                 seed=config.seed,
             ),
             lambda p: say(
@@ -157,8 +164,9 @@ def measure(
     samples: list[Sample],
 ) -> dict[str, object]:
     """The paired held-out comparison of `candidate` against a model, (its name, what to serve
-    it from), as the registry keeps it and promotion weighs it."""
-    before = evaluate(settings, template, against[1], samples)
+    it from), as the registry keeps it and promotion weighs it. The model's scores are kept
+    (`scores_once`): the next run on the same held-out samples reuses them."""
+    before = scores_once(settings, template, against[1], samples)
     after = evaluate(settings, template, candidate, samples)
     return {
         "against": against[0],
@@ -189,6 +197,37 @@ def evaluate(
             await engine.close()
 
     return asyncio.run(run())
+
+
+def scores_once(
+    settings: Settings, template: Template, model: str, samples: list[Sample]
+) -> list[Scored]:
+    """`evaluate`, kept under the cache (`kept_scores`): a weekly flywheel scores the same base
+    on much the same held-out split, and this halves its evaluation."""
+    kept = kept_scores(settings, template, model, samples)
+    if kept.is_file():
+        return [Scored(**json.loads(line)) for line in kept.read_text().splitlines()]
+    scored = evaluate(settings, template, model, samples)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    partial = kept.with_suffix(".partial")
+    partial.write_text("".join(json.dumps(dataclasses.asdict(s)) + "\n" for s in scored))
+    os.replace(partial, kept)
+    return scored
+
+
+def kept_scores(settings: Settings, template: Template, model: str, samples: list[Sample]) -> Path:
+    """Where `model`'s scores on `samples` are kept, named by what decides them: the model
+    file, the template, the serving settings and the samples."""
+    served = model_store.resolve(model, settings.cache_dir, want="gguf").path.resolve()
+    facts = served.stat()
+    decides = [
+        str(served), facts.st_size, facts.st_mtime_ns, template.template_id,
+        template.content_hash, repr(settings.context),
+        repr(dataclasses.replace(settings.engine, model="")),
+        [dataclasses.asdict(s) for s in samples],
+    ]  # fmt: skip
+    key = hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()
+    return settings.cache_dir / "heldout-scores" / f"{key}.jsonl"
 
 
 def _base_gguf(

@@ -11,18 +11,22 @@ import shutil
 import uuid
 from pathlib import Path
 
+import pytest
+
 from ghostpen.cli import main
+from ghostpen.context.template import load_template
 from ghostpen.server.model_store import REGISTRY, models_dir, resolve
 from ghostpen.server.settings import Settings
 from ghostpen.server.telemetry.store import Store
-from ghostpen.server.training import registry
+from ghostpen.server.training import loop, registry
+from ghostpen.server.training.export import read_samples
 from ghostpen.server.training.loop import LoopConfig, run_loop
 from tests.server.training.test_export import git_repo
 from tests.tiny_model import build_tiny_qwen2
 
 
 def test_the_loop_makes_registers_and_serves_a_version(
-    settings: Settings, tmp_path: Path, capsys
+    settings: Settings, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tokenizer = models_dir(settings.cache_dir) / REGISTRY[settings.engine.model].filename
     base = build_tiny_qwen2(settings.cache_dir / "test-models" / "tiny-qwen2", tokenizer)
@@ -61,6 +65,16 @@ def test_the_loop_makes_registers_and_serves_a_version(
         assert [line.split(":")[0] for line in stages] == [
             "export", "base checkpoint", "tune", "quantize", "evaluate"
         ]  # fmt: skip
+        # the base's scores are kept: a second run on the same held-out samples reuses them
+        heldout = loop.drawn(read_samples(folder / "data" / "heldout.jsonl"), 6, 0)
+        template = load_template(config.template)
+        base_gguf = str(folder / "base.gguf")
+        kept = loop.kept_scores(loop_settings, template, base_gguf, heldout)
+        monkeypatch.setattr(loop, "evaluate", lambda *_: pytest.fail("scored the base again"))
+        again = loop.scores_once(loop_settings, template, base_gguf, heldout)
+        assert [s.sample_id for s in again] == [s.sample_id for s in heldout]
+        assert sum(s.similarity for s in again) / 6 == scores["similarity_means"]["base"]
+        kept.unlink()
         store.close()
         where = ["--set", f"database={database}"]
         assert main([*where, "models", "list"]) == 0
