@@ -47,7 +47,7 @@ class Agent:
         self._server = server
         self.client = SessionClient(settings, self.files, self._log, workspace)
         self.completer = InlineCompleter(settings, self.client)
-        self.feedback = Feedback(self.client.report, corrections=self.client.captures_text)
+        self.feedback = Feedback(self.client.report, corrections=self.client.correction_limit)
         self._retention_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:

@@ -86,9 +86,12 @@ class SessionClient:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
-    def captures_text(self) -> bool:
-        """Whether the server said it keeps this user's text for training (Welcome)."""
-        return self.welcome is not None and self.welcome.capture_text
+    def correction_limit(self) -> int:
+        """The longest correction the server takes: 0 unless it said it keeps this user's text
+        for training (Welcome)."""
+        if self.welcome is None or not self.welcome.capture_text:
+            return 0
+        return self.welcome.max_correction_chars
 
     async def close(self) -> None:
         """Stop the session, waiting at most close_timeout_s: grpc's asyncio channel can fail

@@ -28,10 +28,12 @@ class Feedback:
         self,
         report: Callable[[pb.TelemetryEvent], None],
         clock: Callable[[], float] = time.monotonic,
-        corrections: Callable[[], bool] = lambda: False,
+        corrections: Callable[[], int] = lambda: 0,
     ) -> None:
-        """`corrections()`: whether the server keeps text for training (Welcome.capture_text),
-        and so wants each accepted completion's final text; asked when a check is due."""
+        """`corrections()`: the longest final text of an accepted completion the server takes
+        (Welcome.max_correction_chars), or 0 when it keeps no text for training
+        (Welcome.capture_text); asked when a check is due. A longer correction is not sent: cut,
+        it would teach a wrong ending."""
         self._report = report
         self._clock = clock
         self._corrections = corrections
@@ -87,7 +89,8 @@ class Feedback:
         return 0 if shown is None else int((self._clock() - shown) * 1000)
 
     def _retention(self, check: RetentionCheck) -> None:
-        corrected = check.after_s == CORRECTION_AFTER_S and self._corrections()
+        limit = self._corrections() if check.after_s == CORRECTION_AFTER_S else 0
+        corrected = 0 < len(check.final_text) <= limit
         self._send(
             check.completion_id,
             retention=pb.Retention(

@@ -234,6 +234,16 @@ def main(argv: list[str] | None = None) -> int:
     for command in (begin, end, winner):
         command.add_argument("--by", default=os.environ.get("USER", ""), help="who does it")
 
+    again = commands.add_parser(
+        "replay", help="accepted completions (captured with consent) re-run on a candidate arm"
+    )
+    again.add_argument(
+        "--candidate", required=True, help="key=value,...: template, adapter, context settings"
+    )
+    again.add_argument("--control", default="", help="as --candidate; default: the default")
+    again.add_argument("--limit", type=int, default=200, help="the most recent captures")
+    again.add_argument("--json", action="store_true")
+
     tune = commands.add_parser("tune", help="LoRA fine-tune on samples: adapter, merged model")
     tune.add_argument("--data", type=Path, required=True, help="JSONL: prompt and target a line")
     tune.add_argument("--out", type=Path, required=True, help="a directory a second run goes on in")
@@ -290,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             return _loop(args, settings)
         if args.command == "tune":
             return _tune(args, settings)
+        if args.command == "replay":
+            return _replay(args, settings)
         if args.command == "experiments":
             return _experiments(args, settings)
         if args.command == "prompts":
@@ -627,6 +639,34 @@ def _experiments(args: argparse.Namespace, settings: Settings) -> int:
         except InvalidInput as error:
             print(f"ghostpen experiments: {error}", file=sys.stderr)
             return 2
+    return 0
+
+
+def _replay(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from ghostpen.server import replay
+    from ghostpen.server.engines.factory import start_in_process
+    from ghostpen.server.errors import InvalidInput
+    from ghostpen.server.experiments import parse_arm
+
+    async def run(store: Store) -> dict[str, object]:
+        candidate = parse_arm(f"candidate:1:{args.candidate}")
+        control = parse_arm(f"control:1:{args.control}")
+        replay.arms(store, settings, candidate, control)  # a bad arm is told before the load
+        engine = await start_in_process(settings.engine, settings.cache_dir)
+        try:
+            return await replay.replay(engine, settings, store, candidate, control, args.limit)
+        finally:
+            await engine.close()
+
+    with _store(settings) as store:
+        try:
+            report = asyncio.run(run(store))
+        except InvalidInput as error:
+            print(f"ghostpen replay: {error}", file=sys.stderr)
+            return 2
+    print(json.dumps(report, indent=2) if args.json else replay.to_text(report), end="")
     return 0
 
 

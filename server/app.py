@@ -20,6 +20,7 @@ from ghostpen.server.arms import Traffic
 from ghostpen.server.auth import Authenticator, TokenFile
 from ghostpen.server.chunker_process import ChunkerProcess
 from ghostpen.server.completion import Completer
+from ghostpen.server.console import Console
 from ghostpen.server.context_process import ContextProcess
 from ghostpen.server.engines.base import Engine
 from ghostpen.server.engines.factory import start_engine
@@ -32,6 +33,7 @@ from ghostpen.server.settings import Settings, TelemetrySettings
 from ghostpen.server.telemetry.ingest import Telemetry
 from ghostpen.server.telemetry.store_process import StoreProcess
 from ghostpen.server.telemetry.writer import TelemetryWriter
+from ghostpen.server.trials import Trials
 from ghostpen.server.web import ReportCache, start_web
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class RunningServer:
     web: web.AppRunner | None = None
     web_port: int = 0
     dashboard: StoreProcess | None = None  # the web side's own reader
+    trials: Trials | None = None  # the console's template trials
     stopped: bool = False
 
     async def stop(self, grace_s: float) -> None:
@@ -76,6 +79,8 @@ class RunningServer:
         self.following.cancel()
         if self.web is not None:
             await self.web.cleanup()
+        if self.trials is not None:
+            await self.trials.close()
         if self.dashboard is not None:
             await self.dashboard.close()
         await self.writer.close()
@@ -188,6 +193,8 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
         reader = StoreProcess(
             "dashboard", stored.database, settings.cache_dir, stored.store_probe_s
         )
+        trials = Trials(settings)
+        console = Console(reader, store, traffic, trials, settings.auth, adapters)
         running.web, running.web_port = await start_web(
             settings.server.host,
             settings.server.metrics_port,
@@ -195,8 +202,9 @@ async def start_server(settings: Settings, engine: Engine, metrics: Metrics) -> 
             ReportCache(reader, stored.dashboard_cache_s),
             auth,
             settings.auth,
+            console.routes,
         )
-        running.dashboard = reader
+        running.dashboard, running.trials = reader, trials
     return running
 
 

@@ -170,15 +170,16 @@ class Completer:
         context: ContextSettings | None = None,
         adapter: str | None = None,
         assignment: Assignment | None = None,
+        sink: Sink | None = None,
     ) -> Completer:
         """The same engine behind another template, context settings or adapter: an ablation,
-        or an experiment's arm."""
+        an experiment's arm, or (with the `Discard` sink) a trial that serves nobody."""
         return Completer(
             self.engine,
             template or self.template,
             context or self.context_settings,
             self._limits,
-            self._sink,
+            sink or self._sink,
             self.adapter if adapter is None else adapter,
             assignment or self.assignment,
         )

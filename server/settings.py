@@ -44,10 +44,17 @@ class AuthSettings:
     auth_failure_window_s: float = 60.0  # ...after which it is refused until the window passes
     tls_cert: str = ""  # PEM certificate chain: gRPC and HTTP serve TLS only (with tls_key)
     tls_key: str = ""  # PEM private key
+    # Users (comma-separated) who may change from the dashboard what everyone is served:
+    # experiments, prompt versions, trials. Without authentication the developer at the
+    # server may; the CLI, which opens the database itself, is not bound by this.
+    admins: str = ""
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together: set both, or neither")
+
+    def admin(self, user: str) -> bool:
+        return user in {name.strip() for name in self.admins.split(",") if name.strip()}
 
 
 @dataclass(frozen=True)
@@ -179,6 +186,14 @@ class TelemetrySettings:
     # How often a server reads which experiment runs and which arm is the default: a start, stop
     # or promotion (CLI or dashboard) reaches new sessions within this
     experiment_refresh_s: float = 5.0
+    # The dashboard's trials of a template (server/trials.py): the evaluation suite they draw
+    # tasks from, how many, how many completions in flight beside the developers' own, the
+    # prompts a preview shows, and the trials remembered
+    trial_suite: str = "gate"
+    trial_tasks: int = 24
+    trial_concurrency: int = 2
+    preview_samples: int = 3
+    trials_kept: int = 16
 
     def __post_init__(self) -> None:
         if self.capture_purge_s <= 0 or self.capture_retention_days < 0:
@@ -188,6 +203,14 @@ class TelemetrySettings:
             )
         if self.experiment_refresh_s <= 0:
             raise ValueError(f"experiment_refresh_s must be above 0: {self.experiment_refresh_s}")
+        trial = {
+            "trial_tasks": self.trial_tasks,
+            "trial_concurrency": self.trial_concurrency,
+            "preview_samples": self.preview_samples,
+            "trials_kept": self.trials_kept,
+        }
+        if min(trial.values()) < 1:
+            raise ValueError(f"each of these must be at least 1: {trial}")
 
     def captures(self, tenant: str) -> bool:
         """Whether text of `tenant`'s completions is kept."""

@@ -2,8 +2,10 @@
 
 Offline: paired bootstrap. Two variants scored on the same tasks differ by the mean of their
 per-task differences; resampling tasks with replacement gives its 95% interval. Pairing removes
-the variance between tasks, which dwarfs that between variants. A share on its own (a precision,
-a recall) gets Wilson's score interval.
+the variance between tasks, which dwarfs that between variants. Tasks cut from one file are alike
+(the same code, the same style), so where they are grouped so, whole files are resampled: a
+cluster bootstrap, whose interval does not pretend that ten cuts of one file are ten files. A
+share on its own (a precision, a recall) gets Wilson's score interval.
 
 Online (experiments): confidence sequences, which stay valid however often they are looked at,
 so that a dashboard read every day does not turn noise into a verdict. The normal mixture
@@ -44,15 +46,30 @@ class Difference:
 
 
 def paired_bootstrap(
-    a: Sequence[float], b: Sequence[float], resamples: int = RESAMPLES, seed: int = 0
+    a: Sequence[float],
+    b: Sequence[float],
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+    clusters: Sequence[str] | None = None,
 ) -> Difference:
-    """The mean of b - a over paired tasks, with its percentile bootstrap interval."""
+    """The mean of b - a over paired tasks, with its percentile bootstrap interval; with
+    `clusters` (a task's group, such as its file), groups are resampled whole."""
     if len(a) != len(b) or not a:
         raise ValueError(f"paired samples must be the same non-zero length: {len(a)}, {len(b)}")
     differences = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(differences), size=(resamples, len(differences)), dtype=np.int32)
-    means = differences[picks].mean(axis=1)
+    if clusters is None:
+        picks = rng.integers(
+            0, len(differences), size=(resamples, len(differences)), dtype=np.int32
+        )
+        means = differences[picks].mean(axis=1)
+    else:
+        if len(clusters) != len(differences):
+            raise ValueError(f"one cluster a task: {len(clusters)} for {len(differences)}")
+        _, group = np.unique(np.asarray(clusters), return_inverse=True)
+        sums, counts = np.bincount(group, weights=differences), np.bincount(group)
+        picks = rng.integers(0, len(sums), size=(resamples, len(sums)))
+        means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
     tail = (1 - CONFIDENCE) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return Difference(float(differences.mean()), float(low), float(high), len(differences))

@@ -1,4 +1,5 @@
-"""The HTTP side: /metrics for Prometheus, /dashboard (and /dashboard.json) for people.
+"""The HTTP side: /metrics for Prometheus, /dashboard (and /dashboard.json) for people, and the
+console's pages (server/console.py).
 
 The dashboard shows its viewer's tenant, narrowed by its query: `?user=alice`, `?team=platform`,
 `?model=...&language=python`.
@@ -14,7 +15,7 @@ import secrets
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -73,6 +74,7 @@ async def start_web(
     reports: ReportCache,
     auth: Authenticator,
     settings: AuthSettings,
+    pages: Callable[[Callable[[web.Request], Identity]], Sequence[web.RouteDef]] = lambda _: (),
 ) -> tuple[web.AppRunner, int]:
     """Serve until the runner is cleaned up; returns it and the bound port (port 0 picks one).
     With authentication on, every page wants a token: `Authorization: Bearer`, or a browser's
@@ -113,6 +115,7 @@ async def start_web(
             web.get("/metrics", serve_metrics),
             web.get("/dashboard", dashboard),
             web.get("/dashboard.json", dashboard_json),
+            *pages(lambda request: request[VIEWER]),
         ]
     )
     runner = web.AppRunner(app, access_log=None)

@@ -420,6 +420,7 @@ def welcome(
             max_session_bytes=limits.max_session_bytes,
             max_tokens_limit=limits.max_tokens_limit,
             capture_text=capture_text,
+            max_correction_chars=limits.max_correction_chars,
         )
     )
 

@@ -67,13 +67,18 @@ async def score(
     return list(await asyncio.gather(*(one(s) for s in samples)))
 
 
-def compare(base: Sequence[Scored], tuned: Sequence[Scored]) -> dict[str, Difference]:
-    """tuned - base on the same samples, per score."""
+def compare(
+    base: Sequence[Scored], tuned: Sequence[Scored], files: Sequence[str]
+) -> dict[str, Difference]:
+    """tuned - base on the same samples, per score, resampled by file: cuts of one file are
+    not independent."""
     if [s.sample_id for s in base] != [s.sample_id for s in tuned]:
         raise ValueError("the two runs scored different samples")
     return {
-        "exact": paired_bootstrap([s.exact for s in base], [s.exact for s in tuned]),
-        "similarity": paired_bootstrap([s.similarity for s in base], [s.similarity for s in tuned]),
+        score: paired_bootstrap(
+            [getattr(s, score) for s in base], [getattr(s, score) for s in tuned], clusters=files
+        )
+        for score in ("exact", "similarity")
     }
 
 

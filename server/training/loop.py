@@ -172,7 +172,10 @@ def measure(
         "against": against[0],
         "template": template.template_id,
         "samples": len(samples),
-        **{name: dataclasses.asdict(d) for name, d in compare(before, after).items()},
+        **{
+            name: dataclasses.asdict(d)
+            for name, d in compare(before, after, [s.file for s in samples]).items()
+        },
         "failed": {"base": sum(s.failed for s in before), "tuned": sum(s.failed for s in after)},
         "similarity_means": {"base": _mean(before), "tuned": _mean(after)},
         "latency_ms_p50": {"base": _median(before), "tuned": _median(after)},

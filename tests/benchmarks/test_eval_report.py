@@ -34,6 +34,23 @@ def test_a_paired_difference_is_shown_only_when_its_interval_excludes_zero() -> 
         paired_bootstrap([1.0], [1.0, 2.0])
 
 
+def test_tasks_of_one_file_are_resampled_together() -> None:
+    """Ten files, each with ten cuts that all gained or all lost: ten observations, not 100.
+    By task the interval is too sure of the +0.4; by file it is as wide as ten files allow."""
+    gains = [1.0] * 70 + [-1.0] * 30  # seven files gained, three lost
+    files = [f"f{i // 10}" for i in range(100)]
+    by_task = paired_bootstrap([0.0] * 100, gains)
+    by_file = paired_bootstrap([0.0] * 100, gains, clusters=files)
+    assert by_task.mean == by_file.mean == pytest.approx(0.4)
+    assert by_task.shown and not by_file.shown
+    assert by_file.high - by_file.low > 2 * (by_task.high - by_task.low)
+    # unequal files weigh by their tasks: the estimate stays the mean over tasks
+    uneven = paired_bootstrap([0.0] * 4, [1.0, 1.0, 1.0, 0.0], clusters=["a", "a", "a", "b"])
+    assert uneven.mean == pytest.approx(0.75) and uneven.low == 0.0 and uneven.high == 1.0
+    with pytest.raises(ValueError, match="one cluster a task"):
+        paired_bootstrap([1.0, 2.0], [1.0, 2.0], clusters=["a"])
+
+
 def record(task_id: str, variant: str, exact: float, **fields) -> Record:
     values = dict(
         task_id=task_id, project="p", language="python", kind="line", variant=variant,

@@ -38,14 +38,19 @@ def test_unknown_units_and_reasons_are_refused() -> None:
         feedback.rejected("c1", "bored")
 
 
-@pytest.mark.parametrize("consent", [True, False])
-def test_the_correction_goes_with_the_5_minute_check_only_with_consent(consent: bool) -> None:
+@pytest.mark.parametrize(
+    ("limit", "sent_text"), [(100, b"x = 12\n"), (7, b"x = 12\n"), (6, b""), (0, b"")]
+)
+def test_the_correction_goes_with_the_5_minute_check_with_consent_and_within_the_limit(
+    limit: int, sent_text: bytes
+) -> None:
+    """0: no consent (Welcome.capture_text false); the correction is 7 characters."""
     clock, sent = Clock(), []
-    feedback = Feedback(sent.append, clock, corrections=lambda: consent)
+    feedback = Feedback(sent.append, clock, corrections=lambda: limit)
     feedback.accepted("c1", "a.py", 0, "x = 1\n")
     for seconds in (15, 15, 90, 180):
         clock.now += seconds
         feedback.retention.check_due({"a.py": "x = 12\ny = 2\n"}.get)
     checks = [e.retention for e in sent if e.WhichOneof("kind") == "retention"]
     assert [c.after_s for c in checks] == [15, 30, 120, 300]
-    assert [c.final_text for c in checks] == [b""] * 3 + [b"x = 12\n" if consent else b""]
+    assert [c.final_text for c in checks] == [b""] * 3 + [sent_text]

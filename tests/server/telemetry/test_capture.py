@@ -164,7 +164,7 @@ async def test_consenting_tenants_text_is_kept_with_its_correction_until_deleted
     users = tokens(tmp_path)
     async with edge_server(tmp_path, capture_text="acme") as edge:
         welcome, alice = await session_completion(edge, users["alice"])
-        assert welcome.capture_text
+        assert welcome.capture_text and welcome.max_correction_chars == 16_384  # the default
         other, carol = await session_completion(edge, users["carol"])
         assert not other.capture_text
         _, bob = await session_completion(edge, users["bob"])

@@ -153,6 +153,10 @@ def retained(completion_id: str, fraction: float, final_text: str | None) -> Tel
 
 @pytest.fixture
 def captured_store(tmp_path: Path) -> Store:
+    return kept_completions(tmp_path)
+
+
+def kept_completions(tmp_path: Path) -> Store:
     """c1 kept and corrected; c2 kept as far as its first word was accepted; c3 mostly undone;
     c4 holds a key; c5 the same as c2; c6 accepted only minutes ago (no 5-minute check yet)."""
     store = Store.open(str(tmp_path / "telemetry.db"), tmp_path)
