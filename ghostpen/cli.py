@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     loop.add_argument(
         "--prompt-weight", type=float, help="loss weight of the prompt's own code; default 0.1"
     )
+    loop.add_argument("--top-layers", type=int, help="LoRA on the top N layers only; default all")
     loop.add_argument("--note", default="")
     loop.add_argument("--seed", type=int, default=0)
 
@@ -255,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument(
         "--prompt-weight", type=float, help="loss weight of the prompt's own code; 0: target only"
     )
+    tune.add_argument("--top-layers", type=int, help="LoRA on the top N layers only; 0: all")
     tune.add_argument("--max-seq-tokens", type=int, help="a sample's; its prompt is cut to fit")
     tune.add_argument("--batch-tokens", type=int, help="tokens an optimizer step reads")
     tune.add_argument("--seed", type=int)
@@ -466,8 +468,8 @@ def _tune(args: argparse.Namespace, settings: Settings) -> int:
     from ghostpen.server.training.tune import TuneConfig, tune
 
     options = (
-        "steps", "minutes", "rank", "lr", "prompt_weight", "max_seq_tokens", "batch_tokens",
-        "seed", "dtype",
+        "steps", "minutes", "rank", "lr", "prompt_weight", "top_layers", "max_seq_tokens",
+        "batch_tokens", "seed", "dtype",
     )  # fmt: skip
     given = {name: getattr(args, name) for name in options if getattr(args, name) is not None}
     if args.minutes is not None and args.steps is None:
@@ -548,8 +550,12 @@ def _data(args: argparse.Namespace, settings: Settings) -> int:
 
     with _store(settings) as store:
         if args.action == "delete":
+            since_ms = int(datetime.now(UTC).timestamp() * 1000)
             texts, corrections = store.delete_captured(args.tenant, args.user)
             print(f"deleted {texts} completions' text and {corrections} corrections")
+            forgotten = "SELECT path FROM exports WHERE forgotten_ms >= ? ORDER BY path"
+            for (path,) in store.query(forgotten, (since_ms,)):
+                print(f"deleted the export holding it: {path}")
             return 0
         return _export(args, settings, store)
 
@@ -816,7 +822,7 @@ def _loop(args: argparse.Namespace, settings: Settings) -> int:
                 note=args.note,
                 **{
                     name: getattr(args, name)
-                    for name in ("lr", "prompt_weight")
+                    for name in ("lr", "prompt_weight", "top_layers")
                     if getattr(args, name) is not None
                 },
             ),

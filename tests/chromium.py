@@ -71,16 +71,23 @@ class Page:
         return result["result"].get("value")
 
     async def until(self, expression: str, timeout_s: float) -> Any:
-        """The expression's first truthy value, polled until `timeout_s`."""
+        """The expression's first truthy value, polled until `timeout_s`. An expression that
+        throws (the page is between documents, or not yet drawn) is polled again."""
+        failure = ""
         try:
             async with asyncio.timeout(timeout_s):
-                while not (value := await self.evaluate(expression)):
+                while True:
+                    try:
+                        if value := await self.evaluate(expression):
+                            return value
+                    except PageError as error:
+                        failure = str(error)
                     await asyncio.sleep(POLL_S)
-                return value
         except TimeoutError:
             shown = await self.evaluate("document.getElementById('error')?.textContent || ''")
             raise PageError(
                 f"{expression!r} did not hold within {timeout_s} s; the page says {shown!r}"
+                + (f"; last: {failure}" if failure else "")
             ) from None
 
     async def screenshot(self, path: Path) -> None:
@@ -141,7 +148,9 @@ async def open_page(
                 if headers:
                     await page.send("Network.setExtraHTTPHeaders", headers=headers)
                 await page.send("Page.navigate", url=url)
-                await page.until("document.readyState === 'complete'", START_S)
+                here = f"location.href === {json.dumps(url)}"
+                loaded = f"{here} && document.readyState === 'complete'"
+                await page.until(loaded, START_S)
                 yield page
             finally:
                 await page.close()

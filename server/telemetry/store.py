@@ -7,7 +7,9 @@ leaves this module as StoreUnavailable, raised from the driver's own error.
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
@@ -186,7 +188,19 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE completions ADD COLUMN arm TEXT NOT NULL DEFAULT '';
     CREATE INDEX completions_arm ON completions (experiment, arm);
     """,
+    # Training exports that hold captured text (server/training/export.py): deleting text
+    # (per user, per tenant, past retention) forgets the exports holding it too.
+    """
+    CREATE TABLE exports (
+        path TEXT PRIMARY KEY,
+        created_ms BIGINT NOT NULL,
+        oldest_ms BIGINT NOT NULL,
+        owners TEXT NOT NULL,
+        forgotten_ms BIGINT
+    );
+    """,
 )
+EXPORT_FILES = ("train.jsonl", "heldout.jsonl", "manifest.json")  # deleted when forgotten
 
 Write = tuple[str, Sequence[Any]]  # a statement and its parameters
 _COMPLETION_COLUMNS = [f.name for f in fields(CompletionRecord)]
@@ -319,7 +333,50 @@ class Store:
             cursor.execute(
                 self._sql(f"DELETE FROM captures WHERE completion_id IN ({chosen})"), parameters
             )
-            return cursor.rowcount, corrected
+            deleted = cursor.rowcount
+            cursor.execute(
+                self._sql("SELECT path, oldest_ms, owners FROM exports WHERE forgotten_ms IS NULL")
+            )
+            holding = [
+                path
+                for path, oldest_ms, owners in cursor.fetchall()
+                if (before_ms is None or oldest_ms < before_ms)
+                and any(
+                    tenant in ("*", held_tenant) and user_id in (None, held_user)
+                    for held_tenant, _, held_user in (o.partition("/") for o in json.loads(owners))
+                )
+            ]
+            cursor.executemany(
+                self._sql("UPDATE exports SET forgotten_ms = ? WHERE path = ?"),
+                [(int(time.time() * 1000), path) for path in holding],
+            )
+        self.remove_forgotten_exports()
+        return deleted, corrected
+
+    def record_export(self, path: str, created_ms: int, oldest_ms: int, owners: list[str]) -> None:
+        """An export at `path` (this machine's) holds text captured from `owners`
+        ("tenant/user"), the oldest captured at `oldest_ms`."""
+        with self._mapped("record an export"), self._transaction() as cursor:
+            cursor.execute(
+                self._sql(
+                    "INSERT INTO exports (path, created_ms, oldest_ms, owners) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (path) DO UPDATE SET created_ms = excluded.created_ms, "
+                    "oldest_ms = excluded.oldest_ms, owners = excluded.owners, forgotten_ms = NULL"
+                ),
+                (path, created_ms, oldest_ms, json.dumps(sorted(owners))),
+            )
+
+    def remove_forgotten_exports(self) -> list[str]:
+        """Delete the files of forgotten exports that are on this machine; returns their paths.
+        An export made on another machine goes when a deletion runs there."""
+        removed = []
+        for (path,) in self.query("SELECT path FROM exports WHERE forgotten_ms IS NOT NULL"):
+            files = [Path(path) / name for name in EXPORT_FILES]
+            if any(f.exists() for f in files):
+                for file in files:
+                    file.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
 
     def ping(self) -> None:
         """Fails unless the connection can write. SQLite opens a file it cannot write read-only,

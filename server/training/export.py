@@ -85,6 +85,8 @@ class Tally:
     read: Counter[str] = field(default_factory=Counter)  # by source
     dropped: Counter[str] = field(default_factory=Counter)  # by reason
     privacy: Counter[str] = field(default_factory=Counter)  # what the screen found, by kind
+    owners: set[str] = field(default_factory=set)  # "tenant/user" of the captured text read
+    oldest_ms: int | None = None  # when the oldest captured text read was captured
 
 
 def export(config: ExportConfig, store: Store | None, repo: Path | None) -> dict[str, object]:
@@ -106,8 +108,9 @@ def export(config: ExportConfig, store: Store | None, repo: Path | None) -> dict
         name: _write_jsonl(config.out / name, rows)
         for name, rows in (("train.jsonl", train), ("heldout.jsonl", heldout))
     }
+    created_ms = int(time.time() * 1000)
     manifest: dict[str, object] = {
-        "created_ms": int(time.time() * 1000),
+        "created_ms": created_ms,
         "template": config.template.template_id,
         "template_hash": config.template.content_hash,
         "sources": sources,
@@ -129,6 +132,8 @@ def export(config: ExportConfig, store: Store | None, repo: Path | None) -> dict
         "hash": hashlib.sha256("".join(sorted(hashes.values())).encode()).hexdigest(),
     }
     (config.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if store is not None and tally.oldest_ms is not None:  # deleting the text forgets the export
+        store.record_export(str(config.out.resolve()), created_ms, tally.oldest_ms, [*tally.owners])
     return manifest
 
 
@@ -136,7 +141,8 @@ def captured(store: Store, config: ExportConfig, tally: Tally) -> list[Sample]:
     """Samples of accepted completions kept past `min_retained` at five minutes."""
     rows = store.query(
         "SELECT c.created_ms, c.repo, c.path, c.language, c.prefix, c.suffix, "
-        "c.healed, c.context, c.shown, r.fraction, k.text, (SELECT MAX(a.accepted_chars) "
+        "c.healed, c.context, c.shown, r.fraction, k.text, c.tenant, c.user_id, "
+        "(SELECT MAX(a.accepted_chars) "
         "FROM events a WHERE a.completion_id = c.completion_id "
         "AND a.kind IN ('accepted', 'partially_accepted')) FROM captures c "
         "JOIN events r ON r.completion_id = c.completion_id AND r.kind = 'retention' "
@@ -148,8 +154,10 @@ def captured(store: Store, config: ExportConfig, tally: Tally) -> list[Sample]:
     samples = []
     for row in rows:
         created_ms, repo, path, language, prefix, suffix, healed, context = row[:8]
-        shown, fraction, corrected, accepted = row[8:]
+        shown, fraction, corrected, tenant, user_id, accepted = row[8:]
         tally.read["capture"] += 1
+        tally.owners.add(f"{tenant}/{user_id}")
+        tally.oldest_ms = min(created_ms, tally.oldest_ms or created_ms)
         if fraction < config.min_retained:
             tally.dropped["retained below min_retained"] += 1
             continue

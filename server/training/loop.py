@@ -53,6 +53,7 @@ class LoopConfig:
     heldout_samples: int = HELDOUT_SAMPLES
     lr: float = LEARNING_RATE
     prompt_weight: float = PROMPT_WEIGHT
+    top_layers: int = 0  # LoRA on these top layers only; 0: all
     seed: int = 0
     note: str = ""
 
@@ -106,6 +107,7 @@ def run_loop(
                 minutes=config.minutes,
                 lr=config.lr,
                 prompt_weight=config.prompt_weight,
+                top_layers=config.top_layers,
                 seed=config.seed,
             ),
             lambda p: say(

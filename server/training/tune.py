@@ -69,6 +69,9 @@ class TuneConfig:
     lr: float = LEARNING_RATE
     prompt_weight: float = PROMPT_WEIGHT
     target_modules: tuple[str, ...] = TARGET_MODULES
+    # LoRA on the top N decoder layers only (0: all): the backward stops below them, so a step
+    # costs less than a forward and a full backward, at the price of what lower layers learn
+    top_layers: int = 0
     max_seq_tokens: int = MAX_SEQ_TOKENS
     batch_tokens: int = BATCH_TOKENS
     seed: int = 0
@@ -83,6 +86,8 @@ class TuneConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}: {self.dtype!r}")
         if self.prompt_weight < 0:
             raise ValueError(f"prompt_weight must be at least 0: {self.prompt_weight}")
+        if self.top_layers < 0:
+            raise ValueError(f"top_layers must be at least 0 (0: all): {self.top_layers}")
 
 
 @dataclass(frozen=True)
@@ -132,7 +137,11 @@ def tune(config: TuneConfig, progress: Callable[[Progress], None] | None = None)
     tokenizer = AutoTokenizer.from_pretrained(base)
     dataset = read_dataset(config.data, tokenizer, config.max_seq_tokens)
     run = _run_identity(config, base, dataset, dtype)
-    saved_dtype = AutoConfig.from_pretrained(base).dtype or torch.float32
+    base_config = AutoConfig.from_pretrained(base)
+    saved_dtype = base_config.dtype or torch.float32
+    layers = base_config.num_hidden_layers
+    if config.top_layers > layers:
+        raise TrainingError(f"top_layers is {config.top_layers}; the model has {layers} layers")
 
     torch.manual_seed(config.seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device)
@@ -141,6 +150,9 @@ def tune(config: TuneConfig, progress: Callable[[Progress], None] | None = None)
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         target_modules=list(config.target_modules),
+        layers_to_transform=list(range(layers - config.top_layers, layers))
+        if config.top_layers
+        else None,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
@@ -256,6 +268,7 @@ def _run_identity(
         "lr": config.lr,
         "prompt_weight": config.prompt_weight,
         "target_modules": list(config.target_modules),
+        "top_layers": config.top_layers,
         "max_seq_tokens": config.max_seq_tokens,
         "batch_tokens": config.batch_tokens,
         "seed": config.seed,

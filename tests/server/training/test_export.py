@@ -213,6 +213,51 @@ def test_kept_completions_teach_their_corrections(tmp_path: Path, captured_store
     assert any(k.startswith("secret:") for k in manifest["privacy"])
 
 
+def test_deleting_captured_text_deletes_the_exports_that_hold_it(
+    tmp_path: Path, captured_store: Store
+) -> None:
+    """alice of acme owns every capture; an export of the repository alone holds none."""
+    repo = git_repo(tmp_path / "shop", ["cart", "orders"])
+    holding, repo_only = tmp_path / "holding", tmp_path / "repo-only"
+    export(config(holding), captured_store, repo)
+    export(config(repo_only, repo_samples=10), None, repo)
+    export(config(tmp_path / "again"), captured_store, None)
+    files = [holding / name for name in ("train.jsonl", "heldout.jsonl", "manifest.json")]
+    assert all(f.is_file() for f in files)
+
+    assert captured_store.delete_captured("acme", "bob") == (0, 0)
+    assert all(f.is_file() for f in files)  # bob's deletion leaves alice's export
+    assert captured_store.delete_captured("globex") == (0, 0)
+    assert all(f.is_file() for f in files)
+
+    assert captured_store.delete_captured("acme", "alice")[0] > 0
+    assert not any(f.exists() for f in files)
+    assert not (tmp_path / "again" / "train.jsonl").exists()
+    assert (repo_only / "train.jsonl").is_file()
+    forgotten = captured_store.query("SELECT path FROM exports WHERE forgotten_ms IS NOT NULL")
+    assert sorted(p for (p,) in forgotten) == [str(tmp_path / "again"), str(holding)]
+
+
+def test_the_delete_command_names_the_exports_it_deleted(
+    tmp_path: Path, captured_store: Store, capsys
+) -> None:
+    export(config(tmp_path / "out"), captured_store, None)
+    captured_store.close()
+    database = ["--set", f"database={tmp_path / 'telemetry.db'}"]
+    assert main([*database, "data", "delete", "--tenant", "acme", "--user", "alice"]) == 0
+    said = capsys.readouterr().out
+    assert f"deleted the export holding it: {tmp_path / 'out'}" in said
+    assert not (tmp_path / "out" / "train.jsonl").exists()
+
+
+def test_expired_text_deletes_the_exports_holding_it(tmp_path: Path, captured_store: Store) -> None:
+    export(config(tmp_path / "out"), captured_store, None)
+    assert captured_store.delete_captured("*", before_ms=NOW * 1000) == (0, 0)  # none older
+    assert (tmp_path / "out" / "train.jsonl").is_file()
+    captured_store.delete_captured("*", before_ms=NOW * 1000 + 1)
+    assert not (tmp_path / "out" / "train.jsonl").exists()
+
+
 def test_the_export_command(tmp_path: Path, captured_store: Store, capsys) -> None:
     captured_store.close()
     repo = git_repo(tmp_path / "shop", ["cart", "orders"])

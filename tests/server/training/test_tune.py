@@ -205,6 +205,19 @@ def test_loss_falls_and_the_adapter_and_merged_model_are_written(
     assert summary["target_modules"] == list(TARGET_MODULES)
 
 
+def test_lora_on_the_top_layers_leaves_the_lower_ones_as_they_were(
+    base: Path, data: Path, tmp_path: Path
+) -> None:
+    result = tune(config(base, data, tmp_path / "out", steps=3, top_layers=1))
+    adapter = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert adapter and all(".layers.1." in name for name in adapter)
+    before, after = load_file(base / "model.safetensors"), merged_weights(result.merged_dir)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith("model.layers.1.") for name in changed)
+    with pytest.raises(TrainingError, match="top_layers is 3; the model has 2 layers"):
+        tune(config(base, data, tmp_path / "other", steps=1, top_layers=3))
+
+
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(
     base: Path, data: Path, tmp_path: Path
 ) -> None:
