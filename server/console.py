@@ -13,6 +13,7 @@ the preflight this server never grants, and who made it is recorded as the viewe
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
@@ -35,6 +36,7 @@ MAX_BODY_BYTES = 64 * 1024  # a template is at most prompts.MAX_TEMPLATE_CHARS
 MAX_NOTE_CHARS = 1024
 EXPERIMENTS_SHOWN = 20  # the newest, each with its report
 PAGE = "console.html"
+log = logging.getLogger(__name__)
 Viewer = Callable[[web.Request], Identity]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -74,6 +76,13 @@ class Console:
                     return web.json_response({"error": str(error)}, status=400)
                 except StoreUnavailable as error:
                     return web.json_response({"error": str(error)}, status=503)
+                except web.HTTPException:
+                    raise
+                except Exception as error:  # the page shows why, not a bare 500
+                    log.exception("console: %s %s", request.method, request.path)
+                    return web.json_response(
+                        {"error": f"{type(error).__name__}: {error}"}, status=500
+                    )
 
             return checked
 

@@ -111,7 +111,8 @@ class Trials:
         self._trials[trial.trial_id] = trial
         while len(self._trials) > self._settings.telemetry.trials_kept:
             self._trials.popitem(last=False)
-        self._running = asyncio.get_running_loop().create_task(self._run(trial, default, candidate))
+        task = asyncio.get_running_loop().create_task(self._run(trial, default, candidate))
+        self._running = (trial, task)
         return trial
 
     def get(self, trial_id: str) -> Trial | None:

@@ -79,7 +79,8 @@ async def test_a_product_manager_edits_tries_and_ships_a_prompt_in_the_browser(
         await page.evaluate(
             f"""(() => {{
               const content = document.getElementById('editor-content');
-              content.value = content.value.replace({json.dumps(EDIT[0])}, {json.dumps(EDIT[1])});
+              const [was, now] = {json.dumps(EDIT)};
+              content.value = content.value.replaceAll(was, now);
               document.getElementById('editor-name').value = 'pm-header';
               document.getElementById('editor-note').value = 'say File, not Path';
               document.getElementById('preview').click();
@@ -91,7 +92,7 @@ async def test_a_product_manager_edits_tries_and_ships_a_prompt_in_the_browser(
             120,
         )
         assert len(previews) == PREVIEWS
-        assert all("File: " in p and "Path: " not in p for p in previews)
+        assert all("# File: " in p and "# Path: " not in p for p in previews)
 
         await page.evaluate("document.getElementById('save').click()")
         saved = await page.until("document.getElementById('saved').textContent", 30)
@@ -120,7 +121,7 @@ async def test_a_product_manager_edits_tries_and_ships_a_prompt_in_the_browser(
         assert await page.until("document.getElementById('started').textContent", 30) == (
             "Started header-test"
         )
-        await page.until("document.querySelector('[data-experiment=\"header-test\"]')", 30)
+        await page.until("!!document.querySelector('[data-experiment=\"header-test\"]')", 30)
         assert running.traffic.experiment is not None  # this server serves it at once
         assert running.traffic.experiment.name == "header-test"
 

@@ -59,10 +59,7 @@ async def test_both_arms_are_scored_on_what_developers_kept(
 
 
 async def test_replay_refuses_what_it_cannot_run(
-    settings: Settings,
-    captured_store: Store,
-    tmp_path: Path,
-    capsys,
+    settings: Settings, captured_store: Store, tmp_path: Path
 ) -> None:
     unknown = dataclasses.replace(CANDIDATE, adapter="nope")
     with pytest.raises(InvalidInput, match="adapter 'nope' is not loaded"):
@@ -71,6 +68,9 @@ async def test_replay_refuses_what_it_cannot_run(
     with pytest.raises(InvalidInput, match="capture needs consent"):
         await replay(None, settings, empty, CANDIDATE, CONTROL)  # type: ignore[arg-type]
     empty.close()
+
+
+def test_the_command_names_a_bad_arm_before_it_loads_a_model(tmp_path: Path, capsys) -> None:
     database = ["--set", f"database={tmp_path / 'empty.db'}"]
     assert main([*database, "replay", "--candidate", "template=nope"]) == 2
     assert "no template named 'nope'" in capsys.readouterr().err
