@@ -166,10 +166,11 @@ def measure(
     samples: list[Sample],
 ) -> dict[str, object]:
     """The paired held-out comparison of `candidate` against a model, (its name, what to serve
-    it from), as the registry keeps it and promotion weighs it. The model's scores are kept
-    (`scores_once`): the next run on the same held-out samples reuses them."""
+    it from), as the registry keeps it and promotion weighs it. Both models' scores are kept,
+    sample by sample (`scores_once`): the next run on the same held-out samples reuses the
+    base's, and any comparison can be recomputed."""
     before = scores_once(settings, template, against[1], samples)
-    after = evaluate(settings, template, candidate, samples)
+    after = scores_once(settings, template, candidate, samples)
     return {
         "against": against[0],
         "template": template.template_id,

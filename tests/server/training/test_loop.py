@@ -75,6 +75,7 @@ def test_the_loop_makes_registers_and_serves_a_version(
         assert [s.sample_id for s in again] == [s.sample_id for s in heldout]
         assert sum(s.similarity for s in again) / 6 == scores["similarity_means"]["base"]
         kept.unlink()
+        loop.kept_scores(loop_settings, template, name, heldout).unlink()  # the tuned model's
         store.close()
         where = ["--set", f"database={database}"]
         assert main([*where, "models", "list"]) == 0
