@@ -27,18 +27,9 @@ from ghostpen.server.metrics import Metrics
 from ghostpen.server.settings import Settings
 from ghostpen.server.telemetry.report import ReportFilter, build_report, to_html
 from ghostpen.server.telemetry.store import Store
+from tests.chromium import FLAGS
 
 ARTIFACTS = Path(__file__).parents[3] / "test-artifacts"
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -185,7 +176,7 @@ async def _chromium(tmp_path: Path, *arguments: str) -> str:
     profile = tmp_path / f"chromium-{time.monotonic_ns()}"
     result = await asyncio.to_thread(
         subprocess.run,
-        ["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *arguments],
+        ["chromium", *FLAGS, f"--user-data-dir={profile}", *arguments],
         capture_output=True,
         text=True,
         timeout=120,
