@@ -659,10 +659,10 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     async def run(store: Store) -> dict[str, object]:
         candidate = parse_arm(f"candidate:1:{args.candidate}")
         control = parse_arm(f"control:1:{args.control}")
-        replay.arms(store, settings, candidate, control)  # a bad arm is told before the load
+        chosen = replay.arms(store, settings, candidate, control)  # told before the model loads
         engine = await start_in_process(settings.engine, settings.cache_dir)
         try:
-            return await replay.replay(engine, settings, store, candidate, control, args.limit)
+            return await replay.replay(engine, settings, store, chosen, args.limit)
         finally:
             await engine.close()
 

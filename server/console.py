@@ -20,7 +20,6 @@ from typing import Any
 
 from aiohttp import web
 
-from ghostpen.context.template import Template, parse_template
 from ghostpen.server import experiments, prompts
 from ghostpen.server.arms import Traffic
 from ghostpen.server.errors import InvalidInput, StoreUnavailable
@@ -146,7 +145,7 @@ class Console:
             return web.json_response({"id": found.template.template_id, "content": found.content})
 
         async def prompt_preview(request: web.Request) -> web.Response:
-            draft = _draft(_field(await _body(request), "content", str))
+            draft = prompts.checked(_field(await _body(request), "content", str))
             shown = await self._trials.preview(self._traffic.default, draft)
             return web.json_response({"template": draft.template_id, "samples": shown})
 
@@ -219,18 +218,6 @@ def _arm(item: object) -> Arm:
         _field(item, "adapter", str, ""),
         tuple(sorted((str(k), str(v)) for k, v in settings.items())),
     )
-
-
-def _draft(content: str) -> Template:
-    """A template not yet registered, checked as `prompts.new` checks it."""
-    if len(content) > prompts.MAX_TEMPLATE_CHARS:
-        raise InvalidInput(
-            f"the template has {len(content)} characters; the limit is {prompts.MAX_TEMPLATE_CHARS}"
-        )
-    try:
-        return parse_template(content)
-    except ValueError as error:
-        raise InvalidInput(f"the template: {error}") from None
 
 
 def _note(note: str) -> str:

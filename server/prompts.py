@@ -86,15 +86,8 @@ def new(store: Store, name: str, parent: str, content: str, author: str, note: s
     `name`, made from `parent`. Its id and version are set here."""
     if not NAME.fullmatch(name):
         raise InvalidInput(f"template name {name!r}: lowercase letters, digits, . _ -")
-    if len(content) > MAX_TEMPLATE_CHARS:
-        raise InvalidInput(
-            f"the template has {len(content)} characters; the limit is {MAX_TEMPLATE_CHARS}"
-        )
+    draft = checked(content)
     origin = resolve(store, parent)
-    try:
-        draft = parse_template(content)
-    except ValueError as error:
-        raise InvalidInput(f"the template: {error}") from None
     existing = [v.template.version for v in listed(store) if v.template.name == name]
     numbered = to_toml(draft, {"id": name, "version": max(existing, default=0) + 1})
     template = parse_template(numbered)
@@ -105,6 +98,18 @@ def new(store: Store, name: str, parent: str, content: str, author: str, note: s
          author, note, int(time.time() * 1000)),
     )  # fmt: skip
     return template
+
+
+def checked(content: str) -> Template:
+    """A draft template (TOML), parsed; InvalidInput saying what is wrong with it."""
+    if len(content) > MAX_TEMPLATE_CHARS:
+        raise InvalidInput(
+            f"the template has {len(content)} characters; the limit is {MAX_TEMPLATE_CHARS}"
+        )
+    try:
+        return parse_template(content)
+    except ValueError as error:
+        raise InvalidInput(f"the template: {error}") from None
 
 
 def diff(store: Store, before: str, after: str) -> str:

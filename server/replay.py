@@ -75,13 +75,12 @@ async def replay(
     engine: Engine,
     settings: Settings,
     store: Store,
-    candidate: Arm,
-    control: Arm,
+    chosen: list[ReplayArm],
     limit: int = REPLAY_LIMIT,
     concurrency: int = REPLAY_CONCURRENCY,
 ) -> dict[str, object]:
-    """Both arms on the same captures; InvalidInput when there are none to replay."""
-    chosen = arms(store, settings, candidate, control)
+    """The control and the candidate (`arms`) on the same captures; InvalidInput when there
+    are none to replay."""
     by_capture = [{_key(s): s for s in recorded(store, arm, limit)} for arm in chosen]
     common = [key for key in by_capture[0] if key in by_capture[1]]
     if not common:

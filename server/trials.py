@@ -17,8 +17,15 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ghostpen.benchmarks.eval.harness import Plan, eval_tasks
-from ghostpen.benchmarks.eval.run import EvalTask, Record, Variant, candidates, evaluate
-from ghostpen.context.prompt import Document
+from ghostpen.benchmarks.eval.run import (
+    EvalTask,
+    Record,
+    Variant,
+    candidates,
+    document_of,
+    evaluate,
+    repo_of,
+)
 from ghostpen.context.template import Template
 from ghostpen.server.completion import Completer, Discard
 from ghostpen.server.context_process import ChunkCache
@@ -41,6 +48,7 @@ class Trial:
     status: str = "running"  # running | finished | failed
     error: str = ""
     records: list[Record] = field(default_factory=list)
+    scores: dict[str, object] = field(default_factory=dict)  # once finished
 
     def view(self) -> dict[str, object]:
         """What the dashboard shows: progress, then each template's mean scores and the paired
@@ -55,7 +63,7 @@ class Trial:
             "error": self.error,
         }
         if self.status == "finished":
-            shown["scores"] = _scores(self.records)
+            shown["scores"] = self.scores
         return shown
 
 
@@ -143,7 +151,7 @@ class Trials:
                 (quiet.varied(template=candidate), Variant("candidate")),
             ]
             await asyncio.gather(*(evaluate(c, tasks, [v], {}, concurrency, keep) for c, v in runs))
-            trial.status = "finished"
+            trial.scores, trial.status = _scores(trial.records), "finished"
         except asyncio.CancelledError:
             trial.status, trial.error = "failed", "the server stopped"
             raise
@@ -177,7 +185,7 @@ def _prompts(completer: Completer, tasks: list[EvalTask]) -> list[dict[str, str]
     for item in tasks:
         task = item.task
         context, _ = candidates(chunks, task)
-        prompt = completer.prompt(task.file.path.split("/", 1)[0], _document(item), context)
+        prompt = completer.prompt(repo_of(task), document_of(task), context)
         shown.append(
             {
                 "file": task.file.path,
@@ -187,8 +195,3 @@ def _prompts(completer: Completer, tasks: list[EvalTask]) -> list[dict[str, str]
             }
         )
     return shown
-
-
-def _document(item: EvalTask) -> Document:
-    task = item.task
-    return Document(task.file.path, task.file.language, task.left + task.right, len(task.left))

@@ -172,11 +172,11 @@ def retrieve_only(
     for item in tasks:
         task = item.task
         chunks, oracle = candidates(cache, task)
-        document = _document(task)
+        document = document_of(task)
         for variant, (mine, settings) in variants:
             started = time.monotonic()
             rank = _rank(variant, oracle)
-            prompt = build_prompt(_repo(task), document, chunks, mine, settings, rank=rank)
+            prompt = build_prompt(repo_of(task), document, chunks, mine, settings, rank=rank)
             took_ms = (time.monotonic() - started) * 1000
             picked = {r.chunk for r in prompt.context}
             record(
@@ -205,11 +205,11 @@ def _rank(variant: Variant, oracle: set[Chunk]) -> Ranker:
     return known
 
 
-def _document(task: Task) -> Document:
+def document_of(task: Task) -> Document:
     return Document(task.file.path, task.file.language, task.left + task.right, len(task.left))
 
 
-def _repo(task: Task) -> str:
+def repo_of(task: Task) -> str:
     return task.file.path.split("/", 1)[0]
 
 
@@ -235,11 +235,11 @@ async def _complete(
     completer: Completer, task: Task, variant: Variant, rank: Ranker, chunks: list[Chunk]
 ) -> tuple[str, CompletionJob, Measured]:
     """The completion's text, its job, and what was measured of it."""
-    document = _document(task)
+    document = document_of(task)
     mode = mode_of(task.kind)
     received = time.monotonic()
     spec = RequestSpec(f"{task.task_id}:{variant.name}", mode, 0, "", DEADLINE_S, received)
-    prompt = completer.prompt(_repo(task), document, chunks, rank=rank)
+    prompt = completer.prompt(repo_of(task), document, chunks, rank=rank)
     job = completer.job(spec, document, prompt)  # stateless: variants share what they can
     if not variant.truncate:
         return await _raw(completer, job)

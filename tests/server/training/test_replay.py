@@ -35,7 +35,8 @@ async def test_both_arms_are_scored_on_what_developers_kept(
     settings: Settings,
     captured_store: Store,
 ) -> None:
-    report = await replay(server.engine, settings, captured_store, CANDIDATE, CONTROL)
+    replayed = arms(captured_store, settings, CANDIDATE, CONTROL)
+    report = await replay(server.engine, settings, captured_store, replayed)
     # c1 corrected, c2 as accepted (c5 the same text, once), c3 mostly undone; c4 held a key
     # and c6 has no 5-minute check yet
     assert report["captures"] == 3
@@ -50,7 +51,6 @@ async def test_both_arms_are_scored_on_what_developers_kept(
     assert difference["mean"] == pytest.approx(candidate["similarity"] - control["similarity"])
     assert difference["low"] <= difference["mean"] <= difference["high"]
 
-    replayed = arms(captured_store, settings, CANDIDATE, CONTROL)
     kept = [recorded(captured_store, arm, 200) for arm in replayed]
     assert all("<|fim_prefix|>" in s.prompt for s in kept[1])  # the candidate's own template
     assert not any("<|fim_prefix|>" in s.prompt for s in kept[0])
@@ -66,7 +66,7 @@ async def test_replay_refuses_what_it_cannot_run(
         arms(captured_store, settings, unknown, CONTROL)
     empty = Store.open(str(tmp_path / "empty.db"), tmp_path)
     with pytest.raises(InvalidInput, match="capture needs consent"):
-        await replay(None, settings, empty, CANDIDATE, CONTROL)  # type: ignore[arg-type]
+        await replay(None, settings, empty, arms(empty, settings, CANDIDATE, CONTROL))  # type: ignore[arg-type]
     empty.close()
 
 
