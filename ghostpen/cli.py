@@ -156,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         "--prompt-weight", type=float, help="loss weight of the prompt's own code; default 0.1"
     )
     loop.add_argument("--top-layers", type=int, help="LoRA on the top N layers only; default all")
+    loop.add_argument(
+        "--train-prefix-tokens", type=int, help="cut training prompts' prefix window to this"
+    )
+    loop.add_argument(
+        "--train-context-tokens", type=int, help="cut training prompts' context to this"
+    )
     loop.add_argument("--note", default="")
     loop.add_argument("--seed", type=int, default=0)
 
@@ -750,7 +756,7 @@ def _list_models(settings: Settings) -> None:
             f"{version.name}{'  (default)' if version.name == default else ''}"
             f"\n  {version.kind} tuned from {version.base} on data {version.data_hash[:12]}, "
             f"{version.steps} steps, {version.train_tokens} tokens, {version.quantization}, "
-            f"{made} UTC"
+            f"template {version.template or settings.context.template}, {made} UTC"
             f"\n  held out vs {scores.get('against', '?')} ({scores.get('samples', 0)} samples): "
             f"edit similarity {similarity.get('mean', 0):+.3f} "
             f"(95% CI {similarity.get('low', 0):+.3f} to {similarity.get('high', 0):+.3f})"
@@ -762,7 +768,7 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
     from ghostpen.context.template import load_template
     from ghostpen.server.training import registry
     from ghostpen.server.training.export import read_samples
-    from ghostpen.server.training.loop import drawn, measure
+    from ghostpen.server.training.loop import Contender, drawn, measure
 
     with _store(settings) as store:
         version = registry.get(store, args.name)
@@ -774,11 +780,15 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
                 evidence = scores
             else:  # measured against another model: measure against this one
                 folder = registry.version_dir(settings.cache_dir, args.name)
-                manifest = json.loads((folder / "data" / "manifest.json").read_text())
-                template = load_template(manifest["template"].split("@")[0])
                 heldout = read_samples(folder / "data" / "heldout.jsonl")
                 heldout = drawn(heldout, scores["samples"], 0)
-                evidence = measure(settings, template, (current, current), args.name, heldout)
+                served = (
+                    Contender(name, name, load_template(
+                        registry.template_of(store, name, settings.context.template)
+                    ))
+                    for name in (current, args.name)
+                )  # fmt: skip
+                evidence = measure(settings, *served, heldout)
         why_not = registry.decide(evidence) if evidence else "no held-out comparison"
         if why_not and not args.force:
             print(
@@ -793,31 +803,51 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _promoted(settings: Settings) -> Settings:
-    """The settings with the promoted version as the model (models promote)."""
+    """The settings with the promoted version as the model (models promote), in the template
+    it was tuned in."""
     from ghostpen.server.training import registry
 
     with _store(settings) as store:
         chosen = registry.default(store)
-    if chosen is None:
-        return settings
-    return dataclasses.replace(settings, engine=dataclasses.replace(settings.engine, model=chosen))
+        if chosen is None:
+            return settings
+        template = registry.template_of(store, chosen, settings.context.template)
+    return dataclasses.replace(
+        settings,
+        engine=dataclasses.replace(settings.engine, model=chosen),
+        context=dataclasses.replace(settings.context, template=template),
+    )
+
+
+def _train_budgets(args: argparse.Namespace, settings: Settings) -> tuple[int, int] | None:
+    """(prefix, context) tokens of a training prompt; None: as served."""
+    prefix, context = args.train_prefix_tokens, args.train_context_tokens
+    if prefix is None and context is None:
+        return None
+    served = settings.context
+    return (
+        served.prefix_token_budget if prefix is None else prefix,
+        served.context_token_budget if context is None else context,
+    )
 
 
 def _loop(args: argparse.Namespace, settings: Settings) -> int:
     from ghostpen.server.training.loop import LoopConfig, run_loop
 
+    served = _promoted(settings)
     with _store(settings) as store:
         run_loop(
             LoopConfig(
                 name=args.name,
-                base=args.base or _promoted(settings).engine.model,
+                base=args.base or served.engine.model,
                 repo=args.repo,
                 captures=not args.no_captures,
-                template=args.template or settings.context.template,
+                template=args.template or served.context.template,
                 repo_samples=args.samples,
                 steps=args.steps,
                 minutes=args.minutes,
                 heldout_samples=args.heldout,
+                train_budgets=_train_budgets(args, settings),
                 seed=args.seed,
                 note=args.note,
                 **{

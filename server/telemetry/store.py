@@ -199,6 +199,10 @@ MIGRATIONS: tuple[str, ...] = (
         forgotten_ms BIGINT
     );
     """,
+    # A model version is served in the prompt template it was tuned in.
+    """
+    ALTER TABLE model_versions ADD COLUMN template TEXT NOT NULL DEFAULT '';
+    """,
 )
 EXPORT_FILES = ("train.jsonl", "heldout.jsonl", "manifest.json")  # deleted when forgotten
 

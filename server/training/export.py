@@ -35,6 +35,7 @@ from ghostpen.context.prompt import Document, build_prompt, render
 from ghostpen.context.settings import ContextSettings
 from ghostpen.context.template import Template
 from ghostpen.server.context_process import ChunkCache
+from ghostpen.server.errors import TrainingError
 from ghostpen.server.telemetry.store import Store
 from ghostpen.server.training.privacy import screen
 from ghostpen.server.training.tasks import KINDS, SourceFile, Task, build_tasks, source_files
@@ -62,7 +63,13 @@ class Sample:
     suffix: str
     healed: str
     expected: str
-    context_files: tuple[str, ...] = ()  # the files its context chunks came from, as `file`
+    context_files: tuple[str, ...]  # the files its context chunks came from, as `file`
+    # The rest of what the prompt was rendered from, so that it renders in another template
+    # (`prompt_in`): the repository's name, the path as the editor named it, the context chunks
+    # as (path, start_line, end_line, text) in the prompt's order
+    repo: str
+    path: str
+    context: tuple[tuple[str, int, int, str], ...]
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,9 @@ class ExportConfig:
     heldout_files: float = 0.1  # share of files held out by the hash of their name
     heldout_recent: float = 0.1  # share of samples, the newest, whose files are held out
     seed: int = 0
+    # Training prompts cut to these (prefix_token_budget, context_token_budget) so that more
+    # of them fit an optimizer step; None: as served. Held-out prompts are always as served.
+    train_budgets: tuple[int, int] | None = None
 
 
 @dataclass
@@ -103,6 +113,10 @@ def export(config: ExportConfig, store: Store | None, repo: Path | None) -> dict
     unique = _deduplicated(samples, tally)
     train, heldout, cutoff_ms = split(unique, config)
     train = _without_heldout_context(train, {s.file for s in heldout}, tally)
+    if config.train_budgets is not None:
+        train = [
+            shortened(s, config.template, config.context, *config.train_budgets) for s in train
+        ]
     config.out.mkdir(parents=True, exist_ok=True)
     hashes = {
         name: _write_jsonl(config.out / name, rows)
@@ -128,6 +142,7 @@ def export(config: ExportConfig, store: Store | None, repo: Path | None) -> dict
             "cutoff_ms": cutoff_ms,
             "seed": config.seed,
         },
+        "train_budgets": config.train_budgets,
         "files": hashes,
         "hash": hashlib.sha256("".join(sorted(hashes.values())).encode()).hexdigest(),
     }
@@ -168,13 +183,14 @@ def captured(store: Store, config: ExportConfig, tally: Tally) -> list[Sample]:
         prompt = render(config.template, repo, path, language, chunks, prefix, suffix)
         # what the developer kept: their correction, else the part of the suggestion they took
         expected = shown[:accepted] if corrected is None else corrected
-        file = f"{repo}/{_in_workspace(repo, path)}"
-        sample = _sample(
-            Sample("", "capture", file, language, "capture", created_ms, prompt, "", prefix,
-                   suffix, healed, expected,
-                   tuple(sorted({f"{repo}/{_in_workspace(repo, c.path)}" for c in chunks}))),
-            config.template, tally, suffix=Path(path).suffix,
+        draft = Sample(
+            sample_id="", source="capture", file=f"{repo}/{_in_workspace(repo, path)}",
+            language=language, kind="capture", time_ms=created_ms, prompt=prompt, target="",
+            prefix=prefix, suffix=suffix, healed=healed, expected=expected,
+            context_files=tuple(sorted({f"{repo}/{_in_workspace(repo, c.path)}" for c in chunks})),
+            repo=repo, path=path, context=_parts(chunks),
         )  # fmt: skip
+        sample = _sample(draft, config.template, tally, suffix=Path(path).suffix)
         if sample is not None:
             samples.append(sample)
     return samples
@@ -237,7 +253,63 @@ def split(
 def read_samples(path: Path) -> list[Sample]:
     with path.open(encoding="utf-8") as lines:
         records = [json.loads(line) for line in lines if line.strip()]
-    return [Sample(**{**r, "context_files": tuple(r["context_files"])}) for r in records]
+    try:
+        return [
+            Sample(**{
+                **r,
+                "context_files": tuple(r["context_files"]),
+                "context": tuple(tuple(c) for c in r["context"]),
+            })
+            for r in records
+        ]  # fmt: skip
+    except (KeyError, TypeError) as error:
+        raise TrainingError(
+            f"{path}: not samples this ghostpen exports ({error}); export them again"
+        ) from error
+
+
+def prompt_in(sample: Sample, template: Template) -> str:
+    """The sample's prompt rendered in `template` from the very parts the export chose: two
+    templates compare on the same context and windows."""
+    chunks = [Chunk.of(*part) for part in sample.context]
+    return render(
+        template, sample.repo, sample.path, sample.language, chunks, sample.prefix, sample.suffix
+    )
+
+
+def shortened(
+    sample: Sample,
+    template: Template,
+    context: ContextSettings,
+    prefix_tokens: int,
+    context_tokens: int,
+) -> Sample:
+    """`sample` rendered again within smaller budgets (estimated tokens, as `context`
+    estimates them): the prefix window's last lines within `prefix_tokens`, the context's last
+    chunks (nearest the file in the prompt) within `context_tokens`. Its target is unchanged."""
+    lines, used = sample.prefix.split("\n"), 0
+    start = len(lines)
+    while start > 0 and used + context.tokens(lines[start - 1]) <= prefix_tokens:
+        start -= 1
+        used += context.tokens(lines[start])
+    prefix = "\n".join(lines[min(start, len(lines) - 1) :])
+    kept: list[tuple[str, int, int, str]] = []
+    for part in reversed(sample.context):
+        context_tokens -= context.tokens(part[3])
+        if context_tokens < 0:
+            break
+        kept.insert(0, part)
+    files = {f"{sample.repo}/{_in_workspace(sample.repo, part[0])}" for part in kept}
+    cut = dataclasses.replace(
+        sample, prefix=prefix, context=tuple(kept), context_files=tuple(sorted(files))
+    )
+    prompt = prompt_in(cut, template)
+    digest = hashlib.sha256(f"{prompt}\0{sample.target}".encode()).hexdigest()[:16]
+    return dataclasses.replace(cut, sample_id=digest, prompt=prompt)
+
+
+def _parts(chunks: Iterable[Chunk]) -> tuple[tuple[str, int, int, str], ...]:
+    return tuple((c.path, c.start_line, c.end_line, c.text) for c in chunks)
 
 
 def _without_heldout_context(train: list[Sample], held: set[str], tally: Tally) -> list[Sample]:
@@ -257,10 +329,12 @@ def _cut_sample(
     chunks = [c for f in task.context for c in cache.chunks(f.path, f.language, f.text)]
     prompt = build_prompt(repo, document, chunks, config.template, config.context)
     draft = Sample(
-        "", "repo", f"{repo}/{task.file.path}", task.file.language, task.kind,
-        int(task.file.changed * 1000), prompt.text, "", prompt.prefix, prompt.suffix,
-        prompt.healed, task.expected,
-        tuple(sorted({f"{repo}/{r.chunk.path}" for r in prompt.context})),
+        sample_id="", source="repo", file=f"{repo}/{task.file.path}",
+        language=task.file.language, kind=task.kind, time_ms=int(task.file.changed * 1000),
+        prompt=prompt.text, target="", prefix=prompt.prefix, suffix=prompt.suffix,
+        healed=prompt.healed, expected=task.expected,
+        context_files=tuple(sorted({f"{repo}/{r.chunk.path}" for r in prompt.context})),
+        repo=repo, path=task.file.path, context=_parts([r.chunk for r in prompt.context]),
     )  # fmt: skip
     return _sample(draft, config.template, tally, screened=True)
 
@@ -273,7 +347,13 @@ def _sample(
     if not draft.expected.strip():
         tally.dropped["empty target"] += 1
         return None
-    texts = (draft.prompt, draft.prefix, draft.suffix, draft.expected)
+    texts = (
+        draft.prompt,
+        draft.prefix,
+        draft.suffix,
+        draft.expected,
+        *(c[3] for c in draft.context),
+    )
     if not screened:
         found = screen(_SPLIT.join(texts), suffix)
         tally.privacy.update(found.found)
@@ -281,12 +361,13 @@ def _sample(
             tally.dropped["capture with a secret"] += 1
             return None
         texts = tuple(found.text.split(_SPLIT))
-    prompt, prefix, suffix, expected = texts
+    prompt, prefix, suffix, expected, *chunk_texts = texts
     target = draft.healed + expected + template.stop[0]
     digest = hashlib.sha256(f"{prompt}\0{target}".encode()).hexdigest()[:16]
+    context = tuple((*c[:3], text) for c, text in zip(draft.context, chunk_texts, strict=True))
     return dataclasses.replace(
         draft, sample_id=digest, prompt=prompt, target=target, prefix=prefix, suffix=suffix,
-        expected=expected,
+        expected=expected, context=context,
     )  # fmt: skip
 
 

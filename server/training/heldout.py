@@ -19,7 +19,7 @@ from ghostpen.server.engines.base import Engine
 from ghostpen.server.errors import DeadlinePassed, EngineFailure
 from ghostpen.server.settings import Settings
 from ghostpen.server.stats import Difference, paired_bootstrap
-from ghostpen.server.training.export import Sample
+from ghostpen.server.training.export import Sample, prompt_in
 from ghostpen.server.training.tasks import mode_of
 
 DEADLINE_S = 120.0  # one held-out completion; generous: many wait their turn on a CPU
@@ -52,9 +52,9 @@ async def score(
     concurrency: int,
     adapter: str = "",
 ) -> list[Scored]:
-    """Each sample completed by `engine` (with `adapter`, if named) in the template its prompt
-    was rendered in, in order; the show gate is off, so that every answer counts. A completion
-    that fails (its deadline passed, the engine failed) scores as an empty answer."""
+    """Each sample completed by `engine` (with `adapter`, if named), its prompt rendered in
+    `template`, in order; the show gate is off, so that every answer counts. A completion that
+    fails (its deadline passed, the engine failed) scores as an empty answer."""
     context = dataclasses.replace(settings.context, show_gate=False)
     completer = Completer.from_settings(engine, settings, Discard())
     completer = completer.varied(template=template, context=context)
@@ -87,7 +87,9 @@ async def _complete(completer: Completer, sample: Sample, adapter: str) -> Score
     cursor line's indentation, which post-processing cuts blocks by)."""
     before = sample.prefix + sample.healed
     document = Document(sample.file, sample.language, before + sample.suffix, len(before))
-    prompt = Prompt(sample.prompt, completer.template, (), 0, 0, sample.healed)
+    prompt = Prompt(
+        prompt_in(sample, completer.template), completer.template, (), 0, 0, sample.healed
+    )
     received = time.monotonic()
     mode = mode_of(sample.kind)
     spec = RequestSpec(sample.sample_id, mode, 0, adapter, DEADLINE_S, received)

@@ -54,6 +54,7 @@ class LoopConfig:
     lr: float = LEARNING_RATE
     prompt_weight: float = PROMPT_WEIGHT
     top_layers: int = 0  # LoRA on these top layers only; 0: all
+    train_budgets: tuple[int, int] | None = None  # training prompts' (prefix, context) tokens
     seed: int = 0
     note: str = ""
 
@@ -65,6 +66,8 @@ class LoopConfig:
             )
         if self.lr <= 0:
             raise ValueError(f"lr must be above 0: {self.lr}")
+        if self.train_budgets is not None and min(self.train_budgets) < 0:
+            raise ValueError(f"training prompt budgets must be at least 0: {self.train_budgets}")
 
 
 def run_loop(
@@ -87,6 +90,7 @@ def run_loop(
                 context=settings.context,
                 repo_samples=config.repo_samples,
                 seed=config.seed,
+                train_budgets=config.train_budgets,
             )
             manifest = export(exported, store if config.captures else None, config.repo)
         counts = cast(dict[str, int], manifest["counts"])
@@ -127,8 +131,12 @@ def run_loop(
         heldout = drawn(
             read_samples(folder / "data" / "heldout.jsonl"), config.heldout_samples, config.seed
         )
-        base_gguf = _base_gguf(config.base, base_hf, settings.cache_dir, folder, build)
-        scores = measure(settings, template, (config.base, base_gguf), config.name, heldout)
+        base = Contender(
+            config.base,
+            _base_gguf(config.base, base_hf, settings.cache_dir, folder, build),
+            load_template(registry.template_of(store, config.base, settings.context.template)),
+        )
+        scores = measure(settings, base, Contender(config.name, config.name, template), heldout)
         (folder / "heldout-scores.json").write_text(json.dumps(scores, indent=2) + "\n")
         for name in ("similarity", "exact"):
             say(f"  {name}: {Difference(**scores[name]).describe()}")
@@ -144,6 +152,7 @@ def run_loop(
         scores=json.dumps(scores),
         created_ms=int(time.time() * 1000),
         note=config.note,
+        template=template.name,
     )
     registry.register(store, version)
     say(f"registered {config.name}; `ghostpen models promote {config.name}` makes it the default")
@@ -158,22 +167,31 @@ def drawn(samples: list[Sample], count: int, seed: int) -> list[Sample]:
     return [samples[i] for i in sorted(random.Random(seed).sample(range(len(samples)), count))]
 
 
+@dataclass(frozen=True)
+class Contender:
+    """A model as it would be served: by its name, from `model` (what `model_store.resolve`
+    knows), in its prompt template."""
+
+    name: str
+    model: str
+    template: Template
+
+
 def measure(
-    settings: Settings,
-    template: Template,
-    against: tuple[str, str],
-    candidate: str,
-    samples: list[Sample],
+    settings: Settings, against: Contender, candidate: Contender, samples: list[Sample]
 ) -> dict[str, object]:
-    """The paired held-out comparison of `candidate` against a model, (its name, what to serve
-    it from), as the registry keeps it and promotion weighs it. Both models' scores are kept,
-    sample by sample (`scores_once`): the next run on the same held-out samples reuses the
-    base's, and any comparison can be recomputed."""
-    before = scores_once(settings, template, against[1], samples)
-    after = scores_once(settings, template, candidate, samples)
+    """The paired held-out comparison of `candidate` against a model as each is served (a tuned
+    model in its template, the base in its own), as the registry keeps it and promotion weighs
+    it. Both models' scores are kept, sample by sample (`scores_once`): the next run on the same
+    held-out samples reuses the base's, and any comparison can be recomputed."""
+    before = scores_once(settings, against.template, against.model, samples)
+    after = scores_once(settings, candidate.template, candidate.model, samples)
     return {
-        "against": against[0],
-        "template": template.template_id,
+        "against": against.name,
+        "templates": {
+            "base": against.template.template_id,
+            "tuned": candidate.template.template_id,
+        },
         "samples": len(samples),
         **{
             name: dataclasses.asdict(d)

@@ -36,6 +36,7 @@ class Version:
     scores: str  # JSON: the held-out comparison against its base, as `heldout.compare` gives
     created_ms: int
     note: str = ""
+    template: str = ""  # the prompt template it was tuned in and is served in; "": the setting's
 
 
 _COLUMNS = [f.name for f in fields(Version)]
@@ -82,6 +83,12 @@ def get(store: Store, name: str) -> Version | None:
 def versions(store: Store) -> list[Version]:
     rows = store.query(f"SELECT {', '.join(_COLUMNS)} FROM model_versions ORDER BY created_ms")
     return [Version(*row) for row in rows]
+
+
+def template_of(store: Store, model: str, setting: str) -> str:
+    """The template `model` is served in: the one a version was tuned in, else `setting`."""
+    version = get(store, model)
+    return version.template if version is not None and version.template else setting
 
 
 def promote(store: Store, name: str, by_user: str, forced: bool, evidence: dict) -> Promotion:

@@ -21,9 +21,10 @@ from ghostpen.context.settings import ContextSettings
 from ghostpen.context.template import load_template
 from ghostpen.server.telemetry.records import CaptureRecord, CompletionRecord, TelemetryEvent
 from ghostpen.server.telemetry.store import Store
-from ghostpen.server.training.export import ExportConfig, export, read_samples
+from ghostpen.server.training.export import ExportConfig, export, prompt_in, read_samples
 
 FIM = load_template("qwen25-coder-repo-fim")
+PREFIX = load_template("generic-prefix")
 DAY = 86_400
 NOW = 1_790_000_000
 AWS_KEY = "AKIAIOSFODNN7EXAMPLE"  # AWS's documented example key: what its scanner looks for
@@ -97,6 +98,11 @@ def test_a_repository_splits_by_file_and_time_without_leaks(tmp_path: Path) -> N
         assert sample.prompt.startswith("<|repo_name|>shop\n") and "<|fim_middle|>" in sample.prompt
         assert sample.target.endswith("<|endoftext|>") and sample.target != "<|endoftext|>"
         assert sample.kind in ("line", "rest_of_line", "block")
+        # its parts render it again, in its template or in another, on the same context
+        assert prompt_in(sample, FIM) == sample.prompt
+        in_prefix = prompt_in(sample, PREFIX)
+        assert in_prefix.endswith(sample.prefix) and "<|fim_middle|>" not in in_prefix
+        assert all(f"# Path: {c[0]}\n" in in_prefix for c in sample.context)
     assert len({s.sample_id for s in train + heldout}) == len(train) + len(heldout)
     counts = manifest["counts"]
     assert (counts["train"], counts["heldout"]) == (len(train), len(heldout))
@@ -105,6 +111,26 @@ def test_a_repository_splits_by_file_and_time_without_leaks(tmp_path: Path) -> N
         assert manifest["files"][name] == digest
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert on_disk["hash"] == manifest["hash"] and on_disk["sources"][0]["head"]
+
+
+def test_training_prompts_cut_to_smaller_budgets_and_held_out_ones_as_served(
+    tmp_path: Path,
+) -> None:
+    repo = git_repo(tmp_path / "shop", [f"shop{i}" for i in range(12)])
+    served = ContextSettings(top_k=1)
+    exported = ExportConfig(tmp_path / "out", FIM, served, repo_samples=80, train_budgets=(20, 0))
+    manifest = export(exported, None, repo)
+    train = read_samples(tmp_path / "out" / "train.jsonl")
+    heldout = read_samples(tmp_path / "out" / "heldout.jsonl")
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["train_budgets"] == (20, 0) and on_disk["train_budgets"] == [20, 0]
+    for sample in train:
+        assert sample.context == () and sample.context_files == ()
+        assert sample.prompt.count("<|file_sep|>") == 1  # the file being edited only
+        assert served.tokens(sample.prefix) <= 20 + served.tokens(sample.prefix.split("\n")[-1])
+        assert prompt_in(sample, FIM) == sample.prompt and sample.target.endswith("<|endoftext|>")
+    assert any(sample.context for sample in heldout)  # as served: with the file beside
+    assert max(len(s.prefix) for s in heldout) > max(len(s.prefix) for s in train)
 
 
 def test_recently_changed_files_are_drawn_more_often(tmp_path: Path) -> None:
@@ -198,6 +224,7 @@ def test_kept_completions_teach_their_corrections(tmp_path: Path, captured_store
     assert corrected.prompt == render(
         FIM, "shop", CAPTURE.path, "python", context, CAPTURE.prefix, CAPTURE.suffix
     )
+    assert prompt_in(corrected, FIM) == corrected.prompt
     assert (corrected.source, corrected.file, corrected.kind) == (
         "capture",
         "shop/cart.py",
@@ -211,6 +238,22 @@ def test_kept_completions_teach_their_corrections(tmp_path: Path, captured_store
     }
     assert manifest["counts"]["read"] == {"capture": 5}  # c6 has no 5-minute check yet
     assert any(k.startswith("secret:") for k in manifest["privacy"])
+
+
+def test_a_captured_context_chunk_is_screened_too(tmp_path: Path) -> None:
+    """The chunks are kept to render the prompt again: an address in one is redacted there as
+    it is in the prompt."""
+    store = Store.open(str(tmp_path / "telemetry.db"), tmp_path)
+    chunk = {"path": "owners.py", "start_line": 0, "end_line": 1,
+             "text": 'OWNER = "jane.doe@acme-corp.io"'}  # fmt: skip
+    capture = dataclasses.replace(CAPTURE, context=json.dumps([chunk]))
+    store.write([COMPLETION], [retained("c1", 1.0, None)], [capture])
+    export(config(tmp_path / "out", heldout_files=0.0, heldout_recent=0.0), store, None)
+    [sample] = read_samples(tmp_path / "out" / "train.jsonl")
+    [(path, _, _, text)] = sample.context
+    assert path == "owners.py" and text.startswith("OWNER = ") and "jane.doe" not in text
+    assert prompt_in(sample, FIM) == sample.prompt and "jane.doe" not in sample.prompt
+    store.close()
 
 
 def test_deleting_captured_text_deletes_the_exports_that_hold_it(

@@ -58,6 +58,11 @@ def test_the_loop_makes_registers_and_serves_a_version(
         assert made.data_hash == manifest["hash"] and made.train_tokens > 0
         scores = json.loads(made.scores)
         assert scores["against"] == str(base) and scores["samples"] == 6
+        # each as it would be served: the tuned model in its template, the base in the setting's
+        assert scores["templates"] == {
+            "base": f"{settings.context.template}@v1", "tuned": "qwen25-coder-repo-fim@v1"
+        }  # fmt: skip
+        assert made.template == "qwen25-coder-repo-fim"
         assert {"similarity", "exact"} <= scores.keys()
         assert resolve(name, settings.cache_dir, "gguf").path == folder / "model.gguf"
         assert (folder / "adapter.gguf").is_file() and (folder / "merged" / "config.json").is_file()
@@ -67,18 +72,21 @@ def test_the_loop_makes_registers_and_serves_a_version(
         ]  # fmt: skip
         # the base's scores are kept: a second run on the same held-out samples reuses them
         heldout = loop.drawn(read_samples(folder / "data" / "heldout.jsonl"), 6, 0)
-        template = load_template(config.template)
+        served = load_template(settings.context.template)
         base_gguf = str(folder / "base.gguf")
-        kept = loop.kept_scores(loop_settings, template, base_gguf, heldout)
+        kept = loop.kept_scores(loop_settings, served, base_gguf, heldout)
         monkeypatch.setattr(loop, "evaluate", lambda *_: pytest.fail("scored the base again"))
-        again = loop.scores_once(loop_settings, template, base_gguf, heldout)
+        again = loop.scores_once(loop_settings, served, base_gguf, heldout)
         assert [s.sample_id for s in again] == [s.sample_id for s in heldout]
         assert sum(s.similarity for s in again) / 6 == scores["similarity_means"]["base"]
         kept.unlink()
-        loop.kept_scores(loop_settings, template, name, heldout).unlink()  # the tuned model's
+        tuned = loop.kept_scores(loop_settings, load_template(config.template), name, heldout)
+        tuned.unlink()
         store.close()
         where = ["--set", f"database={database}"]
         assert main([*where, "models", "list"]) == 0
-        assert f"{name}\n  model tuned from {base}" in capsys.readouterr().out
+        listed = capsys.readouterr().out
+        assert f"{name}\n  model tuned from {base}" in listed
+        assert "template qwen25-coder-repo-fim," in listed
     finally:
         shutil.rmtree(folder, ignore_errors=True)

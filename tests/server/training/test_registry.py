@@ -29,10 +29,12 @@ def scores(low: float, high: float, exact_high: float = 0.1) -> str:
     )
 
 
-def version(name: str, similarity: tuple[float, float], exact_high: float = 0.1):
+def version(
+    name: str, similarity: tuple[float, float], exact_high: float = 0.1, template: str = ""
+) -> registry.Version:
     return registry.Version(
         name, "model", BUILT_IN, f"/m/{name}/model.gguf", "d" * 64, 120, 1_000_000, "Q4_K_M",
-        scores(*similarity, exact_high), 1_790_000_000_000, "first",
+        scores(*similarity, exact_high), 1_790_000_000_000, "first", template,
     )  # fmt: skip
 
 
@@ -40,7 +42,7 @@ def version(name: str, similarity: tuple[float, float], exact_high: float = 0.1)
 def setup(tmp_path: Path) -> tuple[Settings, list[str]]:
     database = str(tmp_path / "telemetry.db")
     store = Store.open(database, tmp_path)
-    registry.register(store, version("better", (0.01, 0.05)))
+    registry.register(store, version("better", (0.01, 0.05), template="qwen25-coder-repo-fim"))
     registry.register(store, version("unsure", (-0.01, 0.05)))
     registry.register(store, version("worse-exact", (0.01, 0.05), exact_high=-0.01))
     store.close()
@@ -75,7 +77,8 @@ def test_promotion_needs_evidence_unless_forced(setup, capsys) -> None:
     assert json.loads(promotion.evidence)["similarity"]["low"] == 0.01
     assert registry.default(store) == "better"
     store.close()
-    assert _promoted(settings).engine.model == "better"  # what `ghostpen serve` serves now
+    served = _promoted(settings)  # what `ghostpen serve` serves now: in the version's template
+    assert (served.engine.model, served.context.template) == ("better", "qwen25-coder-repo-fim")
     explicit = Settings.load({**dict(a.split("=", 1) for a in where[1::2]), "model": "x.gguf"})
     assert explicit.engine.model == "x.gguf"
 
@@ -91,6 +94,10 @@ def test_a_forced_promotion_is_recorded_as_forced(setup, capsys) -> None:
     listed = capsys.readouterr().out
     assert "unsure  (default)" in listed and "better\n" in listed
     assert "held out vs qwen2.5-coder-0.5b-instruct-q4_k_m (100 samples)" in listed
+    assert "template qwen25-coder-repo-fim," in listed and "template generic-prefix," in listed
+    store = Store.open(settings.telemetry.database, settings.cache_dir)
+    assert _promoted(settings).context.template == "generic-prefix"  # unsure: the setting's
+    store.close()
 
 
 def test_a_version_is_served_by_name(tmp_path: Path) -> None:
