@@ -169,7 +169,8 @@ def _scores(records: list[Record]) -> dict[str, object]:
         after = [float(getattr(by["candidate", t], score) or 0.0) for t in tasks]
         if not tasks:
             continue
-        difference = paired_bootstrap(before, after)
+        files = [by["default", t].file for t in tasks]  # tasks of one file are alike
+        difference = paired_bootstrap(before, after, clusters=files)
         scores[score] = {
             "default": sum(before) / len(tasks),
             "candidate": sum(after) / len(tasks),

@@ -1,5 +1,6 @@
 """What a run says: each variant's scores, and its difference from the baseline (the first
 variant) with a paired bootstrap 95% CI, over all tasks, per language and per kind of task.
+The bootstrap resamples files whole: tasks cut from one file are not independent.
 
 Records are read back from JSONL, so a report can be made from any run, and two runs compared
 task by task (`compare`). The show gate's trade-off is computed from the same records
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from ghostpen.benchmarks.eval.run import Record
-from ghostpen.server.stats import paired_bootstrap, proportion
+from ghostpen.server.stats import Difference, paired_bootstrap, proportion
 
 # (name, how a record scores on it, or None where the record is not judged on it)
 METRICS = (
@@ -66,15 +67,14 @@ def summary(records: Sequence[Record], variants: Sequence[str]) -> list[dict[str
                 if variant == variants[0] or not values:
                     continue
                 pairs = [
-                    (a, b)
+                    (a, b, r.file)
                     for task_id, r in scored.items()
                     if task_id in baseline
                     and (b := score(r)) is not None
                     and (a := score(baseline[task_id])) is not None
                 ]
                 if pairs:
-                    difference = paired_bootstrap([a for a, _ in pairs], [b for _, b in pairs])
-                    row[f"{metric}_diff"] = difference.describe()
+                    row[f"{metric}_diff"] = _difference(pairs).describe()
             rows.append(row)
     return rows
 
@@ -89,7 +89,7 @@ def markdown(rows: Sequence[dict[str, object]], variants: Sequence[str]) -> str:
         cells = [_cell(row[h]) for h in header]
         lines.append("| " + " | ".join(cells) + " |")
     if len(variants) > 1:
-        lines += ["", f"Differences from `{variants[0]}` (paired bootstrap, 95% CI):", ""]
+        lines += ["", f"Differences from `{variants[0]}` (paired bootstrap by file, 95% CI):", ""]
         header = ["group", "variant", *present]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in rows:
@@ -169,15 +169,20 @@ def compare(a: Iterable[Record], b: Iterable[Record]) -> list[dict[str, object]]
         row: dict[str, object] = {"variant": variant, "tasks": len(keys)}
         for metric, score in METRICS:
             pairs = [
-                (x, y)
+                (x, y, first[k].file)
                 for k in keys
                 if (x := score(first[k])) is not None and (y := score(second[k])) is not None
             ]
             if pairs:
-                difference = paired_bootstrap([x for x, _ in pairs], [y for _, y in pairs])
-                row[metric] = difference.describe()
+                row[metric] = _difference(pairs).describe()
         rows.append(row)
     return rows
+
+
+def _difference(pairs: Sequence[tuple[float, float, str]]) -> Difference:
+    """(before, after, file) of each task: after - before, resampled by file."""
+    before, after, files = zip(*pairs, strict=True)
+    return paired_bootstrap(before, after, clusters=files)
 
 
 def _cell(value: object) -> str:

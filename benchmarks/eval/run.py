@@ -112,6 +112,12 @@ class Record:
     confidence: float | None = None  # the mean log-probability of the suggestion's tokens
     withheld: str = ""  # the show gate's reason to hold the suggestion back ("": shown)
 
+    @property
+    def file(self) -> str:
+        """The file the task was cut from: tasks of one file are alike, so intervals resample
+        files whole."""
+        return f"{self.project}/{self.task_id.rsplit(':', 2)[0]}"
+
 
 async def evaluate(
     completer: Completer,

@@ -203,6 +203,17 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE model_versions ADD COLUMN template TEXT NOT NULL DEFAULT '';
     """,
+    # What was deleted stays deleted: text captured before a deletion that reaches the store
+    # after it (in a server's write queue then) is dropped. tenant '*': every tenant's; user_id
+    # '': every user's of the tenant.
+    """
+    CREATE TABLE deletions (
+        tenant TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        before_ms BIGINT NOT NULL,
+        PRIMARY KEY (tenant, user_id)
+    );
+    """,
 )
 EXPORT_FILES = ("train.jsonl", "heldout.jsonl", "manifest.json")  # deleted when forgotten
 
@@ -210,6 +221,9 @@ Write = tuple[str, Sequence[Any]]  # a statement and its parameters
 _COMPLETION_COLUMNS = [f.name for f in fields(CompletionRecord)]
 _EVENT_COLUMNS = list(EVENT_COLUMNS)
 _CORRECTION_COLUMNS = ["completion_id", "after_s", "text", "received_ms"]
+_CAPTURE_CREATED, _CAPTURE_TENANT, _CAPTURE_USER = (
+    CAPTURE_COLUMNS.index(name) for name in ("created_ms", "tenant", "user_id")
+)
 
 
 class Store:
@@ -298,6 +312,8 @@ class Store:
             if completions:
                 cursor.executemany(self._insert("completions", _COMPLETION_COLUMNS), completions)
             if captures:
+                captures = self._not_deleted(cursor, captures)
+            if captures:
                 cursor.executemany(self._insert("captures", list(CAPTURE_COLUMNS)), captures)
             if fresh:
                 cursor.executemany(self._insert("events", _EVENT_COLUMNS), fresh)
@@ -328,7 +344,18 @@ class Store:
             where.append("created_ms < ?")
             parameters.append(before_ms)
         chosen = f"SELECT completion_id FROM captures WHERE {' AND '.join(where) or 'TRUE'}"
+        now_ms = int(time.time() * 1000)
+        tombstone = (tenant, user_id or "", now_ms if before_ms is None else before_ms)
         with self._mapped("delete captured text"), self._transaction() as cursor:
+            cursor.execute(
+                self._sql(
+                    "INSERT INTO deletions (tenant, user_id, before_ms) VALUES (?, ?, ?) "
+                    "ON CONFLICT (tenant, user_id) DO UPDATE "
+                    "SET before_ms = CASE WHEN excluded.before_ms > deletions.before_ms "
+                    "THEN excluded.before_ms ELSE deletions.before_ms END"
+                ),
+                tombstone,
+            )
             cursor.execute(
                 self._sql(f"DELETE FROM corrections WHERE completion_id IN ({chosen})"),
                 parameters,
@@ -352,10 +379,30 @@ class Store:
             ]
             cursor.executemany(
                 self._sql("UPDATE exports SET forgotten_ms = ? WHERE path = ?"),
-                [(int(time.time() * 1000), path) for path in holding],
+                [(now_ms, path) for path in holding],
             )
         self.remove_forgotten_exports()
         return deleted, corrected
+
+    def _not_deleted(self, cursor: Any, captures: Sequence[tuple]) -> list[tuple]:
+        """The captures no deletion covers: one made before a deletion of its owner's text
+        that reaches the store after it is dropped."""
+        cursor.execute("SELECT tenant, user_id, before_ms FROM deletions")
+        deleted = {(tenant, user): before for tenant, user, before in cursor.fetchall()}
+        if not deleted:
+            return list(captures)
+        return [
+            row
+            for row in captures
+            if not any(
+                row[_CAPTURE_CREATED] < deleted.get(owner, -1)
+                for owner in (
+                    ("*", ""),
+                    (row[_CAPTURE_TENANT], ""),
+                    (row[_CAPTURE_TENANT], row[_CAPTURE_USER]),
+                )
+            )
+        ]
 
     def record_export(self, path: str, created_ms: int, oldest_ms: int, owners: list[str]) -> None:
         """An export at `path` (this machine's) holds text captured from `owners`

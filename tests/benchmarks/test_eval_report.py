@@ -89,6 +89,23 @@ def test_the_summary_pairs_tasks_and_groups_by_language_and_kind(tmp_path) -> No
     assert row_none["exact_match"].startswith("+0.968")
 
 
+def test_the_report_resamples_the_files_tasks_were_cut_from() -> None:
+    """As above: ten files of ten tasks, seven files gained and three lost, in the report and
+    in the comparison of two runs. By task the +0.2 would be shown; by file it is not."""
+    ids = [f"src/f{i // 10}.py:{i}:line" for i in range(100)]
+    records = [record(t, "base", 0.5) for t in ids]
+    records += [record(t, "new", 1.0 if i < 70 else 0.0) for i, t in enumerate(ids)]
+    assert records[0].file == "p/src/f0.py"
+    assert paired_bootstrap([0.5] * 100, [r.exact for r in records[100:]]).shown
+    [_, new] = [r for r in summary(records, ["base", "new"]) if r["group"] == "all"]
+    assert new["exact_match_diff"].startswith("+0.200")
+    assert new["exact_match_diff"].endswith("no difference shown")
+    later = [dataclasses.replace(r, variant="base") for r in records[100:]]
+    [row] = compare(records[:100], later)
+    assert row["exact_match"].startswith("+0.200")
+    assert row["exact_match"].endswith("no difference shown")
+
+
 def test_variant_specs_change_one_part_each() -> None:
     assert parse_variant("none") == Variant("none", strategy="none")
     assert parse_variant("template:generic-prefix") == Variant(

@@ -251,3 +251,33 @@ def test_the_data_command_deletes_a_users_or_a_tenants_text(tmp_path: Path, caps
     store = Store.open(str(database), tmp_path)
     assert store.query("SELECT COUNT(*) FROM captures") == [(0,)]
     store.close()
+
+
+def test_text_in_flight_when_it_is_deleted_stays_deleted(tmp_path: Path) -> None:
+    """A server's write queue may still hold text captured before its owner's deletion: it is
+    dropped when it reaches the store. Text captured after the deletion, and others', is kept."""
+    store = Store.open(str(tmp_path / "telemetry.db"), tmp_path)
+    early_ms = int(time.time() * 1000) - 1
+    store.delete_captured("acme", "alice")
+    late_ms = int(time.time() * 1000) + 1
+    captures = {
+        "early": replace(CAPTURE, completion_id="early", created_ms=early_ms),
+        "late": replace(CAPTURE, completion_id="late", created_ms=late_ms),
+        "bob": replace(CAPTURE, completion_id="bob", user_id="bob", created_ms=early_ms),
+        "globex": replace(CAPTURE, completion_id="globex", tenant="globex", created_ms=early_ms),
+    }
+    completions = [replace(COMPLETION, completion_id=c) for c in captures]
+    store.write(completions, [], list(captures.values()))
+    kept = {c for (c,) in store.query("SELECT completion_id FROM captures")}
+    assert kept == {"late", "bob", "globex"}
+    assert store.query("SELECT COUNT(*) FROM completions") == [(4,)]  # the records stay
+    # a tenant's deletion covers its every user; the retention period's, every tenant
+    store.delete_captured("acme")
+    store.delete_captured("*", before_ms=late_ms + 10)
+    again = [replace(c, completion_id=f"{c.completion_id}-2") for c in captures.values()]
+    store.write([replace(COMPLETION, completion_id=c.completion_id) for c in again], [], again)
+    assert store.query("SELECT COUNT(*) FROM captures") == [(0,)]
+    newer = replace(CAPTURE, completion_id="newer", tenant="globex", created_ms=late_ms + 10)
+    store.write([replace(COMPLETION, completion_id="newer")], [], [newer])
+    assert store.query("SELECT completion_id FROM captures") == [("newer",)]
+    store.close()
