@@ -230,14 +230,20 @@ def split(
     samples: Sequence[Sample], config: ExportConfig
 ) -> tuple[list[Sample], list[Sample], int]:
     """(train, held-out, cutoff_ms): files are held out whole from the most recently written
-    (ties by name) until their samples reach `heldout_recent` of all; cutoff_ms is the newest
-    sample of the last file held out so, which no training sample is newer than."""
+    until their samples reach `heldout_recent` of all; cutoff_ms is the newest sample of the
+    last file held out so, which no training sample is newer than. Files written at the same
+    time (an unpacked archive's) are taken in a seeded order, not by name, which would hold out
+    one corner of the tree (docs/, examples/)."""
     newest: dict[str, int] = {}
     for sample in samples:
         newest[sample.file] = max(newest.get(sample.file, 0), sample.time_ms)
     sizes = Counter(s.file for s in samples)
     wanted, recent = math.ceil(len(samples) * config.heldout_recent), set()
-    for file, _ in sorted(newest.items(), key=lambda item: (-item[1], item[0])):
+    order = sorted(
+        newest.items(),
+        key=lambda item: (-item[1], _hashed_fraction(f"recent:{item[0]}", config.seed)),
+    )
+    for file, _ in order:
         if sum(sizes[f] for f in recent) >= wanted:
             break
         recent.add(file)

@@ -133,6 +133,26 @@ def test_training_prompts_cut_to_smaller_budgets_and_held_out_ones_as_served(
     assert max(len(s.prefix) for s in heldout) > max(len(s.prefix) for s in train)
 
 
+def test_files_written_at_one_time_are_held_out_in_a_seeded_order(tmp_path: Path) -> None:
+    """An unpacked archive's files share one time: by name, the held-out files would be the
+    tree's first corner (here a0, a1...), never a cross-section."""
+    root = tmp_path / "unpacked"
+    root.mkdir()
+    for index in range(20):
+        path = root / f"{'ab'[index % 2]}{index:02d}.py"
+        path.write_text(module(path.stem, index))
+        os.utime(path, (NOW, NOW))
+    splits = []
+    for run in ("one", "two"):
+        config = ExportConfig(tmp_path / run, FIM, ContextSettings(), repo_samples=200)
+        export(dataclasses.replace(config, heldout_files=0.0, heldout_recent=0.2), None, root)
+        splits.append(sorted({s.file for s in read_samples(tmp_path / run / "heldout.jsonl")}))
+    assert splits[0] == splits[1]  # the same every time
+    held = [f.removeprefix("unpacked/") for f in splits[0]]
+    assert 2 <= len(held) < 10 and held != [f"a{i:02d}.py" for i in range(0, 2 * len(held), 2)]
+    assert {name[0] for name in held} == {"a", "b"}  # a cross-section
+
+
 def test_recently_changed_files_are_drawn_more_often(tmp_path: Path) -> None:
     repo = git_repo(tmp_path / "shop", ["old", "new"], gap_days=365)
     no_split = {"heldout_files": 0.0, "heldout_recent": 0.0}
