@@ -244,11 +244,17 @@ def _experiments(store: Store, clause: str, values: tuple) -> list[Experiment]:
 
 
 def _recorded(action: Action) -> Write:
+    """Actions are ordered by their time, and the last promotion is the default: one that falls
+    in the same millisecond as the action before it is recorded a millisecond after it."""
     return (
         "INSERT INTO experiment_actions (experiment, at_ms, actor, action, detail) "
-        "VALUES (?, ?, ?, ?, ?)",
-        (action.experiment, action.at_ms, action.actor, action.action, action.detail),
-    )
+        "SELECT ?, CASE WHEN MAX(at_ms) >= ? THEN MAX(at_ms) + 1 ELSE ? END, ?, ?, ? "
+        "FROM experiment_actions",
+        (
+            action.experiment, action.at_ms, action.at_ms, action.actor, action.action,
+            action.detail,
+        ),
+    )  # fmt: skip
 
 
 def _arms_json(arms: tuple[Arm, ...]) -> str:

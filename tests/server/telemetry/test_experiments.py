@@ -106,6 +106,21 @@ def test_start_stop_and_promote_are_recorded_with_who(store: Store) -> None:
     assert [e.status for e in experiments.listed(store)] == ["promoted", "promoted"]
 
 
+def test_actions_in_one_millisecond_keep_their_order(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last promotion is the default: two promotions in one millisecond must not tie."""
+    monkeypatch.setattr(experiments, "_now_ms", lambda: 1_790_000_000_000)
+    experiments.start(store, "fim", two_arms(), "pm", ADAPTERS)
+    experiments.stop(store, "fim", "pm")
+    for arm in ("b", "a", "b", "a"):
+        experiments.promote(store, "fim", arm, "lead")
+    assert experiments.default(store).name == "a"  # type: ignore[union-attr]
+    done = experiments.actions(store)
+    assert [a.action for a in done] == ["start", "stop", *["promote"] * 4]
+    assert [a.at_ms for a in done] == [done[0].at_ms + i for i in range(6)]
+
+
 def served(store: Store, completion_id: str, arm: str, created_ms: int, total_ms: float) -> None:
     record = CompletionRecord(
         completion_id, created_ms, "m", "t", "h", "llama.cpp", "python", "single_line",
