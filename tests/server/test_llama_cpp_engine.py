@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 from contextlib import aclosing
 
 import pytest
@@ -50,22 +51,41 @@ async def test_generate_streams_until_max_tokens(engine) -> None:
     assert all(-1.0 < d.logprobs[0] <= 0.0 for d in deltas)
 
 
+NEAR_TIE = math.log(0.6)  # a greedy choice this unsure may flip with the summation order
+LOGPROB_ROUNDING = 0.15  # batched against alone: up to 0.10 seen on a Zen 5 (AVX-512)
+
+
 def function_prompt(case: int, i: int) -> str:
     names = ["area", "volume", "mean", "median", "parse_date", "to_json", "retry", "slugify"]
     head = f"# case {case}\n<|fim_prefix|>def {names[i % 8]}_{i}(values):\n    "
     return f"{head}<|fim_suffix|>\n<|fim_middle|>"
 
 
+def same_decoding(alone: list, together: list) -> None:
+    """Two greedy runs of one prompt agree token by token, with log-probabilities equal to
+    rounding (LOGPROB_ROUNDING), up to a near-tie. A batch is summed in another order than one
+    sequence (AVX-512 kernels tile it differently, seen on an AMD EPYC Zen 5), so where the best
+    two tokens are close the other may win, and the runs part there. A batching fault (another
+    sequence's KV, a wrong position) parts them where the model was sure."""
+    for a, b in zip(alone, together, strict=False):
+        if a.text != b.text:
+            assert min(a.logprobs + b.logprobs) < NEAR_TIE, f"parted where sure: {a} {b}"
+            return
+        assert a.logprobs == pytest.approx(b.logprobs, abs=LOGPROB_ROUNDING)
+    assert len(alone) == len(together)
+
+
 @pytest.mark.parametrize("sessions", [1, 4, 8])
-async def test_sessions_decoded_together_get_exactly_the_tokens_they_get_alone(
+async def test_sessions_decoded_together_get_the_tokens_they_get_alone(
     engine, sessions: int
 ) -> None:
-    """Greedy decoding in one batch across sequences changes nothing for any of them."""
+    """Greedy decoding in one batch across sequences changes nothing for any of them, but the
+    choice between near-tied tokens (`same_decoding`)."""
     alone = []
     for i in range(sessions):
         key = f"alone-{sessions}-{i}"
         request = EngineRequest(key, function_prompt(sessions, i), 16, key)
-        alone.append("".join(d.text for d in await run(engine, request)))
+        alone.append(await run(engine, request))
     before = engine.stats()
     together = await asyncio.gather(
         *(
@@ -78,7 +98,8 @@ async def test_sessions_decoded_together_get_exactly_the_tokens_they_get_alone(
             for i in range(sessions)
         )
     )
-    assert ["".join(d.text for d in deltas) for deltas in together] == alone
+    for mine, theirs in zip(alone, together, strict=True):
+        same_decoding(mine, theirs)
     # Each read its own prompt (a few leading tokens may be shared with another's sequence).
     assert all(d[0].cached_tokens < d[0].prompt_tokens / 2 for d in together)
     after = engine.stats()
