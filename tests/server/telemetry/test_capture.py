@@ -253,10 +253,9 @@ def test_the_data_command_deletes_a_users_or_a_tenants_text(tmp_path: Path, caps
     store.close()
 
 
-def test_text_in_flight_when_it_is_deleted_stays_deleted(tmp_path: Path) -> None:
+def test_text_in_flight_when_it_is_deleted_stays_deleted(store: Store) -> None:
     """A server's write queue may still hold text captured before its owner's deletion: it is
     dropped when it reaches the store. Text captured after the deletion, and others', is kept."""
-    store = Store.open(str(tmp_path / "telemetry.db"), tmp_path)
     early_ms = int(time.time() * 1000) - 1
     store.delete_captured("acme", "alice")
     late_ms = int(time.time() * 1000) + 1
@@ -280,4 +279,3 @@ def test_text_in_flight_when_it_is_deleted_stays_deleted(tmp_path: Path) -> None
     newer = replace(CAPTURE, completion_id="newer", tenant="globex", created_ms=late_ms + 10)
     store.write([replace(COMPLETION, completion_id="newer")], [], [newer])
     assert store.query("SELECT completion_id FROM captures") == [("newer",)]
-    store.close()
