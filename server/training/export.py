@@ -63,13 +63,19 @@ class Sample:
     suffix: str
     healed: str
     expected: str
-    context_files: tuple[str, ...]  # the files its context chunks came from, as `file`
     # The rest of what the prompt was rendered from, so that it renders in another template
     # (`prompt_in`): the repository's name, the path as the editor named it, the context chunks
     # as (path, start_line, end_line, text) in the prompt's order
     repo: str
     path: str
     context: tuple[tuple[str, int, int, str], ...]
+
+    @property
+    def context_files(self) -> tuple[str, ...]:
+        """The files its context chunks came from, named as `file` is."""
+        return tuple(
+            sorted({f"{self.repo}/{_in_workspace(self.repo, c[0])}" for c in self.context})
+        )
 
 
 @dataclass(frozen=True)
@@ -187,7 +193,6 @@ def captured(store: Store, config: ExportConfig, tally: Tally) -> list[Sample]:
             sample_id="", source="capture", file=f"{repo}/{_in_workspace(repo, path)}",
             language=language, kind="capture", time_ms=created_ms, prompt=prompt, target="",
             prefix=prefix, suffix=suffix, healed=healed, expected=expected,
-            context_files=tuple(sorted({f"{repo}/{_in_workspace(repo, c.path)}" for c in chunks})),
             repo=repo, path=path, context=_parts(chunks),
         )  # fmt: skip
         sample = _sample(draft, config.template, tally, suffix=Path(path).suffix)
@@ -263,7 +268,6 @@ def read_samples(path: Path) -> list[Sample]:
         return [
             Sample(**{
                 **r,
-                "context_files": tuple(r["context_files"]),
                 "context": tuple(tuple(c) for c in r["context"]),
             })
             for r in records
@@ -305,13 +309,9 @@ def shortened(
         if context_tokens < 0:
             break
         kept.insert(0, part)
-    files = {f"{sample.repo}/{_in_workspace(sample.repo, part[0])}" for part in kept}
-    cut = dataclasses.replace(
-        sample, prefix=prefix, context=tuple(kept), context_files=tuple(sorted(files))
-    )
+    cut = dataclasses.replace(sample, prefix=prefix, context=tuple(kept))
     prompt = prompt_in(cut, template)
-    digest = hashlib.sha256(f"{prompt}\0{sample.target}".encode()).hexdigest()[:16]
-    return dataclasses.replace(cut, sample_id=digest, prompt=prompt)
+    return dataclasses.replace(cut, sample_id=_sample_id(prompt, sample.target), prompt=prompt)
 
 
 def _parts(chunks: Iterable[Chunk]) -> tuple[tuple[str, int, int, str], ...]:
@@ -339,7 +339,6 @@ def _cut_sample(
         language=task.file.language, kind=task.kind, time_ms=int(task.file.changed * 1000),
         prompt=prompt.text, target="", prefix=prompt.prefix, suffix=prompt.suffix,
         healed=prompt.healed, expected=task.expected,
-        context_files=tuple(sorted({f"{repo}/{r.chunk.path}" for r in prompt.context})),
         repo=repo, path=task.file.path, context=_parts([r.chunk for r in prompt.context]),
     )  # fmt: skip
     return _sample(draft, config.template, tally, screened=True)
@@ -369,12 +368,15 @@ def _sample(
         texts = tuple(found.text.split(_SPLIT))
     prompt, prefix, suffix, expected, *chunk_texts = texts
     target = draft.healed + expected + template.stop[0]
-    digest = hashlib.sha256(f"{prompt}\0{target}".encode()).hexdigest()[:16]
     context = tuple((*c[:3], text) for c, text in zip(draft.context, chunk_texts, strict=True))
     return dataclasses.replace(
-        draft, sample_id=digest, prompt=prompt, target=target, prefix=prefix, suffix=suffix,
-        expected=expected, context=context,
+        draft, sample_id=_sample_id(prompt, target), prompt=prompt, target=target, prefix=prefix,
+        suffix=suffix, expected=expected, context=context,
     )  # fmt: skip
+
+
+def _sample_id(prompt: str, target: str) -> str:
+    return hashlib.sha256(f"{prompt}\0{target}".encode()).hexdigest()[:16]
 
 
 def _in_workspace(repo: str, path: str) -> str:
