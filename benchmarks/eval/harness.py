@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -98,7 +99,7 @@ def run_plan(plan: Plan, settings: Settings, out: Path) -> list[dict[str, object
         if plan.retrieval_only:
             with (out / "records.jsonl").open("w", encoding="utf-8") as jsonl:
                 template = load_template(settings.context.template)
-                keep = _writer(records, jsonl)
+                keep = _writer(records, jsonl, len(tasks) * len(plan.variants))
                 retrieve_only(template, settings.context, tasks, plan.variants, keep)
             return
         engine = await start_in_process(settings.engine, settings.cache_dir)
@@ -107,7 +108,7 @@ def run_plan(plan: Plan, settings: Settings, out: Path) -> list[dict[str, object
         runners = scratch_projects(tasks, settings.cache_dir / "eval")
         try:
             with (out / "records.jsonl").open("w", encoding="utf-8") as jsonl:
-                keep = _writer(records, jsonl)
+                keep = _writer(records, jsonl, len(tasks) * len(plan.variants))
                 await evaluate(completer, tasks, plan.variants, runners, plan.concurrency, keep)
         finally:
             for runner in runners.values():
@@ -162,13 +163,26 @@ def scratch_projects(tasks: Sequence[EvalTask], cache: Path) -> dict[str, Scratc
     }
 
 
-def _writer(records: list[Record], jsonl: TextIO) -> Callable[[Record], None]:
-    """Keeps each record and writes it at once: a run stopped midway keeps what it did."""
+def _writer(records: list[Record], jsonl: TextIO, total: int) -> Callable[[Record], None]:
+    """Keeps each record and writes it at once: a run stopped midway keeps what it did. Says
+    how far it is, how fast and how long it has left at every twentieth of the `total`."""
+    started = time.monotonic()
+    step = max(total // 20, 1)
 
     def keep(record: Record) -> None:
         records.append(record)
         jsonl.write(json.dumps(dataclasses.asdict(record)) + "\n")
         jsonl.flush()
+        done = len(records)
+        if done % step == 0 or done == total:
+            rate = done / max(time.monotonic() - started, 1e-9) * 60
+            left = (total - done) / rate
+            print(
+                f"eval: {done} of {total} ({done / total:.0%}), {rate:,.1f} a minute, "
+                f"about {left:,.0f} min left",
+                file=sys.stderr,
+                flush=True,
+            )
 
     return keep
 

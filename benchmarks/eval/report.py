@@ -39,13 +39,23 @@ def read_records(path: Path) -> list[Record]:
 
 
 def groups(records: Sequence[Record]) -> list[tuple[str, list[Record]]]:
-    """All tasks, then each language, then each kind, when there is more than one."""
+    """All tasks, then each language, then each kind, when there is more than one. Then, when
+    only some tasks need a definition another open file holds, those tasks (CrossCodeEval's
+    selection, where context can matter) overall and per language."""
     found = [("all", list(records))]
-    for field in ("language", "kind"):
-        values = sorted({getattr(r, field) for r in records})
-        if len(values) > 1:
-            found += [(v, [r for r in records if getattr(r, field) == v]) for v in values]
+    found += _split(records, "language") + _split(records, "kind")
+    needing = [r for r in records if r.oracle]
+    if needing and len(needing) < len(records):
+        found.append(("needs context", needing))
+        found += [(f"needs context: {v}", mine) for v, mine in _split(needing, "language")]
     return found
+
+
+def _split(records: Sequence[Record], field: str) -> list[tuple[str, list[Record]]]:
+    values = sorted({getattr(r, field) for r in records})
+    if len(values) < 2:
+        return []
+    return [(v, [r for r in records if getattr(r, field) == v]) for v in values]
 
 
 def summary(records: Sequence[Record], variants: Sequence[str]) -> list[dict[str, object]]:

@@ -152,7 +152,7 @@ async def test_the_harness_runs_tasks_through_the_real_pipeline(server, settings
     assert markdown(rows, names).count("(CI ") >= len(names) - 1
 
 
-def test_retrieval_alone_runs_without_an_engine(tmp_path: Path) -> None:
+def test_retrieval_alone_runs_without_an_engine(tmp_path: Path, capsys) -> None:
     from ghostpen.benchmarks.eval.harness import Plan, run_plan, variants_of
     from ghostpen.benchmarks.eval.report import read_records
     from ghostpen.server.settings import Settings
@@ -174,6 +174,9 @@ def test_retrieval_alone_runs_without_an_engine(tmp_path: Path) -> None:
     assert needing and all(r.recalled for r in needing)
     report = (tmp_path / "out" / "report.md").read_text()
     assert "recall_at_k" in report and "exact_match" not in report
+    progress = capsys.readouterr().err.splitlines()
+    assert progress[0].startswith("eval: 1 of 8 (12%)") and progress[-1].startswith("eval: 8 of 8")
+    assert "a minute, about 0 min left" in progress[-1]
 
 
 def test_needing_context_keeps_the_tasks_with_an_oracle_which_the_oracle_variant_recalls(

@@ -69,7 +69,7 @@ def test_the_summary_pairs_tasks_and_groups_by_language_and_kind(tmp_path) -> No
     rows = summary(records, ["ed", "none"])
     assert [(r["group"], r["variant"]) for r in rows] == [
         ("all", "ed"), ("all", "none"), ("go", "ed"), ("go", "none"),
-        ("python", "ed"), ("python", "none"),
+        ("python", "ed"), ("python", "none"), ("needs context", "ed"), ("needs context", "none"),
     ]  # fmt: skip
     assert (
         rows[1]["exact_match"] == pytest.approx(1 / 31, abs=1e-4)
@@ -87,6 +87,26 @@ def test_the_summary_pairs_tasks_and_groups_by_language_and_kind(tmp_path) -> No
     (row_ed, row_none) = compare(records, later)
     assert row_ed["variant"] == "ed" and "no difference shown" in row_ed["exact_match"]
     assert row_none["exact_match"].startswith("+0.968")
+
+
+def test_the_tasks_that_need_another_file_are_reported_apart_per_language() -> None:
+    """Context can only help where the answer needs another file's definition: a run of all
+    tasks also reports those, overall and per language, from the same records."""
+    records = [record(f"p{i}", "none", 0.0, oracle=i < 4) for i in range(10)]
+    records += [record(f"p{i}", "ed", float(i < 4), oracle=i < 4) for i in range(10)]
+    records += [
+        record(f"g{i}", v, 0.0, language="go", oracle=i < 2)
+        for i in range(6)
+        for v in ("none", "ed")
+    ]
+    rows = {(r["group"], r["variant"]): r for r in summary(records, ["none", "ed"])}
+    assert rows["needs context", "ed"]["tasks"] == 6
+    assert rows["needs context", "ed"]["exact_match"] == pytest.approx(4 / 6, abs=1e-4)
+    assert rows["needs context: python", "ed"]["exact_match_diff"].startswith("+1.000")
+    assert rows["needs context: go", "ed"]["exact_match_diff"].startswith("+0.000")
+    assert rows["all", "ed"]["exact_match"] == pytest.approx(4 / 16, abs=1e-4)
+    every = [dataclasses.replace(r, oracle=True) for r in records]
+    assert not any("needs context" in str(r["group"]) for r in summary(every, ["none", "ed"]))
 
 
 def test_the_report_resamples_the_files_tasks_were_cut_from() -> None:
