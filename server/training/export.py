@@ -56,7 +56,7 @@ class Sample:
     kind: str  # capture, or the repository cut's kind (line, rest_of_line, block)
     time_ms: int  # when it was written: captured, or its file last changed
     prompt: str
-    target: str  # healed + expected + the template's end of text: the model learns to stop
+    target: str  # healed + expected, and in a FIM template its end of text (`target_of`)
     # What the served completion is judged on (server/training/heldout.py): the prompt's
     # windows, the blanks it left to the model, and the text the developer kept
     prefix: str
@@ -367,12 +367,21 @@ def _sample(
             return None
         texts = tuple(found.text.split(_SPLIT))
     prompt, prefix, suffix, expected, *chunk_texts = texts
-    target = draft.healed + expected + template.stop[0]
+    target = target_of(template, draft.healed + expected)
     context = tuple((*c[:3], text) for c, text in zip(draft.context, chunk_texts, strict=True))
     return dataclasses.replace(
         draft, sample_id=_sample_id(prompt, target), prompt=prompt, target=target, prefix=prefix,
         suffix=suffix, expected=expected, context=context,
     )  # fmt: skip
+
+
+def target_of(template: Template, text: str) -> str:
+    """What the model learns to write after the prompt. A FIM middle ends where the suffix
+    begins, so the model learns to write the template's end of text there. Code read without
+    its suffix goes on past any cut: an end taught after each line or block made a tuned
+    model stop after one line of a block (session 15), so there the target is the code alone,
+    and post-processing ends it as it does when served."""
+    return text + template.stop[0] if template.fim else text
 
 
 def _sample_id(prompt: str, target: str) -> str:

@@ -133,6 +133,21 @@ def test_training_prompts_cut_to_smaller_budgets_and_held_out_ones_as_served(
     assert max(len(s.prefix) for s in heldout) > max(len(s.prefix) for s in train)
 
 
+def test_a_prefix_only_target_is_the_code_alone_and_a_fim_one_ends_the_middle(
+    tmp_path: Path,
+) -> None:
+    """A FIM middle has an end, where the suffix begins; code read without its suffix has
+    none, and a target that taught one made a tuned model stop after one line of a block."""
+    repo = git_repo(tmp_path / "shop", [f"shop{i}" for i in range(20)])
+    for template in (PREFIX, FIM):
+        out = tmp_path / template.name
+        export(ExportConfig(out, template, ContextSettings(), repo_samples=60), None, repo)
+        samples = read_samples(out / "train.jsonl") + read_samples(out / "heldout.jsonl")
+        assert len(samples) >= 10 and any(s.kind == "block" for s in samples)
+        end = "<|endoftext|>" if template.fim else ""
+        assert all(s.target == s.healed + s.expected + end for s in samples)
+
+
 def test_files_written_at_one_time_are_held_out_in_a_seeded_order(tmp_path: Path) -> None:
     """An unpacked archive's files share one time: by name, the held-out files would be the
     tree's first corner (here a0, a1...), never a cross-section."""
