@@ -2,13 +2,13 @@
 fitted to a length, and dealt into optimizer steps by tokens.
 
 A line is an object with at least "prompt" (the full prompt as the serving template renders it,
-special tokens written as text) and "target" (what the model should write after it, ending with
-the template's end token as text). An optional "prefix" (the prompt's window of the file being
-edited, as the export writes it) marks the prompt's own code: the team's code before the cursor,
-which the tune may also learn from (tune.PROMPT_WEIGHT). Other keys are ignored. The prompt is
-tokenized with the tokenizer's own additions (a BOS where it has one) and special-token texts
-parsed, as llama.cpp does for a request; the target on its own, so the boundary falls where
-generation starts.
+special tokens written as text) and "target" (what the model should write after it; in a FIM
+template, ending with its end token as text). An optional "prefix" (the prompt's window of the
+file being edited, as the export writes it) marks the prompt's own code: the team's code before
+the cursor, which the tune may also learn from (tune.PROMPT_WEIGHT). Other keys are ignored. The
+prompt is tokenized with the tokenizer's own additions (a BOS where it has one) and special-token
+texts parsed, as llama.cpp does for a request; the target on its own, so the boundary falls
+where generation starts.
 """
 
 from __future__ import annotations
