@@ -88,11 +88,17 @@ def main(argv: list[str] | None = None) -> int:
         "export", help="training samples from kept completions and a repository"
     )
     export.add_argument("--out", type=Path, required=True, help="a directory")
-    export.add_argument("--repo", type=Path, help="the team's own code, to cut samples from")
+    export.add_argument(
+        "--repo",
+        type=Path,
+        action="append",
+        default=[],
+        help="the team's own code, to cut samples from (again for each repository)",
+    )
     export.add_argument(
         "--no-captures", action="store_true", help="leave out the captured completions"
     )
-    export.add_argument("--samples", type=int, default=2000, help="cuts from the repository")
+    export.add_argument("--samples", type=int, default=2000, help="cuts from each repository")
     export.add_argument("--min-retained", type=float, default=0.5, help="at 5 minutes, 0..1")
     export.add_argument("--heldout-files", type=float, default=0.1, help="files held out, 0..1")
     export.add_argument(
@@ -143,11 +149,17 @@ def main(argv: list[str] | None = None) -> int:
         "loop", help="the flywheel: export, tune, quantize, evaluate and register a version"
     )
     loop.add_argument("--name", required=True, help="the version to make, e.g. shop-2026-11")
-    loop.add_argument("--repo", type=Path, help="the team's own code")
+    loop.add_argument(
+        "--repo",
+        type=Path,
+        action="append",
+        default=[],
+        help="the team's own code (again for each repository)",
+    )
     loop.add_argument("--no-captures", action="store_true", help="leave out kept completions")
     loop.add_argument("--base", help="the model to tune; default: the served one")
     loop.add_argument("--template", help="the prompt format; default: the serving one")
-    loop.add_argument("--samples", type=int, default=2000, help="cuts from the repository")
+    loop.add_argument("--samples", type=int, default=2000, help="cuts from each repository")
     loop.add_argument("--minutes", type=float, default=30.0, help="of training")
     loop.add_argument("--steps", type=int, help="of training, at most")
     loop.add_argument("--heldout", type=int, default=100, help="samples each model is scored on")
@@ -570,7 +582,7 @@ def _export(args: argparse.Namespace, settings: Settings, store: Store) -> int:
     from ghostpen.context.template import load_template
     from ghostpen.server.training.export import ExportConfig, export
 
-    if args.no_captures and args.repo is None:
+    if args.no_captures and not args.repo:
         print(
             "ghostpen: nothing to export: give --repo, or leave out --no-captures", file=sys.stderr
         )
@@ -840,7 +852,7 @@ def _loop(args: argparse.Namespace, settings: Settings) -> int:
             LoopConfig(
                 name=args.name,
                 base=args.base or served.engine.model,
-                repo=args.repo,
+                repos=tuple(args.repo),
                 captures=not args.no_captures,
                 template=args.template or served.context.template,
                 repo_samples=args.samples,

@@ -4,9 +4,10 @@ team's own code; screened for privacy, deduplicated, and split so that nothing l
 Two sources:
 - captures: accepted completions whose 5-minute retention reached `min_retained`, with the text
   the developer turned them into (the correction; the suggestion where none was sent) as target;
-- a repository: fill-in-the-middle cuts (next line, rest of line, next block) of its files, with
-  the files a developer would have open beside them as context. Recently changed files are drawn
-  more often (git history where there is one, modification times elsewhere).
+- repositories: fill-in-the-middle cuts (next line, rest of line, next block) of their files,
+  with the files a developer would have open beside them as context. Recently changed files are
+  drawn more often (git history where there is one, modification times elsewhere). A team's code
+  in several repositories is split as one: more files held out make a narrower interval.
 
 Prompts are rendered by the serving code (`context.prompt`), so a model learns the very format it
 is served. The split is by file *and* by time: a file is held out whole when any of its samples
@@ -14,7 +15,7 @@ is among the newest `heldout_recent` share, or when its name hashes into `heldou
 training sample is then older than every sample that made its file held out, and no file is on
 both sides.
 
-    manifest = export(ExportConfig(out=Path("data")), store, repo=Path("~/src/app"))
+    manifest = export(ExportConfig(out=Path("data")), store, [Path("~/src/app")])
 """
 
 from __future__ import annotations
@@ -105,17 +106,25 @@ class Tally:
     oldest_ms: int | None = None  # when the oldest captured text read was captured
 
 
-def export(config: ExportConfig, store: Store | None, repo: Path | None) -> dict[str, object]:
-    """Write train.jsonl, heldout.jsonl and manifest.json into config.out; returns the manifest."""
+def export(
+    config: ExportConfig, store: Store | None, repos: Sequence[Path] = ()
+) -> dict[str, object]:
+    """Write train.jsonl, heldout.jsonl and manifest.json into config.out; returns the manifest.
+    Each of `repos` gives `config.repo_samples` cuts; their files are split together."""
+    names = [root.resolve().name for root in repos]
+    if len(set(names)) < len(names):
+        raise TrainingError(
+            f"repositories must have different folder names, which key their files: {names}"
+        )
     tally = Tally()
     sources: list[dict[str, object]] = []
     samples: list[Sample] = []
     if store is not None:
         samples += captured(store, config, tally)
         sources.append({"kind": "capture", "min_retained": config.min_retained})
-    if repo is not None:
-        samples += repository(repo, config, tally)
-        sources.append({"kind": "repo", "path": str(repo), "head": _git_head(repo)})
+    for root in repos:
+        samples += repository(root, config, tally)
+        sources.append({"kind": "repo", "path": str(root), "head": _git_head(root)})
     unique = _deduplicated(samples, tally)
     train, heldout, cutoff_ms = split(unique, config)
     train = _without_heldout_context(train, {s.file for s in heldout}, tally)

@@ -44,7 +44,7 @@ HELDOUT_CONCURRENCY = 4  # completions in flight while scoring
 class LoopConfig:
     name: str  # the version to make
     base: str  # the model to tune: a built-in (converted once, here) or a version
-    repo: Path | None  # the team's own code, if any
+    repos: tuple[Path, ...]  # the team's own code, if any
     captures: bool  # learn from kept completions too
     template: str
     repo_samples: int = 2000
@@ -92,7 +92,7 @@ def run_loop(
                 seed=config.seed,
                 train_budgets=config.train_budgets,
             )
-            manifest = export(exported, store if config.captures else None, config.repo)
+            manifest = export(exported, store if config.captures else None, config.repos)
         counts = cast(dict[str, int], manifest["counts"])
         say(f"  {counts['train']} training samples, {counts['heldout']} held out")
     if not counts["train"] or not counts["heldout"]:

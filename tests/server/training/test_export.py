@@ -19,6 +19,7 @@ from ghostpen.context.chunker import Chunk
 from ghostpen.context.prompt import render
 from ghostpen.context.settings import ContextSettings
 from ghostpen.context.template import load_template
+from ghostpen.server.errors import TrainingError
 from ghostpen.server.telemetry.records import CaptureRecord, CompletionRecord, TelemetryEvent
 from ghostpen.server.telemetry.store import Store
 from ghostpen.server.training.export import ExportConfig, export, prompt_in, read_samples
@@ -79,7 +80,7 @@ def test_a_repository_splits_by_file_and_time_without_leaks(tmp_path: Path) -> N
     repo = git_repo(tmp_path / "shop", names)
     context = ContextSettings(top_k=1)  # the one file open beside: the one it imports
     exported = ExportConfig(tmp_path / "out", FIM, context, repo_samples=300)
-    manifest = export(exported, None, repo)
+    manifest = export(exported, None, [repo])
     train = read_samples(tmp_path / "out" / "train.jsonl")
     heldout = read_samples(tmp_path / "out" / "heldout.jsonl")
     assert train and heldout
@@ -119,7 +120,7 @@ def test_training_prompts_cut_to_smaller_budgets_and_held_out_ones_as_served(
     repo = git_repo(tmp_path / "shop", [f"shop{i}" for i in range(12)])
     served = ContextSettings(top_k=1)
     exported = ExportConfig(tmp_path / "out", FIM, served, repo_samples=80, train_budgets=(20, 0))
-    manifest = export(exported, None, repo)
+    manifest = export(exported, None, [repo])
     train = read_samples(tmp_path / "out" / "train.jsonl")
     heldout = read_samples(tmp_path / "out" / "heldout.jsonl")
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -141,11 +142,30 @@ def test_a_prefix_only_target_is_the_code_alone_and_a_fim_one_ends_the_middle(
     repo = git_repo(tmp_path / "shop", [f"shop{i}" for i in range(20)])
     for template in (PREFIX, FIM):
         out = tmp_path / template.name
-        export(ExportConfig(out, template, ContextSettings(), repo_samples=60), None, repo)
+        export(ExportConfig(out, template, ContextSettings(), repo_samples=60), None, [repo])
         samples = read_samples(out / "train.jsonl") + read_samples(out / "heldout.jsonl")
         assert len(samples) >= 10 and any(s.kind == "block" for s in samples)
         end = "<|endoftext|>" if template.fim else ""
         assert all(s.target == s.healed + s.expected + end for s in samples)
+
+
+def test_several_repositories_are_cut_and_split_as_one(tmp_path: Path) -> None:
+    shop = git_repo(tmp_path / "shop", [f"shop{i}" for i in range(12)])
+    cart = git_repo(tmp_path / "cart", [f"cart{i}" for i in range(12)])
+    exported = ExportConfig(tmp_path / "out", FIM, ContextSettings(top_k=1), repo_samples=60)
+    manifest = export(exported, None, [shop, cart])
+    assert [(s["kind"], s["path"]) for s in manifest["sources"]] == [
+        ("repo", str(shop)), ("repo", str(cart)),
+    ]  # fmt: skip
+    train = read_samples(tmp_path / "out" / "train.jsonl")
+    heldout = read_samples(tmp_path / "out" / "heldout.jsonl")
+    assert {s.repo for s in train} == {"shop", "cart"}
+    assert all(s.file.startswith(f"{s.repo}/{s.repo}") for s in train + heldout)
+    assert not {s.file for s in train} & {s.file for s in heldout}
+    (tmp_path / "other").mkdir()
+    twin = git_repo(tmp_path / "other" / "shop", ["a", "b"])
+    with pytest.raises(TrainingError, match="different folder names"):
+        export(config(tmp_path / "twin"), None, [shop, twin])
 
 
 def test_files_written_at_one_time_are_held_out_in_a_seeded_order(tmp_path: Path) -> None:
@@ -160,7 +180,7 @@ def test_files_written_at_one_time_are_held_out_in_a_seeded_order(tmp_path: Path
     splits = []
     for run in ("one", "two"):
         config = ExportConfig(tmp_path / run, FIM, ContextSettings(), repo_samples=200)
-        export(dataclasses.replace(config, heldout_files=0.0, heldout_recent=0.2), None, root)
+        export(dataclasses.replace(config, heldout_files=0.0, heldout_recent=0.2), None, [root])
         splits.append(sorted({s.file for s in read_samples(tmp_path / run / "heldout.jsonl")}))
     assert splits[0] == splits[1]  # the same every time
     held = [f.removeprefix("unpacked/") for f in splits[0]]
@@ -171,7 +191,7 @@ def test_files_written_at_one_time_are_held_out_in_a_seeded_order(tmp_path: Path
 def test_recently_changed_files_are_drawn_more_often(tmp_path: Path) -> None:
     repo = git_repo(tmp_path / "shop", ["old", "new"], gap_days=365)
     no_split = {"heldout_files": 0.0, "heldout_recent": 0.0}
-    export(config(tmp_path / "out", repo_samples=24, **no_split), None, repo)  # fewer than fit
+    export(config(tmp_path / "out", repo_samples=24, **no_split), None, [repo])  # fewer than fit
     drawn = Counter(s.file for s in read_samples(tmp_path / "out" / "train.jsonl"))
     assert drawn["shop/new.py"] > 2 * drawn["shop/old.py"]
 
@@ -180,7 +200,7 @@ def test_a_file_with_a_secret_is_left_out_and_addresses_are_redacted(tmp_path: P
     repo = git_repo(tmp_path / "shop", ["cart", "orders", "billing"])
     (repo / "keys.py").write_text(module("keys", 9) + f'AWS_ACCESS_KEY_ID = "{AWS_KEY}"\n')
     (repo / "contact.py").write_text(module("contact", 7) + 'OWNER = "jane.doe@acme-corp.io"\n')
-    manifest = export(config(tmp_path / "out", repo_samples=200), None, repo)
+    manifest = export(config(tmp_path / "out", repo_samples=200), None, [repo])
     samples = read_samples(tmp_path / "out" / "train.jsonl")
     samples += read_samples(tmp_path / "out" / "heldout.jsonl")
     text = "".join(s.prompt + s.target for s in samples)
@@ -249,7 +269,7 @@ def kept_completions(tmp_path: Path) -> Store:
 
 def test_kept_completions_teach_their_corrections(tmp_path: Path, captured_store: Store) -> None:
     manifest = export(
-        config(tmp_path / "out", heldout_files=0.0, heldout_recent=0.0), captured_store, None
+        config(tmp_path / "out", heldout_files=0.0, heldout_recent=0.0), captured_store
     )
     [corrected, as_shown] = read_samples(tmp_path / "out" / "train.jsonl")
     assert corrected.target == " return sum(item.price for item in cart)<|endoftext|>"
@@ -283,7 +303,7 @@ def test_a_captured_context_chunk_is_screened_too(tmp_path: Path) -> None:
              "text": 'OWNER = "jane.doe@acme-corp.io"'}  # fmt: skip
     capture = dataclasses.replace(CAPTURE, context=json.dumps([chunk]))
     store.write([COMPLETION], [retained("c1", 1.0, None)], [capture])
-    export(config(tmp_path / "out", heldout_files=0.0, heldout_recent=0.0), store, None)
+    export(config(tmp_path / "out", heldout_files=0.0, heldout_recent=0.0), store)
     [sample] = read_samples(tmp_path / "out" / "train.jsonl")
     [(path, _, _, text)] = sample.context
     assert path == "owners.py" and text.startswith("OWNER = ") and "jane.doe" not in text
@@ -297,9 +317,9 @@ def test_deleting_captured_text_deletes_the_exports_that_hold_it(
     """alice of acme owns every capture; an export of the repository alone holds none."""
     repo = git_repo(tmp_path / "shop", ["cart", "orders"])
     holding, repo_only = tmp_path / "holding", tmp_path / "repo-only"
-    export(config(holding), captured_store, repo)
-    export(config(repo_only, repo_samples=10), None, repo)
-    export(config(tmp_path / "again"), captured_store, None)
+    export(config(holding), captured_store, [repo])
+    export(config(repo_only, repo_samples=10), None, [repo])
+    export(config(tmp_path / "again"), captured_store)
     files = [holding / name for name in ("train.jsonl", "heldout.jsonl", "manifest.json")]
     assert all(f.is_file() for f in files)
 
@@ -319,7 +339,7 @@ def test_deleting_captured_text_deletes_the_exports_that_hold_it(
 def test_the_delete_command_names_the_exports_it_deleted(
     tmp_path: Path, captured_store: Store, capsys
 ) -> None:
-    export(config(tmp_path / "out"), captured_store, None)
+    export(config(tmp_path / "out"), captured_store)
     captured_store.close()
     database = ["--set", f"database={tmp_path / 'telemetry.db'}"]
     assert main([*database, "data", "delete", "--tenant", "acme", "--user", "alice"]) == 0
@@ -329,7 +349,7 @@ def test_the_delete_command_names_the_exports_it_deleted(
 
 
 def test_expired_text_deletes_the_exports_holding_it(tmp_path: Path, captured_store: Store) -> None:
-    export(config(tmp_path / "out"), captured_store, None)
+    export(config(tmp_path / "out"), captured_store)
     assert captured_store.delete_captured("*", before_ms=NOW * 1000) == (0, 0)  # none older
     assert (tmp_path / "out" / "train.jsonl").is_file()
     captured_store.delete_captured("*", before_ms=NOW * 1000 + 1)
@@ -339,11 +359,15 @@ def test_expired_text_deletes_the_exports_holding_it(tmp_path: Path, captured_st
 def test_the_export_command(tmp_path: Path, captured_store: Store, capsys) -> None:
     captured_store.close()
     repo = git_repo(tmp_path / "shop", ["cart", "orders"])
+    lib = git_repo(tmp_path / "lib", ["money", "tax"])
     database = ["--set", f"database={tmp_path / 'telemetry.db'}"]
     out = tmp_path / "out"
     assert main([*database, "data", "export", "--out", str(out), "--repo", str(repo),
-                 "--samples", "40", "--template", "qwen25-coder-repo-fim"]) == 0  # fmt: skip
+                 "--repo", str(lib), "--samples", "40",
+                 "--template", "qwen25-coder-repo-fim"]) == 0  # fmt: skip
     manifest = json.loads((out / "manifest.json").read_text())
+    repos = [source["path"] for source in manifest["sources"] if source["kind"] == "repo"]
+    assert repos == [str(repo), str(lib)]
     assert manifest["counts"]["by_source"]["capture"] == 2
     assert manifest["counts"]["by_source"]["repo"] > 0
     assert manifest["template"] == "qwen25-coder-repo-fim@v1"

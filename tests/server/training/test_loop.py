@@ -41,7 +41,7 @@ def test_the_loop_makes_registers_and_serves_a_version(
     store = Store.open(database, settings.cache_dir)
     said: list[str] = []
     config = LoopConfig(
-        name=name, base=str(base), repo=repo, captures=False, template="qwen25-coder-repo-fim",
+        name=name, base=str(base), repos=(repo,), captures=False, template="qwen25-coder-repo-fim",
         repo_samples=60, steps=3, minutes=None, heldout_samples=6,
     )  # fmt: skip
     folder = registry.version_dir(settings.cache_dir, name)
