@@ -57,7 +57,7 @@ class Sample:
     kind: str  # capture, or the repository cut's kind (line, rest_of_line, block)
     time_ms: int  # when it was written: captured, or its file last changed
     prompt: str
-    target: str  # healed + expected, and in a FIM template its end of text (`target_of`)
+    target: str  # healed + expected, then its end (`target_of`)
     # What the served completion is judged on (server/training/heldout.py): the prompt's
     # windows, the blanks it left to the model, and the text the developer kept
     prefix: str
@@ -376,7 +376,7 @@ def _sample(
             return None
         texts = tuple(found.text.split(_SPLIT))
     prompt, prefix, suffix, expected, *chunk_texts = texts
-    target = target_of(template, draft.healed + expected)
+    target = target_of(template, draft.healed + expected, suffix)
     context = tuple((*c[:3], text) for c, text in zip(draft.context, chunk_texts, strict=True))
     return dataclasses.replace(
         draft, sample_id=_sample_id(prompt, target), prompt=prompt, target=target, prefix=prefix,
@@ -384,13 +384,17 @@ def _sample(
     )  # fmt: skip
 
 
-def target_of(template: Template, text: str) -> str:
+def target_of(template: Template, text: str, suffix: str) -> str:
     """What the model learns to write after the prompt. A FIM middle ends where the suffix
-    begins, so the model learns to write the template's end of text there. Code read without
-    its suffix goes on past any cut: an end taught after each line or block made a tuned
-    model stop after one line of a block (session 15), so there the target is the code alone,
-    and post-processing ends it as it does when served."""
-    return text + template.stop[0] if template.fim else text
+    begins: the model learns to write the template's end of text there. Code read without its
+    suffix has no such end; it learns the code as the file goes on, to the end of the line the
+    text ends on (`suffix` up to its first newline). Taught to stop after each line or block, a
+    tuned model stopped after one line of a block (session 15); taught no end at all, it ran on
+    past the line's end with comments (session 16)."""
+    if template.fim:
+        return text + template.stop[0]
+    line_end = suffix.find("\n")
+    return text + suffix[: line_end + 1] if line_end >= 0 else text
 
 
 def _sample_id(prompt: str, target: str) -> str:

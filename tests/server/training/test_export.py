@@ -134,19 +134,24 @@ def test_training_prompts_cut_to_smaller_budgets_and_held_out_ones_as_served(
     assert max(len(s.prefix) for s in heldout) > max(len(s.prefix) for s in train)
 
 
-def test_a_prefix_only_target_is_the_code_alone_and_a_fim_one_ends_the_middle(
+def test_a_prefix_only_target_runs_to_its_line_end_and_a_fim_one_ends_the_middle(
     tmp_path: Path,
 ) -> None:
-    """A FIM middle has an end, where the suffix begins; code read without its suffix has
-    none, and a target that taught one made a tuned model stop after one line of a block."""
+    """A FIM middle has an end, where the suffix begins. Code read without its suffix has none:
+    taught one after each cut, a tuned model stopped after one line of a block; taught none,
+    it ran on past the line's end. It learns the code as the file goes on, to its line end."""
     repo = git_repo(tmp_path / "shop", [f"shop{i}" for i in range(20)])
     for template in (PREFIX, FIM):
         out = tmp_path / template.name
         export(ExportConfig(out, template, ContextSettings(), repo_samples=60), None, [repo])
         samples = read_samples(out / "train.jsonl") + read_samples(out / "heldout.jsonl")
         assert len(samples) >= 10 and any(s.kind == "block" for s in samples)
-        end = "<|endoftext|>" if template.fim else ""
-        assert all(s.target == s.healed + s.expected + end for s in samples)
+        for sample in samples:
+            rest = sample.suffix.split("\n", 1)[0] + "\n" if "\n" in sample.suffix else ""
+            end = "<|endoftext|>" if template.fim else rest
+            assert sample.target == sample.healed + sample.expected + end
+        if not template.fim:
+            assert sum(s.target.endswith("\n") for s in samples) > len(samples) / 2
 
 
 def test_several_repositories_are_cut_and_split_as_one(tmp_path: Path) -> None:
