@@ -91,6 +91,7 @@ def run_plan(plan: Plan, settings: Settings, out: Path) -> list[dict[str, object
 
     started = time.time()
     tasks = eval_tasks(plan, settings)
+    total = len(tasks) * len(plan.variants)
     planned = time.time()
     out.mkdir(parents=True, exist_ok=True)
     records: list[Record] = []
@@ -99,7 +100,7 @@ def run_plan(plan: Plan, settings: Settings, out: Path) -> list[dict[str, object
         if plan.retrieval_only:
             with (out / "records.jsonl").open("w", encoding="utf-8") as jsonl:
                 template = load_template(settings.context.template)
-                keep = _writer(records, jsonl, len(tasks) * len(plan.variants))
+                keep = _writer(records, jsonl, total)
                 retrieve_only(template, settings.context, tasks, plan.variants, keep)
             return
         engine = await start_in_process(settings.engine, settings.cache_dir)
@@ -108,7 +109,7 @@ def run_plan(plan: Plan, settings: Settings, out: Path) -> list[dict[str, object
         runners = scratch_projects(tasks, settings.cache_dir / "eval")
         try:
             with (out / "records.jsonl").open("w", encoding="utf-8") as jsonl:
-                keep = _writer(records, jsonl, len(tasks) * len(plan.variants))
+                keep = _writer(records, jsonl, total)
                 await evaluate(completer, tasks, plan.variants, runners, plan.concurrency, keep)
         finally:
             for runner in runners.values():
