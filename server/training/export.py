@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ghostpen.context.chunker import Chunk
+from ghostpen.context.postprocess import CursorSurroundings, first_cut
 from ghostpen.context.prompt import Document, build_prompt, render
 from ghostpen.context.settings import ContextSettings
 from ghostpen.context.template import Template
@@ -39,7 +40,14 @@ from ghostpen.server.context_process import ChunkCache
 from ghostpen.server.errors import TrainingError
 from ghostpen.server.telemetry.store import Store
 from ghostpen.server.training.privacy import screen
-from ghostpen.server.training.tasks import KINDS, SourceFile, Task, build_tasks, source_files
+from ghostpen.server.training.tasks import (
+    KINDS,
+    SourceFile,
+    Task,
+    build_tasks,
+    mode_of,
+    source_files,
+)
 
 CORRECTION_AFTER_S = 300  # the retention check that decides, and carries the correction
 RECENT_HALF_LIFE_DAYS = 30.0  # a file changed this long ago is drawn half as often as a new one
@@ -376,25 +384,35 @@ def _sample(
             return None
         texts = tuple(found.text.split(_SPLIT))
     prompt, prefix, suffix, expected, *chunk_texts = texts
-    target = target_of(template, draft.healed + expected, suffix)
     context = tuple((*c[:3], text) for c, text in zip(draft.context, chunk_texts, strict=True))
-    return dataclasses.replace(
-        draft, sample_id=_sample_id(prompt, target), prompt=prompt, target=target, prefix=prefix,
-        suffix=suffix, expected=expected, context=context,
-    )  # fmt: skip
+    sample = dataclasses.replace(
+        draft, prompt=prompt, prefix=prefix, suffix=suffix, expected=expected, context=context
+    )
+    target = target_of(template, sample)
+    return dataclasses.replace(sample, sample_id=_sample_id(prompt, target), target=target)
 
 
-def target_of(template: Template, text: str, suffix: str) -> str:
-    """What the model learns to write after the prompt. A FIM middle ends where the suffix
-    begins: the model learns to write the template's end of text there. Code read without its
-    suffix has no such end; it learns the code as the file goes on, to the end of the line the
-    text ends on (`suffix` up to its first newline). Taught to stop after each line or block, a
-    tuned model stopped after one line of a block (session 15); taught no end at all, it ran on
-    past the line's end with comments (session 16)."""
+def target_of(template: Template, sample: Sample) -> str:
+    """What the model learns to write after the prompt: the sample's text, then where it ends.
+    A FIM middle ends where the suffix begins, with the template's end of text. Code read
+    without its suffix has no such end: the model learns the code as the file goes on, up to
+    the first line at which serving's post-processing would end a completion at the text's end
+    (a line's newline; after a block, the line that leaves it). Taught to stop after each cut, a
+    tuned model stopped after one line of a block (session 15); taught nothing past the text, it
+    ran on past a line's end; taught up to the line's end only, it ran on past a block's
+    (session 16)."""
+    text = sample.healed + sample.expected
     if template.fim:
         return text + template.stop[0]
-    line_end = suffix.find("\n")
-    return text + suffix[: line_end + 1] if line_end >= 0 else text
+    before, suffix = sample.prefix + sample.healed, sample.suffix
+    mode = mode_of(sample.kind)
+    cursor = CursorSurroundings.around(before, suffix, mode, template.stop, sample.language)
+    end = 0
+    while end := suffix.find("\n", end) + 1:
+        cut = first_cut(sample.expected + suffix[:end], cursor)
+        if cut is not None and cut.length <= len(sample.expected):
+            return text + suffix[:end]
+    return text + suffix
 
 
 def _sample_id(prompt: str, target: str) -> str:

@@ -16,13 +16,22 @@ import pytest
 
 from ghostpen.cli import main
 from ghostpen.context.chunker import Chunk
+from ghostpen.context.postprocess import CursorSurroundings, first_cut
 from ghostpen.context.prompt import render
 from ghostpen.context.settings import ContextSettings
 from ghostpen.context.template import load_template
 from ghostpen.server.errors import TrainingError
 from ghostpen.server.telemetry.records import CaptureRecord, CompletionRecord, TelemetryEvent
 from ghostpen.server.telemetry.store import Store
-from ghostpen.server.training.export import ExportConfig, export, prompt_in, read_samples
+from ghostpen.server.training.export import (
+    ExportConfig,
+    Sample,
+    export,
+    prompt_in,
+    read_samples,
+    target_of,
+)
+from ghostpen.server.training.tasks import mode_of
 
 FIM = load_template("qwen25-coder-repo-fim")
 PREFIX = load_template("generic-prefix")
@@ -134,24 +143,56 @@ def test_training_prompts_cut_to_smaller_budgets_and_held_out_ones_as_served(
     assert max(len(s.prefix) for s in heldout) > max(len(s.prefix) for s in train)
 
 
-def test_a_prefix_only_target_runs_to_its_line_end_and_a_fim_one_ends_the_middle(
-    tmp_path: Path,
-) -> None:
-    """A FIM middle has an end, where the suffix begins. Code read without its suffix has none:
-    taught one after each cut, a tuned model stopped after one line of a block; taught none,
-    it ran on past the line's end. It learns the code as the file goes on, to its line end."""
+def cut_of(kind: str, before: str, expected: str, after: str) -> Sample:
+    return Sample(
+        sample_id="", source="repo", file="shop/cart.py", language="python", kind=kind,
+        time_ms=0, prompt="", target="", prefix=before, suffix=after, healed="",
+        expected=expected, repo="shop", path="cart.py", context=(),
+    )  # fmt: skip
+
+
+def test_a_prefix_only_target_runs_to_where_serving_would_end_it() -> None:
+    """Code read without its suffix has no end: the target goes on as the file does, up to the
+    line at which post-processing would end a served completion at the text's end. Taught
+    less, a tuned model ran on past a line's end and past a block's (session 16)."""
+    source = module("shop", 0)
+    head, body, tail = "    for item in items:\n        ", "total += item.price * 1", "\n    return"
+    at = source.index(head) + len(head)
+    block = cut_of("block", source[:at], body, source[at + len(body) :])
+    assert target_of(PREFIX, block) == body + "\n    return total\n"
+    line = cut_of("line", source[:at], body, source[at + len(body) :])
+    assert target_of(PREFIX, line) == body + "\n"
+    assert target_of(FIM, block) == body + "<|endoftext|>"
+    last = "self.items.append(item)\n        return shop_total(self.items)"
+    at = source.index(last)
+    final = cut_of("block", source[:at], last, source[at + len(last) :])
+    assert target_of(PREFIX, final) == last + "\n"  # the end of the file ends it
+    assert tail in block.suffix
+
+
+def test_exported_prefix_only_targets_end_where_serving_cuts_them(tmp_path: Path) -> None:
     repo = git_repo(tmp_path / "shop", [f"shop{i}" for i in range(20)])
-    for template in (PREFIX, FIM):
-        out = tmp_path / template.name
-        export(ExportConfig(out, template, ContextSettings(), repo_samples=60), None, [repo])
-        samples = read_samples(out / "train.jsonl") + read_samples(out / "heldout.jsonl")
-        assert len(samples) >= 10 and any(s.kind == "block" for s in samples)
-        for sample in samples:
-            rest = sample.suffix.split("\n", 1)[0] + "\n" if "\n" in sample.suffix else ""
-            end = "<|endoftext|>" if template.fim else rest
-            assert sample.target == sample.healed + sample.expected + end
-        if not template.fim:
-            assert sum(s.target.endswith("\n") for s in samples) > len(samples) / 2
+    export(ExportConfig(tmp_path / "out", PREFIX, ContextSettings(), repo_samples=60), None, [repo])
+    samples = read_samples(tmp_path / "out" / "train.jsonl")
+    samples += read_samples(tmp_path / "out" / "heldout.jsonl")
+    assert len(samples) >= 10 and any(s.kind == "block" for s in samples)
+    ended = 0
+    for sample in samples:
+        cursor = CursorSurroundings.around(
+            sample.prefix + sample.healed, sample.suffix, mode_of(sample.kind), PREFIX.stop,
+            sample.language,
+        )  # fmt: skip
+        written = sample.target.removeprefix(sample.healed)
+        cut = first_cut(written, cursor)
+        if cut is None:  # the suffix window ran out before anything ended the text
+            assert written == sample.expected + sample.suffix
+            continue
+        assert cut.length == len(sample.expected), sample.sample_id
+        assert first_cut(written.removesuffix("\n"), cursor) in (None, cut)
+        ended += 1
+    assert ended > len(samples) / 2
+    blocks = [s for s in samples if s.kind == "block" and s.target.strip() != s.expected.strip()]
+    assert blocks  # a block's target shows the line that leaves it
 
 
 def test_several_repositories_are_cut_and_split_as_one(tmp_path: Path) -> None:
