@@ -6,7 +6,7 @@ import itertools
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ghostpen.context.chunker import Chunk
 from ghostpen.context.languages import line_comment
@@ -22,6 +22,7 @@ from ghostpen.context.settings import ContextSettings
 from ghostpen.context.template import Template
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
+_FIT_MARGIN = 0.9  # of the room a fitted prompt is cut to: its parts differ in characters a token
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,38 @@ def render(
     parts.append(_fill(template.current_file, path=path, comment=comment))
     parts.append(_fill(template.body, prefix=prefix, suffix=suffix))
     return "".join(parts)
+
+
+def fitted(prompt: Prompt, document: Document, tokens: int, room: int) -> Prompt:
+    """The prompt cut to about `room` tokens, where the engine's tokenizer counted `tokens`. The
+    budgets are estimates (`chars_per_token`), and text of short tokens (digits, symbols,
+    non-Latin scripts) holds more than they expect. The last context chunks go first, then the
+    prefix window's oldest lines: the stable start and the text at the cursor stay."""
+    chars = int(len(prompt.text) * room / tokens * _FIT_MARGIN)
+
+    def text_of(context: Sequence[RankedChunk], prefix: str) -> str:
+        chunks = [item.chunk for item in context]
+        path, language = document.path, document.language
+        return render(prompt.template, prompt.repo, path, language, chunks, prefix, prompt.suffix)
+
+    context, prefix = list(prompt.context), prompt.prefix
+    while context and len(text_of(context, prefix)) > chars:
+        context.pop()
+    over = len(text_of(context, prefix)) - chars
+    start_line = prompt.prefix_start_line
+    if over > 0:
+        cut = prefix.find("\n", over) + 1 or over  # from a line's start where there is one
+        start_line += prefix.count("\n", 0, cut)
+        prefix = prefix[cut:]
+    text = text_of(context, prefix)
+    return replace(
+        prompt,
+        text=text,
+        context=tuple(context),
+        prefix_start_line=start_line,
+        estimated_tokens=math.ceil(len(text) * tokens / len(prompt.text)),
+        prefix=prefix,
+    )
 
 
 def _fill(pattern: str, **values: str) -> str:

@@ -210,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         help="only the tasks whose expected text needs a definition another open file holds",
     )
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the plan's records already in OUT and run only the rest",
+    )
     evaluate.add_argument("--concurrency", type=int, default=8, help="completions in flight")
     evaluate.add_argument("--engine", choices=("auto", "llama.cpp", "vllm"))
     evaluate.add_argument("--out", type=Path, default=Path("eval-out"), help="a directory")
@@ -471,7 +476,7 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
         needs_context=args.needs_context,
     )
     try:
-        run_plan(plan, settings, args.out)
+        run_plan(plan, settings, args.out, args.resume)
     except (SuiteError, ValueError) as error:
         print(f"ghostpen eval: {error}", file=sys.stderr)
         return 2

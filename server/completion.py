@@ -8,25 +8,28 @@ from the context process), `Completer.run` streams it and hands its `Outcome` to
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from ghostpen.context.chunker import Chunk
 from ghostpen.context.gate import confidence, withhold_reason
 from ghostpen.context.postprocess import CursorSurroundings, Finish, Mode, Truncator
-from ghostpen.context.prompt import Document, Prompt, build_prompt
+from ghostpen.context.prompt import Document, Prompt, build_prompt, fitted
 from ghostpen.context.ranker import Ranker, rank_chunks
 from ghostpen.context.settings import ContextSettings
 from ghostpen.context.template import Template, load_template
 from ghostpen.server.engines.base import Engine, EngineDelta, EngineRequest
-from ghostpen.server.errors import DeadlinePassed
+from ghostpen.server.errors import DeadlinePassed, PromptTooLong
 from ghostpen.server.identity import LOCAL, Identity
 from ghostpen.server.metrics import Timings
 from ghostpen.server.settings import LimitSettings, Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -239,20 +242,14 @@ class Completer:
             document.prefix, document.suffix, job.mode, self.template.stop, document.language
         )
         truncator = Truncator(cursor, job.prompt.healed)
-        request = EngineRequest(
-            job.completion_id,  # minted here: a client's request ids never reach the engine
-            job.prompt.text,
-            job.max_tokens or self.max_tokens(cursor.mode),
-            job.cache_key,
-            adapter=job.adapter,
-            deadline=job.deadline,
-        )
+        sent = [job]
+        max_tokens = job.max_tokens or self.max_tokens(cursor.mode)
         clock = _Clock(job)
         finish, stopped, last = Finish.STOP, "error", None
         logprobs: list[float] = []
         try:
             async with asyncio.timeout_at(_loop_time(job.deadline)):
-                async with aclosing(self.engine.generate(request)) as deltas:
+                async with aclosing(self._deltas(sent, max_tokens)) as deltas:
                     async for delta in deltas:
                         clock.delta()
                         last = delta
@@ -279,6 +276,7 @@ class Completer:
             stopped = "disconnect"
             raise
         finally:
+            job = sent[-1]
             if stopped:
                 self._sink.stopped(
                     self._outcome(job, cursor.mode, finish, stopped, clock, last, "")
@@ -292,6 +290,37 @@ class Completer:
         outcome = self._outcome(job, cursor.mode, finish, "", clock, last, shown, sure, withheld)
         await self._sink.finished(outcome)
         yield CompletionEvent(job.request_id, job.completion_id, rest, True, finish, outcome)
+
+    async def _deltas(
+        self, sent: list[CompletionJob], max_tokens: int
+    ) -> AsyncIterator[EngineDelta]:
+        """The engine's deltas for the last job in `sent`. A prompt that the engine counts too
+        long for its window is fitted to the count, leaving `max_tokens` for the completion,
+        and sent once more; the job with the fitted prompt is appended to `sent`."""
+        job = sent[-1]
+        request = EngineRequest(
+            job.completion_id,  # minted here: a client's request ids never reach the engine
+            job.prompt.text,
+            max_tokens,
+            job.cache_key,
+            adapter=job.adapter,
+            deadline=job.deadline,
+        )
+        try:
+            async with aclosing(self.engine.generate(request)) as deltas:
+                async for delta in deltas:
+                    yield delta
+            return
+        except PromptTooLong as error:
+            room = error.window - max_tokens
+            if len(sent) > 1 or room <= 0:
+                raise
+            prompt = fitted(job.prompt, job.document, error.tokens, room)
+            log.info("prompt of %d tokens fitted to %d", error.tokens, room)
+        sent.append(replace(job, prompt=prompt))
+        async with aclosing(self._deltas(sent, max_tokens)) as deltas:
+            async for delta in deltas:
+                yield delta
 
     def _outcome(
         self,

@@ -48,6 +48,22 @@ class LimitExceeded(RecoverableError):
     pass
 
 
+class PromptTooLong(LimitExceeded):
+    """The engine's tokenizer counts more prompt tokens than its window holds. The prompt's
+    budgets are estimates (`chars_per_token`), so the completer fits the prompt to the count
+    and sends it once more."""
+
+    def __init__(self, tokens: int, window: int) -> None:
+        super().__init__(tokens, window)  # the arguments, so that it pickles across processes
+        self.tokens, self.window = tokens, window
+
+    def __str__(self) -> str:
+        return (
+            f"the prompt has {self.tokens} tokens; one sequence holds prompt and completion "
+            f"in context_window={self.window} tokens"
+        )
+
+
 class UnknownFile(RecoverableError):
     pass
 

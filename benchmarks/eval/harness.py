@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import TextIO
 
 from ghostpen.benchmarks.eval.execution import ScratchProject, function_tasks
-from ghostpen.benchmarks.eval.report import gate_markdown, gate_rows, markdown, summary
+from ghostpen.benchmarks.eval.report import (
+    gate_markdown,
+    gate_rows,
+    markdown,
+    read_records,
+    summary,
+)
 from ghostpen.benchmarks.eval.run import (
     EvalTask,
     Record,
@@ -85,32 +91,45 @@ def _drawn(plan: Plan, settings: Settings) -> list[EvalTask]:
     return found
 
 
-def run_plan(plan: Plan, settings: Settings, out: Path) -> list[dict[str, object]]:
-    """Run the plan; write the records, the summary and the report under `out`."""
+def run_plan(
+    plan: Plan, settings: Settings, out: Path, resume: bool = False
+) -> list[dict[str, object]]:
+    """Run the plan; write the records, the summary and the report under `out`. With `resume`,
+    the plan's records already in `out` are kept and only the rest run: a run of an hour that
+    stopped goes on where it was."""
     from ghostpen.server.engines.factory import start_in_process
 
     started = time.time()
     tasks = eval_tasks(plan, settings)
-    total = len(tasks) * len(plan.variants)
+    kept = _resumable(out / "records.jsonl", tasks, plan.variants) if resume else []
+    done = frozenset((r.task_id, r.variant) for r in kept)
+    total = len(tasks) * len(plan.variants) - len(kept)
     planned = time.time()
     out.mkdir(parents=True, exist_ok=True)
     records: list[Record] = []
 
+    def opened() -> TextIO:
+        jsonl = (out / "records.jsonl").open("w", encoding="utf-8")
+        jsonl.writelines(json.dumps(dataclasses.asdict(r)) + "\n" for r in kept)
+        return jsonl
+
     async def run() -> None:
         if plan.retrieval_only:
-            with (out / "records.jsonl").open("w", encoding="utf-8") as jsonl:
+            with opened() as jsonl:
                 template = load_template(settings.context.template)
                 keep = _writer(records, jsonl, total)
-                retrieve_only(template, settings.context, tasks, plan.variants, keep)
+                retrieve_only(template, settings.context, tasks, plan.variants, keep, done)
             return
         engine = await start_in_process(settings.engine, settings.cache_dir)
         # An evaluation serves nobody: its outcomes are neither counted nor stored.
         completer = Completer.from_settings(engine, settings, sink=Discard())
         runners = scratch_projects(tasks, settings.cache_dir / "eval")
         try:
-            with (out / "records.jsonl").open("w", encoding="utf-8") as jsonl:
+            with opened() as jsonl:
                 keep = _writer(records, jsonl, total)
-                await evaluate(completer, tasks, plan.variants, runners, plan.concurrency, keep)
+                await evaluate(
+                    completer, tasks, plan.variants, runners, plan.concurrency, keep, done
+                )
         finally:
             for runner in runners.values():
                 runner.close()
@@ -119,9 +138,10 @@ def run_plan(plan: Plan, settings: Settings, out: Path) -> list[dict[str, object
     asyncio.run(run())
     finished = time.time()
     names = [v.name for v in plan.variants]
+    completions = len(records)  # run now; `kept` ran before
+    records = kept + records
     rows = summary(records, names)
     gate = [] if plan.retrieval_only else gate_rows(records, names)
-    completions = len(records)
     meta = {
         "suites": list(plan.suites),
         "tree": str(plan.tree) if plan.tree else None,
@@ -136,6 +156,7 @@ def run_plan(plan: Plan, settings: Settings, out: Path) -> list[dict[str, object
         "engine": settings.engine.engine,
         "threads": settings.engine.threads,
         "cpu": _cpu(),
+        "resumed": len(kept),
         "planning_s": round(planned - started, 1),
         "running_s": round(finished - planned, 1),
         "completions_per_minute": round(completions / max(finished - planned, 1e-9) * 60, 1),
@@ -143,9 +164,10 @@ def run_plan(plan: Plan, settings: Settings, out: Path) -> list[dict[str, object
         "gate": gate,
     }
     (out / "summary.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    earlier = f" ({len(kept)} kept from an earlier run)" if kept else ""
     header = (
-        f"{len(tasks)} tasks x {len(names)} variants = {completions} completions in "
-        f"{meta['running_s']} s ({meta['completions_per_minute']} a minute), "
+        f"{len(tasks)} tasks x {len(names)} variants = {len(records)} completions{earlier}; "
+        f"{completions} in {meta['running_s']} s ({meta['completions_per_minute']} a minute), "
         f"{plan.concurrency} in flight; tasks planned in {meta['planning_s']} s. "
         f"CPU: {meta['cpu']}.\n\n"
     )
@@ -162,6 +184,17 @@ def scratch_projects(tasks: Sequence[EvalTask], cache: Path) -> dict[str, Scratc
     return {
         name: ScratchProject(known[name], cache) for name in {t.project for t in tasks if t.tests}
     }
+
+
+def _resumable(path: Path, tasks: Sequence[EvalTask], variants: Sequence[Variant]) -> list[Record]:
+    """The records at `path` of this plan's pairs of task and variant, each once."""
+    if not path.exists():
+        return []
+    planned = {(t.task.task_id, v.name) for t in tasks for v in variants}
+    kept: dict[tuple[str, str], Record] = {}
+    for record in read_records(path):
+        kept.setdefault((record.task_id, record.variant), record)
+    return [record for pair, record in kept.items() if pair in planned]
 
 
 def _writer(records: list[Record], jsonl: TextIO, total: int) -> Callable[[Record], None]:

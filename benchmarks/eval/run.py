@@ -126,9 +126,11 @@ async def evaluate(
     runners: dict[str, ScratchProject],
     concurrency: int,
     record: Callable[[Record], None],
+    done: frozenset[tuple[str, str]] = frozenset(),
 ) -> None:
     """Every task under every variant, `concurrency` completions in flight; `record` gets each
-    result as it comes (runs of hours keep what they did if stopped)."""
+    result as it comes (runs of hours keep what they did if stopped). Pairs of task id and
+    variant name in `done` are not run again."""
     cache = ChunkCache(completer.context_settings.chunk_max_lines)
     runners_busy = {name: asyncio.Lock() for name in runners}
     slots = asyncio.Semaphore(concurrency)
@@ -161,7 +163,8 @@ async def evaluate(
         for item in tasks:
             chunks, oracle = candidates(cache, item.task)  # once a task, for all its variants
             for variant, runner in variants:
-                group.create_task(one(item, chunks, oracle, variant, runner))
+                if (item.task.task_id, variant.name) not in done:
+                    group.create_task(one(item, chunks, oracle, variant, runner))
 
 
 def retrieve_only(
@@ -170,9 +173,11 @@ def retrieve_only(
     tasks: Sequence[EvalTask],
     chosen: Sequence[Variant],
     record: Callable[[Record], None],
+    done: frozenset[tuple[str, str]] = frozenset(),
 ) -> None:
     """Retrieval on its own, without the engine: for each task and variant, whether the prompt's
-    context holds a chunk the oracle names (recall@k), in milliseconds a task."""
+    context holds a chunk the oracle names (recall@k), in milliseconds a task. Pairs in `done`
+    are not run again."""
     cache = ChunkCache(context.chunk_max_lines)
     variants = [(variant, _parts(template, context, variant)) for variant in chosen]
     for item in tasks:
@@ -180,6 +185,8 @@ def retrieve_only(
         chunks, oracle = candidates(cache, task)
         document = document_of(task)
         for variant, (mine, settings) in variants:
+            if (task.task_id, variant.name) in done:
+                continue
             started = time.monotonic()
             rank = _rank(variant, oracle)
             prompt = build_prompt(repo_of(task), document, chunks, mine, settings, rank=rank)
@@ -255,7 +262,7 @@ async def _complete(
         outcome = event.outcome or outcome
     assert outcome is not None, "a finished completion has its outcome"
     timings = outcome.timings
-    return text, job, (
+    return text, outcome.job, (  # its prompt as sent: fitted, if the engine found it too long
         outcome.prompt_tokens, outcome.completion_tokens,
         timings.context_s * 1000, timings.total_s * 1000, outcome.confidence, outcome.withheld,
     )  # fmt: skip

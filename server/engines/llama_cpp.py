@@ -44,7 +44,7 @@ from ghostpen.server.engines.base import (
     check_adapter,
 )
 from ghostpen.server.engines.sequences import KvSequence, SequenceTable, Shift
-from ghostpen.server.errors import EngineFailure, LimitExceeded, ModelError
+from ghostpen.server.errors import EngineFailure, InvalidInput, ModelError, PromptTooLong
 from ghostpen.server.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -263,11 +263,10 @@ class LlamaCppEngine(Engine):
         check_adapter(request.adapter, self._llama.adapters)
         prompt = self._llama.tokenize(request.prompt)
         window = self._settings.context_window
-        if not prompt or len(prompt) >= window:
-            raise LimitExceeded(
-                f"the prompt has {len(prompt)} tokens; one sequence holds prompt and completion "
-                f"in context_window={window} tokens"
-            )
+        if not prompt:
+            raise InvalidInput("the prompt has no tokens")
+        if len(prompt) >= window:
+            raise PromptTooLong(len(prompt), window)
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[EngineDelta | BaseException] = asyncio.Queue()
         job = _Job(

@@ -179,6 +179,36 @@ def test_retrieval_alone_runs_without_an_engine(tmp_path: Path, capsys) -> None:
     assert "a minute, about 0 min left" in progress[-1]
 
 
+def test_a_stopped_run_resumes_where_it_was(tmp_path: Path, capsys) -> None:
+    from ghostpen.benchmarks.eval.harness import Plan, run_plan, variants_of
+    from ghostpen.benchmarks.eval.report import read_records
+    from ghostpen.server.settings import Settings
+
+    (tmp_path / "tree").mkdir()
+    write_tree(tmp_path / "tree")
+    plan = Plan(
+        suites=(), tree=tmp_path / "tree", tasks=4, function_tasks=0, kinds=("line",),
+        variants=variants_of(["edit-distance", "none"]), seed=0, concurrency=1,
+        retrieval_only=True,
+    )  # fmt: skip
+    settings = Settings.load({"cache_dir": str(tmp_path / "home")})
+    out = tmp_path / "out"
+    run_plan(plan, settings, out)
+    first = read_records(out / "records.jsonl")
+    whole = (out / "records.jsonl").read_text().splitlines(keepends=True)
+    (out / "records.jsonl").write_text("".join(whole[:3] + whole[:1]))  # stopped; one twice
+    capsys.readouterr()
+    run_plan(plan, settings, out, resume=True)
+    records = read_records(out / "records.jsonl")
+    assert (out / "records.jsonl").read_text().splitlines(keepends=True)[:3] == whole[:3]
+    assert sorted((r.task_id, r.variant) for r in records) == sorted(
+        (r.task_id, r.variant) for r in first
+    )
+    progress = capsys.readouterr().err.splitlines()
+    assert progress[0].startswith("eval: 1 of 5") and progress[-1].startswith("eval: 5 of 5")
+    assert "8 completions (3 kept from an earlier run); 5 in" in (out / "report.md").read_text()
+
+
 def test_needing_context_keeps_the_tasks_with_an_oracle_which_the_oracle_variant_recalls(
     tmp_path: Path,
 ) -> None:

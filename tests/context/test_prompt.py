@@ -4,7 +4,7 @@ import itertools
 import pytest
 
 from ghostpen.context.chunker import Chunk, chunk_file
-from ghostpen.context.prompt import Document, build_prompt
+from ghostpen.context.prompt import Document, build_prompt, fitted
 from ghostpen.context.settings import ContextSettings
 from ghostpen.context.template import available_templates, load_template
 
@@ -187,3 +187,23 @@ def test_selective_retrieval_leaves_out_chunks_too_unlike_the_query() -> None:
     assert [r.chunk for r in prompt.context] == [alike] and "v.py" not in prompt.text
     nothing = build_prompt("r", doc, [unlike], QWEN, selective)
     assert nothing.context == () and nothing.text.count("<|file_sep|>") == 1  # its own file
+
+
+def test_a_prompt_the_engine_counts_too_long_loses_its_last_chunks_then_its_oldest_lines() -> None:
+    text = numbered_file(400)
+    cursor = text.index("value_300")
+    document = Document("f.py", "python", text, cursor)
+    chunks = list(chunk_file("other.py", "python", numbered_file(300), 3).chunks)
+    prompt = build_prompt("r", document, chunks, QWEN, SETTINGS)
+    assert len(prompt.context) > 2
+    # counted at twice its estimate, half of it must go: first context, then the oldest lines
+    tokens = 2 * prompt.estimated_tokens
+    few = fitted(prompt, document, tokens, tokens - 40)
+    assert few.prefix == prompt.prefix and 0 < len(few.context) < len(prompt.context)
+    assert few.context == prompt.context[: len(few.context)]  # the stable start stays
+    half = fitted(prompt, document, tokens, tokens // 2)
+    assert len(half.text) <= 0.9 * len(prompt.text) / 2 and half.context == ()
+    assert prompt.prefix.endswith(half.prefix) and half.prefix.startswith("value_")
+    dropped = prompt.prefix[: -len(half.prefix)].count("\n")
+    assert half.prefix_start_line == prompt.prefix_start_line + dropped
+    assert half.text.endswith(prompt.text[-200:])  # the cursor's text and the suffix

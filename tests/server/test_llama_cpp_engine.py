@@ -6,14 +6,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import time
 from contextlib import aclosing
 
 import pytest
 import pytest_asyncio
 
+from ghostpen.context.postprocess import Mode
+from ghostpen.context.prompt import Document
+from ghostpen.server.completion import Completer, Discard, RequestSpec
 from ghostpen.server.engines.base import EngineRequest
 from ghostpen.server.engines.factory import start_in_process
-from ghostpen.server.errors import InvalidInput, LimitExceeded, ModelError
+from ghostpen.server.errors import InvalidInput, LimitExceeded, ModelError, PromptTooLong
 
 COUNT_PROMPT = "<|fim_prefix|>numbers = [\n    1,\n    2,\n    3,\n<|fim_suffix|>]\n<|fim_middle|>"
 TIMEOUT_S = 120
@@ -200,6 +204,27 @@ async def test_a_prompt_over_the_sequence_budget_is_refused_naming_the_setting(e
     huge = "x = 1\n" * 3000
     with pytest.raises(LimitExceeded, match="context_window=2048"):
         await run(engine, EngineRequest("big", huge, 4))
+
+
+async def test_a_prompt_denser_than_its_budgets_expect_is_fitted_and_completed(
+    engine, settings
+) -> None:
+    """Budgets count three characters a token; a table of digits takes one a character. The
+    engine counts such a prompt too long, and the completer cuts its oldest lines to fit."""
+    rows = "".join(f"    {(i * 7919) ** 3:030d},\n" for i in range(300))
+    text = f"TABLE = [\n{rows}]\n\n\ndef total(items):\n    return sum("
+    document = Document("shop.py", "python", text + ")\n", len(text))
+    completer = Completer.from_settings(engine, settings, Discard())
+    prompt = completer.prompt("shop", document, [])
+    with pytest.raises(PromptTooLong, match="context_window=2048"):
+        await run(engine, EngineRequest("dense", prompt.text, 8))
+    spec = RequestSpec("dense", Mode.SINGLE_LINE, 8, "", TIMEOUT_S, time.monotonic())
+    async with asyncio.timeout(TIMEOUT_S):
+        *_, final = [event async for event in completer.run(completer.job(spec, document, prompt))]
+    sent = final.outcome.job.prompt
+    assert final.final and final.outcome.completion_tokens > 0
+    assert final.outcome.prompt_tokens <= 2048 - 8
+    assert prompt.prefix.endswith(sent.prefix) and sent.prefix_start_line > prompt.prefix_start_line
 
 
 async def test_the_least_recently_used_session_is_evicted_when_the_cache_is_full(
