@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from ghostpen.server.engines.base import Engine, EngineDelta, EngineRequest, check_adapter
-from ghostpen.server.errors import EngineFailure
+from ghostpen.server.errors import EngineFailure, PromptTooLong
 from ghostpen.server.settings import EngineSettings
 
 _GIB = 1 << 30
@@ -24,10 +24,13 @@ _GIB = 1 << 30
 class VllmEngine(Engine):
     name = "vllm"
 
-    def __init__(self, engine: object, model_id: str, adapters: dict[str, object]) -> None:
+    def __init__(
+        self, engine: object, model_id: str, adapters: dict[str, object], window: int
+    ) -> None:
         self._engine = engine
         self.model_id = model_id
         self._adapters = adapters  # name -> LoRARequest
+        self._window = window  # max_model_len: one sequence holds prompt and completion
 
     @classmethod
     async def start(cls, settings: EngineSettings, model_path: Path, model_id: str) -> VllmEngine:
@@ -60,13 +63,16 @@ class VllmEngine(Engine):
             disable_log_stats=True,
             **lora,
         )
-        return cls(AsyncLLM.from_engine_args(args), model_id, adapters)
+        return cls(AsyncLLM.from_engine_args(args), model_id, adapters, settings.context_window)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         check_adapter(request.adapter, self._adapters)
+        tokens = len(self._engine.get_tokenizer().encode(request.prompt))
+        if tokens >= self._window:  # counted as vLLM will, so the completer can fit the prompt
+            raise PromptTooLong(tokens, self._window)
         params = SamplingParams(
             max_tokens=request.max_tokens,
             temperature=0.0,

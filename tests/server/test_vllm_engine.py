@@ -16,7 +16,7 @@ from ghostpen.proto import ghostpen_pb2_grpc as pb_grpc
 from ghostpen.server.app import start_server
 from ghostpen.server.engines.base import EngineRequest
 from ghostpen.server.engines.vllm import VllmEngine
-from ghostpen.server.errors import InvalidInput
+from ghostpen.server.errors import InvalidInput, PromptTooLong
 from ghostpen.server.metrics import Metrics
 from ghostpen.server.settings import Settings
 from tests.lora_adapter import build_peft_lora
@@ -49,6 +49,14 @@ async def test_generates_exactly_max_tokens(vllm_engine) -> None:
     assert "".join(d.text for d in deltas)
     logprobs = [p for d in deltas for p in d.logprobs]  # one per token, the sampled one's
     assert len(logprobs) == 8 and all(p <= 0.0 for p in logprobs)
+
+
+async def test_a_prompt_over_the_window_is_refused_with_its_count(vllm_engine) -> None:
+    """Counted before vLLM sees it, so that the completer can fit the prompt and resend it."""
+    with pytest.raises(PromptTooLong, match="context_window=1024") as refused:
+        async for _ in vllm_engine.generate(EngineRequest("v-long", "x = 1\n" * 2000, 4)):
+            pass
+    assert refused.value.tokens > 1024
 
 
 async def test_a_request_gets_the_adapter_it_names(vllm_engine) -> None:
