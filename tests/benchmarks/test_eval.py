@@ -152,18 +152,25 @@ async def test_the_harness_runs_tasks_through_the_real_pipeline(server, settings
     assert markdown(rows, names).count("(CI ") >= len(names) - 1
 
 
-def test_retrieval_alone_runs_without_an_engine(tmp_path: Path, capsys) -> None:
-    from ghostpen.benchmarks.eval.harness import Plan, run_plan, variants_of
-    from ghostpen.benchmarks.eval.report import read_records
-    from ghostpen.server.settings import Settings
+def retrieval_plan(tmp_path: Path):
+    """Four next-line tasks of the small tree, under edit distance and none, without the engine."""
+    from ghostpen.benchmarks.eval.harness import Plan, variants_of
 
     (tmp_path / "tree").mkdir()
     write_tree(tmp_path / "tree")
-    plan = Plan(
+    return Plan(
         suites=(), tree=tmp_path / "tree", tasks=4, function_tasks=0, kinds=("line",),
         variants=variants_of(["edit-distance", "none"]), seed=0, concurrency=1,
         retrieval_only=True,
     )  # fmt: skip
+
+
+def test_retrieval_alone_runs_without_an_engine(tmp_path: Path, capsys) -> None:
+    from ghostpen.benchmarks.eval.harness import run_plan
+    from ghostpen.benchmarks.eval.report import read_records
+    from ghostpen.server.settings import Settings
+
+    plan = retrieval_plan(tmp_path)
     run_plan(plan, Settings.load({"cache_dir": str(tmp_path / "home")}), tmp_path / "out")
     records = read_records(tmp_path / "out" / "records.jsonl")
     assert sorted(r.variant for r in records) == ["edit-distance"] * 4 + ["none"] * 4
@@ -180,17 +187,11 @@ def test_retrieval_alone_runs_without_an_engine(tmp_path: Path, capsys) -> None:
 
 
 def test_a_stopped_run_resumes_where_it_was(tmp_path: Path, capsys) -> None:
-    from ghostpen.benchmarks.eval.harness import Plan, run_plan, variants_of
+    from ghostpen.benchmarks.eval.harness import run_plan
     from ghostpen.benchmarks.eval.report import read_records
     from ghostpen.server.settings import Settings
 
-    (tmp_path / "tree").mkdir()
-    write_tree(tmp_path / "tree")
-    plan = Plan(
-        suites=(), tree=tmp_path / "tree", tasks=4, function_tasks=0, kinds=("line",),
-        variants=variants_of(["edit-distance", "none"]), seed=0, concurrency=1,
-        retrieval_only=True,
-    )  # fmt: skip
+    plan = retrieval_plan(tmp_path)
     settings = Settings.load({"cache_dir": str(tmp_path / "home")})
     out = tmp_path / "out"
     run_plan(plan, settings, out)
