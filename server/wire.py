@@ -31,6 +31,7 @@ from ghostpen.server.errors import (
     InvalidInput,
     LimitExceeded,
     PermissionDenied,
+    PromptTooLong,
     ShuttingDown,
     StaleVersion,
     StoreUnavailable,
@@ -58,6 +59,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Completion"]
 STATUS: dict[type[GhostpenError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    PromptTooLong: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnknownFile: grpc.StatusCode.NOT_FOUND,
     UnknownRequest: grpc.StatusCode.NOT_FOUND,
     StaleVersion: grpc.StatusCode.FAILED_PRECONDITION,
