@@ -101,8 +101,11 @@ async def test_a_session_keeps_to_its_llama_server_whose_prefix_cache_stays_warm
         assert again[-1].upstream == final.upstream and not again[-1].moved_from
         assert again[-1].cached_tokens >= final.prompt_tokens  # read once, on its own upstream
 
-        served = {(await _complete(engine, f"dev-{i}", "x =", 1))[-1].upstream for i in range(8)}
-        assert served == {server.url for server in upstream_servers}
+        # each upstream serves the sessions ranked to it (found: the ports are random, and
+        # eight fixed names all ranked to one upstream about once in 128 runs)
+        for server in upstream_servers:
+            session = _session_on(server, upstream_servers)
+            assert (await _complete(engine, session, "x =", 1))[-1].upstream == server.url
     finally:
         await engine.close()
 
