@@ -297,30 +297,29 @@ class Completer:
         """The engine's deltas for the last job in `sent`. A prompt that the engine counts too
         long for its window is fitted to the count, leaving `max_tokens` for the completion,
         and sent once more; the job with the fitted prompt is appended to `sent`."""
-        job = sent[-1]
-        request = EngineRequest(
-            job.completion_id,  # minted here: a client's request ids never reach the engine
-            job.prompt.text,
-            max_tokens,
-            job.cache_key,
-            adapter=job.adapter,
-            deadline=job.deadline,
-        )
-        try:
-            async with aclosing(self.engine.generate(request)) as deltas:
-                async for delta in deltas:
-                    yield delta
-            return
-        except PromptTooLong as error:
-            room = error.window - max_tokens
-            if len(sent) > 1 or room <= 0:
-                raise
-            prompt = fitted(job.prompt, job.document, error.tokens, room)
-            log.info("prompt of %d tokens fitted to %d", error.tokens, room)
-        sent.append(replace(job, prompt=prompt))
-        async with aclosing(self._deltas(sent, max_tokens)) as deltas:
-            async for delta in deltas:
-                yield delta
+        while True:
+            job = sent[-1]
+            request = EngineRequest(
+                job.completion_id,  # minted here: a client's request ids never reach the engine
+                job.prompt.text,
+                max_tokens,
+                job.cache_key,
+                adapter=job.adapter,
+                deadline=job.deadline,
+            )
+            try:
+                async with aclosing(self.engine.generate(request)) as deltas:
+                    async for delta in deltas:
+                        yield delta
+                return
+            except PromptTooLong as error:
+                room = error.window - max_tokens
+                if len(sent) > 1 or room <= 0:
+                    raise
+                log.info("prompt of %d tokens fitted to %d", error.tokens, room)
+                sent.append(
+                    replace(job, prompt=fitted(job.prompt, job.document, error.tokens, room))
+                )
 
     def _outcome(
         self,
