@@ -134,7 +134,8 @@ def run_loop(
             say(f"  kept step {tuned.kept_step}, of the lowest held-out loss")
     with _stage("quantize", say):
         build = LlamaCppBuild.at(settings.cache_dir)
-        model = to_gguf(tuned.merged_dir, folder / model_store.TUNED_GGUF, build)
+        base_gguf = _base_gguf(config.base, base_hf, settings.cache_dir, folder, build)
+        model = to_gguf(tuned.merged_dir, folder / model_store.TUNED_GGUF, build, like=base_gguf)
         adapter_to_gguf(tuned.adapter_dir, base_hf, folder / "adapter.gguf", build)
         merged = folder / model_store.TUNED_HF
         if merged.exists():
@@ -143,7 +144,7 @@ def run_loop(
     with _stage("evaluate", say):
         base = Contender(
             config.base,
-            _base_gguf(config.base, base_hf, settings.cache_dir, folder, build),
+            str(base_gguf),
             load_template(registry.template_of(store, config.base, settings.context.template)),
         )
         scores = measure(settings, base, Contender(config.name, config.name, template), heldout)
@@ -276,13 +277,13 @@ def kept_scores(settings: Settings, template: Template, model: str, samples: lis
 
 def _base_gguf(
     base: str, base_hf: Path, cache_dir: Path, folder: Path, build: LlamaCppBuild
-) -> str:
-    """What the base is served as; a base known only as a checkpoint is quantized like the
-    tuned model, so that both are compared as they would be served."""
+) -> Path:
+    """What the base is served as; a base known only as a checkpoint is quantized as the
+    tuned model is, so that both are compared as they would be served."""
     try:
-        return str(model_store.resolve(base, cache_dir, want="gguf").path)
+        return model_store.resolve(base, cache_dir, want="gguf").path
     except ModelError:
-        return str(to_gguf(base_hf, folder / "base.gguf", build))
+        return to_gguf(base_hf, folder / "base.gguf", build)
 
 
 def _base_checkpoint(base: str, cache_dir: Path) -> Path:

@@ -14,6 +14,7 @@ tools come from the llama.cpp source our llama-cpp-python pin vendors, built by 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -23,14 +24,26 @@ from ghostpen.server.errors import ModelError
 from ghostpen.server.llama_cpp_build import LlamaCppBuild
 
 QUANT = "Q4_K_M"
+_FLOAT_TYPES = ("F32", "F16", "BF16")  # left as llama-quantize keeps them: norms and biases
 ADAPTER_TYPE = "f16"  # the adapter's tensors: a tenth of the model's size at rank 16
 ERROR_TAIL_CHARS = 2000  # of a failed tool's output, in the ModelError
 
 
-def to_gguf(merged_dir: Path, out_path: Path, build: LlamaCppBuild, quant: str = QUANT) -> Path:
+def to_gguf(
+    merged_dir: Path,
+    out_path: Path,
+    build: LlamaCppBuild,
+    quant: str = QUANT,
+    like: Path | None = None,
+) -> Path:
     """The Hugging Face checkpoint `merged_dir` as a `quant` GGUF at out_path, which appears
     whole or not at all. K-quants take rows of 256 values; llama-quantize gives tensors with
-    other row sizes a type that fits them."""
+    other row sizes a type that fits them.
+
+    `like`: a GGUF (the base's) whose quantized tensors' types the output takes, tensor by
+    tensor. Which tensors a Q4_K_M gives more bits changes between llama-quantize versions: the
+    default model's GGUF has Q6_K in other layers than ours chooses, and a tuned model quantized
+    otherwise than its base differs from it by more than its tune."""
     converter = _tool(build.source("convert_hf_to_gguf.py"))
     quantizer = _tool(build.binary("llama-quantize"))
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,9 +51,28 @@ def to_gguf(merged_dir: Path, out_path: Path, build: LlamaCppBuild, quant: str =
         wide = Path(scratch) / "model-16bit.gguf"
         _run([sys.executable, str(converter), str(merged_dir), "--outfile", str(wide)])
         partial = Path(scratch) / out_path.name
-        _run([str(quantizer), str(wide), str(partial), quant, str(os.cpu_count() or 1)])
+        types: list[str] = []
+        if like is not None:
+            listed = Path(scratch) / "tensor-types.txt"
+            listed.write_text("".join(f"{line}\n" for line in tensor_types(like)))
+            types = ["--tensor-type-file", str(listed)]
+        cores = str(os.cpu_count() or 1)
+        _run([str(quantizer), *types, str(wide), str(partial), quant, cores])
         os.replace(partial, out_path)
     return out_path
+
+
+def tensor_types(model: Path) -> list[str]:
+    """`model`'s quantized tensors as llama-quantize's --tensor-type wants them: a pattern that
+    matches the one name only (a bare name is searched for, so `output` would match every
+    `attn_output`), then its type."""
+    import gguf
+
+    return [
+        f"^{re.escape(tensor.name)}$={tensor.tensor_type.name.lower()}"
+        for tensor in gguf.GGUFReader(model).tensors
+        if tensor.tensor_type.name not in _FLOAT_TYPES
+    ]
 
 
 def adapter_to_gguf(

@@ -122,6 +122,19 @@ def test_the_merged_checkpoint_becomes_a_q4_k_m_gguf(merged_gguf: Path) -> None:
     assert not list(merged_gguf.parent.glob(".gguf-*"))  # nothing left of the way there
 
 
+def test_a_tuned_gguf_takes_its_bases_tensor_types(
+    tuned: TuneResult, tiny_qwen: Path, build: LlamaCppBuild, tmp_path: Path
+) -> None:
+    # A base quantized otherwise than llama-quantize's own Q4_K_M would: every tensor in Q8_0
+    base = to_gguf(tiny_qwen, tmp_path / "base.gguf", build, quant="Q8_0")
+    plain = {t.name: t.tensor_type.name for t in gguf.GGUFReader(base).tensors}
+    assert plain["blk.0.attn_q.weight"] == plain["blk.1.ffn_up.weight"] == "Q8_0"
+    typed = to_gguf(tuned.merged_dir, tmp_path / "tuned.gguf", build, like=base)
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(typed).tensors}
+    assert kinds == plain  # every tensor, where the plain Q4_K_M makes its own choice (above)
+    assert gguf.GGUFReader(typed).fields["general.file_type"].contents() == MOSTLY_Q4_K_M
+
+
 async def test_the_engine_serves_the_merged_gguf_and_it_writes_what_it_learnt(
     tuned: TuneResult, merged_engine: Engine
 ) -> None:
