@@ -46,6 +46,7 @@ from ghostpen.server.training.tune import LEARNING_RATE, PROMPT_WEIGHT, TuneConf
 HELDOUT_SAMPLES = 100  # scored by each model: the paired comparison's size
 VALIDATION_SAMPLES = 32  # held out, not scored: their loss picks the tune's kept step
 HELDOUT_CONCURRENCY = 4  # completions in flight while scoring
+ADAPTER_NAME = "scored"  # what `evaluate` names an adapter it scores
 
 
 @dataclass(frozen=True)
@@ -225,19 +226,28 @@ def measure(
 
 
 def evaluate(
-    settings: Settings, template: Template, model: str, samples: list[Sample]
+    settings: Settings,
+    template: Template,
+    model: str,
+    samples: list[Sample],
+    adapter: Path | None = None,
 ) -> list[Scored]:
-    """`model` (a name `model_store.resolve` knows) on llama.cpp, in this process, scored."""
+    """`model` (a name `model_store.resolve` knows) on llama.cpp, in this process, scored;
+    with `adapter` (a GGUF LoRA of it), as the engine serves a request that names it."""
     from ghostpen.server.engines.factory import start_in_process
 
+    named = f"{ADAPTER_NAME}={adapter}" if adapter is not None else ""
     engine_settings = dataclasses.replace(
-        settings.engine, model=model, engine="llama.cpp", lora_adapters=""
+        settings.engine, model=model, engine="llama.cpp", lora_adapters=named
     )
 
     async def run() -> list[Scored]:
         engine = await start_in_process(engine_settings, settings.cache_dir)
         try:
-            return await score(engine, settings, template, samples, HELDOUT_CONCURRENCY)
+            return await score(
+                engine, settings, template, samples, HELDOUT_CONCURRENCY,
+                ADAPTER_NAME if adapter is not None else "",
+            )  # fmt: skip
         finally:
             await engine.close()
 

@@ -196,7 +196,7 @@ def tune(config: TuneConfig, progress: Callable[[Progress], None] | None = None)
         """The held-out loss after the step just done, where one is due; the adapter kept."""
         if heldout is None or any(step == state.step for step, _ in state.heldout):
             return None
-        loss = _heldout_loss(model, heldout, config.prompt_weight, device, config.max_seq_tokens)
+        loss = heldout_loss(model, heldout, config.prompt_weight, device, config.max_seq_tokens)
         state.heldout.append([state.step, loss])
         best.consider(model, state.step, loss)
         return loss
@@ -451,7 +451,7 @@ class _Best:
         return self.step
 
 
-def _heldout_loss(
+def heldout_loss(
     model: PeftModel, heldout: Dataset, prompt_weight: float, device: str, micro_batch_tokens: int
 ) -> float:
     """The training loss on the held-out samples, each once, with dropout off."""

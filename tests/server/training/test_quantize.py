@@ -1,6 +1,7 @@
 """The flywheel's GGUF, by llama.cpp's own tools: a tiny Qwen2 (Qwen2.5-Coder's tokenizer)
 fine-tuned to write one completion, quantized to Q4_K_M, then served by ghostpen's llama.cpp
-engine: merged, and as its base with the GGUF adapter applied to the requests that name it."""
+engine: merged, and as its base with the GGUF adapter applied to the requests that name it (as
+the loop scores an adapter, too)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ from ghostpen.server.errors import ModelError
 from ghostpen.server.llama_cpp_build import LlamaCppBuild
 from ghostpen.server.model_store import REGISTRY, models_dir
 from ghostpen.server.settings import Settings
+from ghostpen.server.training import loop
+from ghostpen.server.training.export import Sample, prompt_in
 from ghostpen.server.training.quantize import adapter_to_gguf, to_gguf
 from ghostpen.server.training.tune import TuneConfig, TuneResult, tune
-from tests.server.training.test_tune import END, rendered
+from tests.server.training.test_tune import END, TEMPLATE, rendered
 from tests.tiny_model import build_tiny_qwen2
 
 PROMPT = rendered("def add(a, b):\n    ")
@@ -142,6 +145,26 @@ async def test_the_engine_serves_the_merged_gguf_and_it_writes_what_it_learnt(
     # loss stops near 6.9 (from 12.1), enough for the completion to be the likeliest tokens.
     assert tuned.loss < 7.5
     assert await complete(merged_engine, PROMPT) == COMPLETION
+
+
+def test_the_loop_scores_an_adapter_on_its_base_as_a_request_naming_it_is_served(
+    settings: Settings, base_gguf: Path, adapter_gguf: Path
+) -> None:
+    sample = Sample(
+        sample_id="add", source="repo", file="acme/shop/cart.py", language="python",
+        kind="line", time_ms=0, prompt=PROMPT, target=COMPLETION + END,
+        prefix="def add(a, b):\n    ", suffix="\n", healed="", expected=COMPLETION,
+        repo="acme/shop", path="cart.py", context=(("money.py", 1, 1, "CENTS = 100\n"),),
+    )  # fmt: skip
+    assert prompt_in(sample, TEMPLATE) == PROMPT  # what the adapter learned to complete
+    small = dataclasses.replace(
+        settings,
+        engine=dataclasses.replace(settings.engine, context_window=512, kv_cache_tokens=1024),
+    )
+    [applied] = loop.evaluate(small, TEMPLATE, str(base_gguf), [sample], adapter_gguf)
+    [plain] = loop.evaluate(small, TEMPLATE, str(base_gguf), [sample])
+    assert (applied.text, applied.exact) == (COMPLETION, 1.0)
+    assert plain.exact == 0.0
 
 
 async def test_the_adapter_gguf_changes_only_the_requests_that_name_it(
