@@ -18,6 +18,9 @@ from ghostpen.context.languages import parser_for
 _BLOCK_OPENERS = (":", "{", "(", "[", "=>", "->", " do", " then")
 _BLOCK_CLOSERS = ("}", ")", "]", "end")
 _SYNTAX_CONTEXT_LINES = 80
+# A line repeated within one completion is a loop (a small model's greedy decoding falls into
+# them: `shutil.rmtree(name)` twenty times). Shorter lines repeat in real code (`pass`, `}`).
+_REPEAT_MIN_CHARS = 10
 
 
 class Mode(Enum):
@@ -32,6 +35,7 @@ class Finish(Enum):
     LINE_END = "line_end"
     BLOCK_END = "block_end"
     SUFFIX_OVERLAP = "suffix_overlap"
+    REPETITION = "repetition"  # the model wrote a line of its own again
     CANCELLED = "cancelled"
     WITHHELD = "withheld"  # the show gate's verdict (gate.py), not the model's
 
@@ -166,11 +170,28 @@ def cut_at_suffix_repeat(text: str, cursor: CursorSurroundings) -> Cut | None:
     return None
 
 
+def cut_at_repeated_line(text: str, cursor: CursorSurroundings) -> Cut | None:
+    """A completed line that the completion already wrote, indentation and all: the model is
+    looping. The completion ends before it (a line not yet shown: each is cut as it completes).
+    The first line is whole with the cursor line's text before it."""
+    seen: set[str] = set()
+    offset = 0
+    for number, line in enumerate(text.split("\n")[:-1]):  # complete lines only
+        whole = cursor.line_prefix + line if number == 0 else line
+        if len(line.strip()) >= _REPEAT_MIN_CHARS:
+            if whole in seen:
+                return Cut(max(offset - 1, 0), Finish.REPETITION)
+            seen.add(whole)
+        offset += len(line) + 1
+    return None
+
+
 Filter = Callable[[str, CursorSurroundings], Cut | None]
 FILTERS: tuple[Filter, ...] = (
     cut_at_stop_string,
     cut_at_line_end,
     cut_at_suffix_repeat,
+    cut_at_repeated_line,
     cut_at_block_end,
     cut_at_syntax_block_end,
 )

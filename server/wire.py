@@ -88,6 +88,7 @@ _FINISH = {
     Finish.SUFFIX_OVERLAP: pb.FINISH_REASON_SUFFIX_OVERLAP,
     Finish.CANCELLED: pb.FINISH_REASON_CANCELLED,
     Finish.WITHHELD: pb.FINISH_REASON_WITHHELD,
+    Finish.REPETITION: pb.FINISH_REASON_REPETITION,
 }
 _UNITS = {pb.PartiallyAccepted.UNIT_WORD: "word", pb.PartiallyAccepted.UNIT_LINE: "line"}
 _REASONS = {pb.Rejected.REASON_DISMISSED: "dismissed", pb.Rejected.REASON_TYPED_OVER: "typed_over"}

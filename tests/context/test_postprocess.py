@@ -83,6 +83,36 @@ def stream(text: str) -> list[str]:
             "result = compute()",
             Finish.SUFFIX_OVERLAP,
         ),
+        # the model loops on a line of its own: it ends before the line comes again
+        (
+            "    finally:\n        ",
+            "\n",
+            Mode.MULTI_LINE,
+            "os.remove(name)\n        shutil.rmtree(folder)\n        shutil.rmtree(folder)\n",
+            "os.remove(name)\n        shutil.rmtree(folder)",
+            Finish.REPETITION,
+        ),
+        # ... or on two lines
+        (
+            "def forward(self, text):\n    ",
+            "\n",
+            Mode.MULTI_LINE,
+            "# the name is invalid\n    return 'test'\n"
+            "    # the name is invalid\n    return 'test'\n",
+            "# the name is invalid\n    return 'test'",
+            Finish.REPETITION,
+        ),
+        # short lines repeat in real code; a longer one at another indentation is another line
+        (
+            "def f(items):\n    ",
+            "\n",
+            Mode.MULTI_LINE,
+            "for item in items:\n        if item:\n            pass\n        else:\n"
+            "            pass\n            for item in items:\n\nx = 1\n",
+            "for item in items:\n        if item:\n            pass\n        else:\n"
+            "            pass\n            for item in items:",
+            Finish.BLOCK_END,
+        ),
         # the model simply ends
         ("x = ", "\n", Mode.SINGLE_LINE, "42", "42", Finish.STOP),
     ],
@@ -98,6 +128,13 @@ def test_streamed_text_is_never_taken_back() -> None:
     _, _, shown = run("def f(x):\n    ", "\n", Mode.MULTI_LINE, list(generated))
     assert "".join(shown) == "y = x + 1\n    return y"
     assert any(shown[:-1]), "something was released before the end"
+
+
+def test_a_loop_is_cut_before_any_of_its_repeat_is_shown() -> None:
+    generated = "a = load(path)\n    b = load(path)\n    a = load(path)\n    b = load(path)\n"
+    _, reason, shown = run("def f(path):\n    ", "\n", Mode.MULTI_LINE, list(generated))
+    assert reason is Finish.REPETITION
+    assert "".join(shown) == "a = load(path)\n    b = load(path)"
 
 
 def test_truncator_ignores_text_after_a_cut() -> None:
