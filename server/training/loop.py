@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -272,17 +273,34 @@ def scores_once(
 
 def kept_scores(settings: Settings, template: Template, model: str, samples: list[Sample]) -> Path:
     """Where `model`'s scores on `samples` are kept, named by what decides them: the model
-    file, the template, the serving settings and the samples."""
+    file, the template, the serving settings and code, and the samples."""
     served = model_store.resolve(model, settings.cache_dir, want="gguf").path.resolve()
     facts = served.stat()
     decides = [
         str(served), facts.st_size, facts.st_mtime_ns, template.template_id,
         template.content_hash, repr(settings.context),
         repr(dataclasses.replace(settings.engine, model="")),
-        [dataclasses.asdict(s) for s in samples],
+        [dataclasses.asdict(s) for s in samples], serving_code_hash(),
     ]  # fmt: skip
     key = hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()
     return settings.cache_dir / "heldout-scores" / f"{key}.jsonl"
+
+
+@functools.cache
+def serving_code_hash() -> str:
+    """Of the code between a prompt and a scored answer: the context package (prompt,
+    post-processing, gate), the completer and the scorer. Scores kept from before a change
+    to it (a new post-processing filter) are not the current code's."""
+    from ghostpen import context
+    from ghostpen.server import completion
+    from ghostpen.server.training import heldout
+
+    files = sorted(Path(context.__file__).parent.glob("*.py"))
+    files += [Path(module.__file__) for module in (completion, heldout) if module.__file__]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
 def _base_gguf(

@@ -112,3 +112,15 @@ def test_the_kept_steps_samples_are_unscored_and_from_unscored_files_first() -> 
     assert {s.file for s in picked[:20]} == {"shop/b.py", "shop/c.py"}  # none of theirs scored
     assert [s.file for s in picked[20:]] == ["shop/a.py"] * 2
     assert picked == loop.unscored(samples, scored, 22, 0)  # seeded
+
+
+def test_scores_kept_under_other_serving_code_are_not_reused(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF")
+    served = load_template(settings.context.template)
+    kept = loop.kept_scores(settings, served, str(model), [])
+    assert loop.kept_scores(settings, served, str(model), []) == kept
+    monkeypatch.setattr(loop, "serving_code_hash", lambda: "post-processing changed")
+    assert loop.kept_scores(settings, served, str(model), []) != kept
