@@ -237,18 +237,18 @@ def evaluate(
     with `adapter` (a GGUF LoRA of it), as the engine serves a request that names it."""
     from ghostpen.server.engines.factory import start_in_process
 
-    named = f"{ADAPTER_NAME}={adapter}" if adapter is not None else ""
+    name = ADAPTER_NAME if adapter is not None else ""
     engine_settings = dataclasses.replace(
-        settings.engine, model=model, engine="llama.cpp", lora_adapters=named
+        settings.engine,
+        model=model,
+        engine="llama.cpp",
+        lora_adapters=f"{name}={adapter}" if name else "",
     )
 
     async def run() -> list[Scored]:
         engine = await start_in_process(engine_settings, settings.cache_dir)
         try:
-            return await score(
-                engine, settings, template, samples, HELDOUT_CONCURRENCY,
-                ADAPTER_NAME if adapter is not None else "",
-            )  # fmt: skip
+            return await score(engine, settings, template, samples, HELDOUT_CONCURRENCY, name)
         finally:
             await engine.close()
 
