@@ -8,6 +8,7 @@ the final completion drops.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -17,6 +18,8 @@ from ghostpen.context.languages import parser_for
 
 _BLOCK_OPENERS = (":", "{", "(", "[", "=>", "->", " do", " then")
 _BLOCK_CLOSERS = ("}", ")", "]", "end")
+# Statements after which nothing more at their own level runs: a line there is unreachable.
+_BLOCK_LEAVERS = re.compile(r"(return|raise|throw|break|continue)\b")
 _SYNTAX_CONTEXT_LINES = 80
 # A line repeated within one completion is a loop (a small model's greedy decoding falls into
 # them: `shutil.rmtree(name)` twenty times). Shorter lines repeat in real code (`pass`, `}`).
@@ -126,6 +129,30 @@ def cut_at_block_end(text: str, cursor: CursorSurroundings) -> Cut | None:
     return None
 
 
+def cut_at_unreachable(text: str, cursor: CursorSurroundings) -> Cut | None:
+    """A line at the level of a `return` (`raise`, `throw`, `break`, `continue`) before it would
+    never run: the block ended there and the model went on (`return input.upper()` and then a
+    comment and another `return`). Deeper lines (the rest of the statement) and closing brackets
+    are kept. The first line is whole with the cursor line's text before it."""
+    if cursor.mode is not Mode.MULTI_LINE:
+        return None
+    level = None
+    offset = 0
+    for number, line in enumerate(text.split("\n")[:-1]):  # complete lines only
+        whole = cursor.line_prefix + line if number == 0 else line
+        code = whole.strip()
+        if code:
+            indent = _indent(whole)
+            if indent == level and not code.startswith(_BLOCK_CLOSERS):
+                return Cut(max(offset - 1, 0), Finish.BLOCK_END)
+            if level is not None and indent < level:
+                level = None  # the block it left has ended: `elif`, `}`
+            if level is None and _BLOCK_LEAVERS.match(code):
+                level = indent
+        offset += len(line) + 1
+    return None
+
+
 def cut_at_syntax_block_end(text: str, cursor: CursorSurroundings) -> Cut | None:
     """Where tree-sitter knows the language: the innermost construct that began before the cursor
     and ends, at the end of a line, inside the completion is the block being completed; text
@@ -193,6 +220,7 @@ FILTERS: tuple[Filter, ...] = (
     cut_at_suffix_repeat,
     cut_at_repeated_line,
     cut_at_block_end,
+    cut_at_unreachable,
     cut_at_syntax_block_end,
 )
 

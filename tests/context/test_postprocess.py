@@ -113,6 +113,35 @@ def stream(text: str) -> list[str]:
             "            pass\n            for item in items:",
             Finish.BLOCK_END,
         ),
+        # a line at the level of a `return` would never run: the block ended there
+        (
+            "    def check(self, input):\n        ",
+            "\n",
+            Mode.MULTI_LINE,
+            "return input.upper()\n        # this will raise\n        return 'test'\n",
+            "return input.upper()",
+            Finish.BLOCK_END,
+        ),
+        # ... the rest of its statement, deeper or a closing bracket, is kept
+        (
+            "function view() {\n  ",
+            "\n}\n",
+            Mode.MULTI_LINE,
+            "return (\n    <div />\n  );\n  render();\n",
+            "return (\n    <div />\n  );",
+            Finish.BLOCK_END,
+        ),
+        # ... and once that block has ended, its level is live again (`elif`)
+        (
+            "def sign(n):\n    ",
+            "\n",
+            Mode.MULTI_LINE,
+            "if n < 0:\n        return -1\n    elif n > 0:\n        n = 1\n"
+            "        return n\n    raise ValueError(n)\n\nx = 1\n",
+            "if n < 0:\n        return -1\n    elif n > 0:\n        n = 1\n"
+            "        return n\n    raise ValueError(n)",
+            Finish.BLOCK_END,
+        ),
         # the model simply ends
         ("x = ", "\n", Mode.SINGLE_LINE, "42", "42", Finish.STOP),
     ],
@@ -209,10 +238,10 @@ def test_no_syntax_cut_while_the_block_goes_on() -> None:
 @pytest.mark.parametrize(
     ("generated", "expected"),
     [
-        ("    return x\n    y = 1\n", "return x\n    y = 1"),  # the indentation, written again
-        ("        return x\n", "    return x"),  # deeper than the cursor: the rest stays
-        ("  return x\n", "return x"),  # shallower: no more than the model wrote goes
-        ("return x\n", "return x"),  # none at all
+        ("    y = x\n    z = 1\n", "y = x\n    z = 1"),  # the indentation, written again
+        ("        y = x\n", "    y = x"),  # deeper than the cursor: the rest stays
+        ("  y = x\n", "y = x"),  # shallower: no more than the model wrote goes
+        ("y = x\n", "y = x"),  # none at all
     ],
 )
 def test_the_indentation_the_prompt_left_out_is_removed_once(generated, expected) -> None:
