@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from ghostpen.cli import main
 from ghostpen.context.template import load_template
 from ghostpen.server.model_store import REGISTRY, models_dir, resolve
-from ghostpen.server.settings import Settings
+from ghostpen.server.settings import EngineSettings, Settings
 from ghostpen.server.telemetry.store import Store
 from ghostpen.server.training import loop, registry
 from ghostpen.server.training.export import Sample, read_samples
@@ -124,3 +125,29 @@ def test_scores_kept_under_other_serving_code_are_not_reused(
     assert loop.kept_scores(settings, served, str(model), []) == kept
     monkeypatch.setattr(loop, "serving_code_hash", lambda: "post-processing changed")
     assert loop.kept_scores(settings, served, str(model), []) != kept
+
+
+class _Started(Exception):
+    """Raised by the stand-in engine start: what it was started with is the test's answer."""
+
+
+@pytest.mark.parametrize(("threads", "expected"), [(0, len(os.sched_getaffinity(0))), (1, 1)])
+def test_scoring_runs_the_engine_on_every_core_unless_threads_is_set(
+    monkeypatch: pytest.MonkeyPatch, threads: int, expected: int
+) -> None:
+    settings = Settings.load({})
+    from ghostpen.server.engines import factory
+
+    started = []
+
+    async def start(engine_settings: EngineSettings, cache_dir: Path) -> None:
+        started.append(engine_settings.threads)
+        raise _Started
+
+    monkeypatch.setattr(factory, "start_in_process", start)
+    chosen = dataclasses.replace(
+        settings, engine=dataclasses.replace(settings.engine, threads=threads)
+    )
+    with pytest.raises(_Started):
+        loop.evaluate(chosen, load_template(settings.context.template), "any-model", [])
+    assert started == [expected]
