@@ -4,18 +4,23 @@ loop scored:
   a scale below 1 interpolates between base and tune), against the base and the merged,
   quantized model the loop scored;
 - `loss`: the target's teacher-forced loss per token, the base against the kept adapter: whether
-  the tune learned what the completions are, before greedy decoding and post-processing.
+  the tune learned what the completions are, before greedy decoding and post-processing;
+- `latency`: what serving the tuned GGUF costs against the base's, per token: each held-out
+  prompt read and then a fixed number of tokens written, the two models taking turns.
 
     python -m ghostpen.benchmarks.tuned_probe adapter agents-4 --scale 0.5
     python -m ghostpen.benchmarks.tuned_probe loss agents-4
+    python -m ghostpen.benchmarks.tuned_probe latency mix-2 --limit 20
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from ghostpen.context.template import load_template
@@ -32,10 +37,11 @@ from ghostpen.server.training.tasks import KINDS
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=("adapter", "loss"))
+    parser.add_argument("probe", choices=("adapter", "loss", "latency"))
     parser.add_argument("name", help="a version `ghostpen loop` made")
     parser.add_argument("--scale", type=float, default=1.0, help="of the adapter (adapter)")
     parser.add_argument("--limit", type=int, default=0, help="the first N scored samples only")
+    parser.add_argument("--tokens", type=int, default=32, help="after each prompt (latency)")
     parser.add_argument("--seed", type=int, default=0, help="the loop's, which drew the samples")
     args = parser.parse_args(argv)
     settings = Settings.load({})
@@ -48,6 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe == "loss":
         for group, loss in target_losses(folder / "tune" / "adapter", base_hf, samples).items():
             print(f"  {group}: target loss base {loss[0]:.4f}, tuned {loss[1]:.4f}")
+        return 0
+    if args.probe == "latency":
+        base_gguf = model_store.resolve(scores["against"], settings.cache_dir, want="gguf").path
+        models = {"base": base_gguf, "tuned": folder / "model.gguf"}
+        seconds = latencies(models, [s.prompt for s in samples], args.tokens)
+        print(
+            f"  {args.tokens} tokens after each prompt: base {seconds['base']:.2f} s, tuned "
+            f"{seconds['tuned']:.2f} s, tuned / base {seconds['tuned'] / seconds['base']:.3f}"
+        )
         return 0
     base_template, template = (
         load_template(scores["templates"][k].partition("@")[0]) for k in ("base", "tuned")
@@ -107,6 +122,33 @@ def target_losses(
                 base = heldout_loss(tuned, dataset, 0.0, "cpu", MAX_SEQ_TOKENS)
             losses[group] = (base, heldout_loss(tuned, dataset, 0.0, "cpu", MAX_SEQ_TOKENS))
     return losses
+
+
+def latencies(models: dict[str, Path], prompts: list[str], tokens: int) -> dict[str, float]:
+    """Seconds each model takes to read every prompt and write `tokens` greedy tokens after it,
+    never stopping early: a per-token cost, where a served completion's time also depends on
+    when the model ends it. The models take turns prompt by prompt, so a drift in the machine's
+    speed falls on both. llama.cpp on every core: run it alone."""
+    from llama_cpp import Llama
+
+    threads = len(os.sched_getaffinity(0))
+    window = 2048
+    engines = {
+        name: Llama(str(path), n_ctx=window, n_threads=threads, n_threads_batch=threads,
+                    verbose=False)
+        for name, path in models.items()
+    }  # fmt: skip
+    seconds = dict.fromkeys(models, 0.0)
+    for prompt in prompts:
+        for name, engine in engines.items():
+            ids = engine.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+            started = time.perf_counter()
+            engine.reset()
+            engine.eval(ids[-(window - tokens) :])
+            for _ in range(tokens):
+                engine.eval([engine.sample(temp=0.0)])
+            seconds[name] += time.perf_counter() - started
+    return seconds
 
 
 if __name__ == "__main__":

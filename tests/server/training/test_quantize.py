@@ -17,6 +17,7 @@ import gguf
 import pytest
 import pytest_asyncio
 
+from ghostpen.benchmarks.tuned_probe import latencies
 from ghostpen.server.engines.base import Engine, EngineRequest
 from ghostpen.server.engines.factory import start_in_process
 from ghostpen.server.errors import ModelError
@@ -145,6 +146,14 @@ async def test_the_engine_serves_the_merged_gguf_and_it_writes_what_it_learnt(
     # loss stops near 6.9 (from 12.1), enough for the completion to be the likeliest tokens.
     assert tuned.loss < 7.5
     assert await complete(merged_engine, PROMPT) == COMPLETION
+
+
+def test_the_latency_probe_times_both_models_on_every_prompt(
+    base_gguf: Path, merged_gguf: Path
+) -> None:
+    seconds = latencies({"base": base_gguf, "tuned": merged_gguf}, [PROMPT, OTHER], 4)
+    assert set(seconds) == {"base", "tuned"}
+    assert all(s > 0 for s in seconds.values())
 
 
 def test_the_loop_scores_an_adapter_on_its_base_as_a_request_naming_it_is_served(
