@@ -174,10 +174,10 @@ def run_loop(
 
 def drawn(samples: list[Sample], count: int, seed: int) -> list[Sample]:
     """A seeded draw of `count` samples, so that every kind of sample is scored, not the first
-    in the file's order."""
-    if len(samples) <= count:
-        return samples
-    return [samples[i] for i in sorted(random.Random(seed).sample(range(len(samples)), count))]
+    in the file's order. A larger draw holds the smaller one (the start of one seeded order),
+    so that its kept scores are reused."""
+    order = random.Random(seed).sample(range(len(samples)), len(samples))
+    return [samples[i] for i in sorted(order[:count])]
 
 
 def unscored(samples: list[Sample], scored: list[Sample], count: int, seed: int) -> list[Sample]:
@@ -261,32 +261,48 @@ def evaluate(
 def scores_once(
     settings: Settings, template: Template, model: str, samples: list[Sample]
 ) -> list[Scored]:
-    """`evaluate`, kept under the cache (`kept_scores`): a weekly flywheel scores the same base
-    on much the same held-out split, and this halves its evaluation."""
-    kept = kept_scores(settings, template, model, samples)
-    if kept.is_file():
-        return [Scored(**json.loads(line)) for line in kept.read_text().splitlines()]
-    scored = evaluate(settings, template, model, samples)
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    partial = kept.with_suffix(".partial")
-    partial.write_text("".join(json.dumps(dataclasses.asdict(s)) + "\n" for s in scored))
-    os.replace(partial, kept)
-    return scored
+    """`evaluate`, kept sample by sample under the cache (`kept_scores`): a weekly flywheel
+    scores the same base on much the same held-out split, and a larger draw of it (the seeded
+    draw of more samples starts with the smaller one) scores only the samples it adds."""
+    path = kept_scores(settings, template, model)
+    kept = _read_kept(path)
+    missing = [sample for sample in samples if _sample_key(sample) not in kept]
+    if missing:
+        scored = evaluate(settings, template, model, missing)
+        kept |= {_sample_key(s): answer for s, answer in zip(missing, scored, strict=True)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        lines = (json.dumps({"key": key, **dataclasses.asdict(a)}) for key, a in kept.items())
+        partial.write_text("".join(line + "\n" for line in lines))
+        os.replace(partial, path)
+    return [kept[_sample_key(sample)] for sample in samples]
 
 
-def kept_scores(settings: Settings, template: Template, model: str, samples: list[Sample]) -> Path:
-    """Where `model`'s scores on `samples` are kept, named by what decides them: the model
-    file, the template, the serving settings and code, and the samples."""
+def kept_scores(settings: Settings, template: Template, model: str) -> Path:
+    """Where `model`'s scores are kept, named by what decides them but the sample: the model
+    file, the template, the serving settings and code."""
     served = model_store.resolve(model, settings.cache_dir, want="gguf").path.resolve()
     facts = served.stat()
     decides = [
         str(served), facts.st_size, facts.st_mtime_ns, template.template_id,
         template.content_hash, repr(settings.context),
-        repr(dataclasses.replace(settings.engine, model="")),
-        [dataclasses.asdict(s) for s in samples], serving_code_hash(),
+        repr(dataclasses.replace(settings.engine, model="")), serving_code_hash(),
     ]  # fmt: skip
     key = hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()
     return settings.cache_dir / "heldout-scores" / f"{key}.jsonl"
+
+
+def _sample_key(sample: Sample) -> str:
+    """All of the sample: what its prompt is rendered from, and what it is scored against."""
+    text = json.dumps(dataclasses.asdict(sample), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _read_kept(path: Path) -> dict[str, Scored]:
+    if not path.is_file():
+        return {}
+    rows = (json.loads(line) for line in path.read_text().splitlines())
+    return {row.pop("key"): Scored(**row) for row in rows}
 
 
 @functools.cache

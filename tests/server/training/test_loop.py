@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 
 from ghostpen.cli import main
-from ghostpen.context.template import load_template
+from ghostpen.context.template import Template, load_template
 from ghostpen.server.model_store import REGISTRY, models_dir, resolve
 from ghostpen.server.settings import EngineSettings, Settings
 from ghostpen.server.telemetry.store import Store
 from ghostpen.server.training import loop, registry
 from ghostpen.server.training.export import Sample, read_samples
+from ghostpen.server.training.heldout import Scored
 from ghostpen.server.training.loop import LoopConfig, run_loop
 from tests.server.training.test_export import git_repo
 from tests.tiny_model import build_tiny_qwen2
@@ -81,13 +82,13 @@ def test_the_loop_makes_registers_and_serves_a_version(
         # the base's scores are kept: a second run on the same held-out samples reuses them
         served = load_template(settings.context.template)
         base_gguf = str(folder / "base.gguf")
-        kept = loop.kept_scores(loop_settings, served, base_gguf, heldout)
+        kept = loop.kept_scores(loop_settings, served, base_gguf)
         monkeypatch.setattr(loop, "evaluate", lambda *_: pytest.fail("scored the base again"))
         again = loop.scores_once(loop_settings, served, base_gguf, heldout)
         assert [s.sample_id for s in again] == [s.sample_id for s in heldout]
         assert sum(s.similarity for s in again) / 6 == scores["similarity_means"]["base"]
         kept.unlink()
-        tuned = loop.kept_scores(loop_settings, load_template(config.template), name, heldout)
+        tuned = loop.kept_scores(loop_settings, load_template(config.template), name)
         tuned.unlink()
         store.close()
         where = ["--set", f"database={database}"]
@@ -97,6 +98,11 @@ def test_the_loop_makes_registers_and_serves_a_version(
         assert "template qwen25-coder-repo-fim," in listed
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+SAMPLE = Sample(
+    "0" * 16, "repo", "a.py", "python", "line", 0, "p", "t", "", "", "", "", "shop", "a.py", ()
+)
 
 
 def test_the_kept_steps_samples_are_unscored_and_from_unscored_files_first() -> None:
@@ -115,16 +121,47 @@ def test_the_kept_steps_samples_are_unscored_and_from_unscored_files_first() -> 
     assert picked == loop.unscored(samples, scored, 22, 0)  # seeded
 
 
+def test_a_larger_draw_holds_the_smaller_one() -> None:
+    many = [dataclasses.replace(SAMPLE, sample_id=f"{n:016x}") for n in range(100)]
+    assert set(loop.drawn(many, 20, 0)) < set(loop.drawn(many, 40, 0))
+
+
+def test_a_larger_draw_scores_only_the_samples_it_adds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings.load({"cache_dir": str(tmp_path)})
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF")
+    served = load_template(settings.context.template)
+    samples = [dataclasses.replace(SAMPLE, sample_id=f"{n:016x}", target=f"t{n}") for n in range(5)]
+    asked: list[list[str]] = []
+
+    def evaluate(
+        settings: Settings, template: Template, model: str, chosen: list[Sample]
+    ) -> list[Scored]:
+        asked.append([s.sample_id for s in chosen])
+        return [Scored(s.sample_id, s.target, 1.0, 1.0, 10, 5.0) for s in chosen]
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    first = loop.scores_once(settings, served, str(model), samples[:3])
+    larger = loop.scores_once(settings, served, str(model), [samples[4], *samples[:3]])
+    assert asked == [[s.sample_id for s in samples[:3]], [samples[4].sample_id]]
+    assert [s.text for s in larger] == ["t4", "t0", "t1", "t2"]  # in the order asked
+    assert larger[1:] == first
+    assert loop.scores_once(settings, served, str(model), samples[1:2]) == first[1:2]
+    assert len(asked) == 2
+
+
 def test_scores_kept_under_other_serving_code_are_not_reused(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = tmp_path / "model.gguf"
     model.write_bytes(b"GGUF")
     served = load_template(settings.context.template)
-    kept = loop.kept_scores(settings, served, str(model), [])
-    assert loop.kept_scores(settings, served, str(model), []) == kept
+    kept = loop.kept_scores(settings, served, str(model))
+    assert loop.kept_scores(settings, served, str(model)) == kept
     monkeypatch.setattr(loop, "serving_code_hash", lambda: "post-processing changed")
-    assert loop.kept_scores(settings, served, str(model), []) != kept
+    assert loop.kept_scores(settings, served, str(model)) != kept
 
 
 class _Started(Exception):
