@@ -234,9 +234,7 @@ def evaluate(
     adapter: Path | None = None,
 ) -> list[Scored]:
     """`model` (a name `model_store.resolve` knows) on llama.cpp, in this process, scored;
-    with `adapter` (a GGUF LoRA of it), as the engine serves a request that names it. On every
-    core unless `threads` says otherwise: scoring is a batch job with nothing beside it, where
-    serving keeps a core free (1.8x faster on 2 cores, the same texts)."""
+    with `adapter` (a GGUF LoRA of it), as the engine serves a request that names it."""
     from ghostpen.server.engines.factory import start_in_process
 
     name = ADAPTER_NAME if adapter is not None else ""
@@ -244,7 +242,7 @@ def evaluate(
         settings.engine,
         model=model,
         engine="llama.cpp",
-        threads=settings.engine.threads or len(os.sched_getaffinity(0)),
+        threads=scoring_threads(settings),
         lora_adapters=f"{name}={adapter}" if name else "",
     )
 
@@ -256,6 +254,14 @@ def evaluate(
             await engine.close()
 
     return asyncio.run(run())
+
+
+def scoring_threads(settings: Settings) -> int:
+    """Every core unless `threads` says otherwise: scoring is a batch job with nothing beside
+    it, where serving keeps a core free (1.8x faster on 2 cores). A part of what decides the
+    scores: llama.cpp sums in another order on another number of threads, and a greedy near-tie
+    can go the other way (4 of 150 texts, 1 thread against 2)."""
+    return settings.engine.threads or len(os.sched_getaffinity(0))
 
 
 def scores_once(
@@ -280,13 +286,14 @@ def scores_once(
 
 def kept_scores(settings: Settings, template: Template, model: str) -> Path:
     """Where `model`'s scores are kept, named by what decides them but the sample: the model
-    file, the template, the serving settings and code."""
+    file, the template, the serving settings (threads as scoring runs them) and code."""
     served = model_store.resolve(model, settings.cache_dir, want="gguf").path.resolve()
     facts = served.stat()
     decides = [
         str(served), facts.st_size, facts.st_mtime_ns, template.template_id,
         template.content_hash, repr(settings.context),
-        repr(dataclasses.replace(settings.engine, model="")), serving_code_hash(),
+        repr(dataclasses.replace(settings.engine, model="", threads=scoring_threads(settings))),
+        serving_code_hash(),
     ]  # fmt: skip
     key = hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()
     return settings.cache_dir / "heldout-scores" / f"{key}.jsonl"

@@ -188,3 +188,18 @@ def test_scoring_runs_the_engine_on_every_core_unless_threads_is_set(
     with pytest.raises(_Started):
         loop.evaluate(chosen, load_template(settings.context.template), "any-model", [])
     assert started == [expected]
+
+
+def test_scores_are_kept_by_the_threads_that_scored_them(tmp_path: Path) -> None:
+    settings = Settings.load({"cache_dir": str(tmp_path)})
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF")
+    served = load_template(settings.context.template)
+
+    def kept(threads: int) -> Path:
+        chosen = dataclasses.replace(settings.engine, threads=threads)
+        return loop.kept_scores(dataclasses.replace(settings, engine=chosen), served, str(model))
+
+    cores = len(os.sched_getaffinity(0))
+    assert kept(0) == kept(cores)  # the default is every core
+    assert kept(cores + 1) != kept(cores)
