@@ -9,7 +9,7 @@ the final completion drops.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
@@ -133,13 +133,11 @@ def cut_at_unreachable(text: str, cursor: CursorSurroundings) -> Cut | None:
     """A line at the level of a `return` (`raise`, `throw`, `break`, `continue`) before it would
     never run: the block ended there and the model went on (`return input.upper()` and then a
     comment and another `return`). Deeper lines (the rest of the statement) and closing brackets
-    are kept. The first line is whole with the cursor line's text before it."""
+    are kept."""
     if cursor.mode is not Mode.MULTI_LINE:
         return None
     level = None
-    offset = 0
-    for number, line in enumerate(text.split("\n")[:-1]):  # complete lines only
-        whole = cursor.line_prefix + line if number == 0 else line
+    for offset, _, whole in _complete_lines(text, cursor):
         code = whole.strip()
         if code:
             indent = _indent(whole)
@@ -149,7 +147,6 @@ def cut_at_unreachable(text: str, cursor: CursorSurroundings) -> Cut | None:
                 level = None  # the block it left has ended: `elif`, `}`
             if level is None and _BLOCK_LEAVERS.match(code):
                 level = indent
-        offset += len(line) + 1
     return None
 
 
@@ -199,18 +196,23 @@ def cut_at_suffix_repeat(text: str, cursor: CursorSurroundings) -> Cut | None:
 
 def cut_at_repeated_line(text: str, cursor: CursorSurroundings) -> Cut | None:
     """A completed line that the completion already wrote, indentation and all: the model is
-    looping. The completion ends before it (a line not yet shown: each is cut as it completes).
-    The first line is whole with the cursor line's text before it."""
+    looping. The completion ends before it (a line not yet shown: each is cut as it completes)."""
     seen: set[str] = set()
-    offset = 0
-    for number, line in enumerate(text.split("\n")[:-1]):  # complete lines only
-        whole = cursor.line_prefix + line if number == 0 else line
+    for offset, line, whole in _complete_lines(text, cursor):
         if len(line.strip()) >= _REPEAT_MIN_CHARS:
             if whole in seen:
                 return Cut(max(offset - 1, 0), Finish.REPETITION)
             seen.add(whole)
-        offset += len(line) + 1
     return None
+
+
+def _complete_lines(text: str, cursor: CursorSurroundings) -> Iterator[tuple[int, str, str]]:
+    """Each complete line of the completion: where it starts, the line, and the line whole (the
+    first with the cursor line's text before it)."""
+    offset = 0
+    for number, line in enumerate(text.split("\n")[:-1]):
+        yield offset, line, cursor.line_prefix + line if number == 0 else line
+        offset += len(line) + 1
 
 
 Filter = Callable[[str, CursorSurroundings], Cut | None]

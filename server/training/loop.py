@@ -272,16 +272,17 @@ def scores_once(
     draw of more samples starts with the smaller one) scores only the samples it adds."""
     path = kept_scores(settings, template, model)
     kept = _read_kept(path)
-    missing = [sample for sample in samples if _sample_key(sample) not in kept]
+    keys = [_sample_key(sample) for sample in samples]
+    missing = {key: sample for key, sample in zip(keys, samples, strict=True) if key not in kept}
     if missing:
-        scored = evaluate(settings, template, model, missing)
-        kept |= {_sample_key(s): answer for s, answer in zip(missing, scored, strict=True)}
+        scored = evaluate(settings, template, model, list(missing.values()))
+        kept |= dict(zip(missing, scored, strict=True))
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
         lines = (json.dumps({"key": key, **dataclasses.asdict(a)}) for key, a in kept.items())
         partial.write_text("".join(line + "\n" for line in lines))
         os.replace(partial, path)
-    return [kept[_sample_key(sample)] for sample in samples]
+    return [kept[key] for key in keys]
 
 
 def kept_scores(settings: Settings, template: Template, model: str) -> Path:
