@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     loop.add_argument(
         "--prompt-weight", type=float, help="loss weight of the prompt's own code; default 0.1"
     )
+    loop.add_argument(
+        "--lr-decay", action="store_true", help="the rate falls to zero at --minutes or --steps"
+    )
     loop.add_argument("--top-layers", type=int, help="LoRA on the top N layers only; default all")
     loop.add_argument(
         "--train-prefix-tokens", type=int, help="cut training prompts' prefix window to this"
@@ -282,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--lr", type=float)
     tune.add_argument(
         "--prompt-weight", type=float, help="loss weight of the prompt's own code; 0: target only"
+    )
+    tune.add_argument(
+        "--lr-decay", action="store_true", help="the rate falls to zero at --minutes or --steps"
     )
     tune.add_argument("--top-layers", type=int, help="LoRA on the top N layers only; 0: all")
     tune.add_argument("--max-seq-tokens", type=int, help="a sample's; its prompt is cut to fit")
@@ -496,7 +502,7 @@ def _tune(args: argparse.Namespace, settings: Settings) -> int:
 
     options = (
         "steps", "minutes", "rank", "lr", "prompt_weight", "top_layers", "max_seq_tokens",
-        "batch_tokens", "seed", "dtype", "heldout", "heldout_every",
+        "batch_tokens", "seed", "dtype", "heldout", "heldout_every", "lr_decay",
     )  # fmt: skip
     given = {name: getattr(args, name) for name in options if getattr(args, name) is not None}
     if args.minutes is not None and args.steps is None:
@@ -871,6 +877,7 @@ def _loop(args: argparse.Namespace, settings: Settings) -> int:
                 train_budgets=_train_budgets(args, settings),
                 seed=args.seed,
                 note=args.note,
+                lr_decay=args.lr_decay,
                 **{
                     name: getattr(args, name)
                     for name in ("lr", "prompt_weight", "top_layers")

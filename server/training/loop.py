@@ -63,6 +63,7 @@ class LoopConfig:
     heldout_samples: int = HELDOUT_SAMPLES
     lr: float = LEARNING_RATE
     prompt_weight: float = PROMPT_WEIGHT
+    lr_decay: bool = False  # the tune's rate falls to zero at its bound
     top_layers: int = 0  # LoRA on these top layers only; 0: all
     train_budgets: tuple[int, int] | None = None  # training prompts' (prefix, context) tokens
     seed: int = 0
@@ -126,6 +127,7 @@ def run_loop(
                 minutes=config.minutes,
                 lr=config.lr,
                 prompt_weight=config.prompt_weight,
+                lr_decay=config.lr_decay,
                 top_layers=config.top_layers,
                 seed=config.seed,
                 heldout=folder / "data" / "validation.jsonl" if validation else None,

@@ -10,6 +10,10 @@ The out directory holds:
 The defaults suit Qwen2.5-Coder-0.5B on a CPU: rank 16 on every linear projection of attention
 and MLP (LoRA on attention alone falls short of full fine-tuning; QLoRA, Dettmers et al. 2023),
 alpha twice the rank, lr 2e-4, 4k tokens a step (a step takes about 100 s on two EPYC cores).
+The learning rate warms up over WARMUP_STEPS and then stays; with `lr_decay` it falls linearly
+to zero at the run's bound (`learning_rate`), so a run cut by a budget ends on its smallest
+steps rather than mid-stride at the peak (Li et al., "Budgeted Training", ICLR 2020). The fall
+depends on the bound: a run resumed with a larger one follows another schedule.
 
 The loss is on the target, and at PROMPT_WEIGHT on the prompt's own code, the file's text before
 the cursor (dataset.Sample.code): a completion's target is a few tokens, its prompt hundreds
@@ -48,7 +52,7 @@ RANK = 16
 ALPHA = 32
 DROPOUT = 0.05
 LEARNING_RATE = 2e-4
-WARMUP_STEPS = 3  # the learning rate rises linearly over these, then stays
+WARMUP_STEPS = 3  # the learning rate rises linearly over these, then stays (or decays)
 MAX_GRAD_NORM = 1.0
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_SEQ_TOKENS = 2048  # a sample's prompt and target; the serving context window's default
@@ -75,6 +79,7 @@ class TuneConfig:
     dropout: float = DROPOUT
     lr: float = LEARNING_RATE
     prompt_weight: float = PROMPT_WEIGHT
+    lr_decay: bool = False  # to zero at the first bound, steps or minutes
     target_modules: tuple[str, ...] = TARGET_MODULES
     # LoRA on the top N decoder layers only (0: all): the backward stops below them, so a step
     # costs less than a forward and a full backward, at the price of what lower layers learn
@@ -213,7 +218,7 @@ def tune(config: TuneConfig, progress: Callable[[Progress], None] | None = None)
         )
         step_started = time.monotonic()
         batches = [[dataset.samples[i] for i in batch] for batch in micro_batches]
-        lr = config.lr * min(1.0, (state.step + 1) / WARMUP_STEPS)
+        lr = learning_rate(config, state.step, time.monotonic() - started)
         loss = _step(model, optimizer, batches, lr, config.prompt_weight, device)
         tokens = sum(len(sample.ids) for batch in batches for sample in batch)
         run_tokens += tokens
@@ -282,6 +287,20 @@ def tune(config: TuneConfig, progress: Callable[[Progress], None] | None = None)
     )
 
 
+def learning_rate(config: TuneConfig, step: int, elapsed_s: float) -> float:
+    """The rate of the step after `step` steps, `elapsed_s` into this run: a linear warmup, then
+    the peak; with `lr_decay`, a linear fall to zero at whichever bound comes first, `steps` in
+    all or this run's `minutes` (a run resumed under `minutes` decays over its own)."""
+    warm = config.lr * min(1.0, (step + 1) / WARMUP_STEPS)
+    if not config.lr_decay:
+        return warm
+    done = max(
+        step / config.steps if config.steps is not None else 0.0,
+        elapsed_s / (config.minutes * 60) if config.minutes is not None else 0.0,
+    )
+    return warm * max(0.0, 1.0 - done)
+
+
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware; emulated bf16 is slower than fp32."""
     try:
@@ -320,6 +339,7 @@ def _run_identity(
         "alpha": config.alpha,
         "dropout": config.dropout,
         "lr": config.lr,
+        "lr_decay": config.lr_decay,
         "prompt_weight": config.prompt_weight,
         "target_modules": list(config.target_modules),
         "top_layers": config.top_layers,

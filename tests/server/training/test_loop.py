@@ -44,7 +44,7 @@ def test_the_loop_makes_registers_and_serves_a_version(
     said: list[str] = []
     config = LoopConfig(
         name=name, base=str(base), repos=(repo,), captures=False, template="qwen25-coder-repo-fim",
-        repo_samples=60, steps=3, minutes=None, heldout_samples=6,
+        repo_samples=60, steps=3, minutes=None, heldout_samples=6, lr_decay=True,
     )  # fmt: skip
     folder = registry.version_dir(settings.cache_dir, name)
     try:
@@ -54,6 +54,7 @@ def test_the_loop_makes_registers_and_serves_a_version(
         # held-out samples the comparison does not score pick the tune's kept step
         tuned_run = json.loads((folder / "tune" / "tune.json").read_text())
         assert [step for step, _ in tuned_run["heldout_losses"]] == [0, 3]
+        assert tuned_run["lr_decay"] is True  # the loop's recipe reaches the tune
         assert (made.base, made.kind, made.steps, made.quantization) == (
             str(base),
             "model",

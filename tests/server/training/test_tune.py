@@ -16,7 +16,14 @@ from ghostpen.context.template import load_template
 from ghostpen.server.errors import ModelError, TrainingError
 from ghostpen.server.model_store import REGISTRY
 from ghostpen.server.training.dataset import fit, plan_step, read_dataset
-from ghostpen.server.training.tune import TARGET_MODULES, Progress, TuneConfig, tune
+from ghostpen.server.training.tune import (
+    TARGET_MODULES,
+    WARMUP_STEPS,
+    Progress,
+    TuneConfig,
+    learning_rate,
+    tune,
+)
 from tests.tiny_model import SPECIAL_TOKENS, build_tiny_llama
 
 TEMPLATE = load_template("qwen25-coder-repo-fim")
@@ -293,6 +300,25 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(
     assert (again.steps, again.resumed_from, len(second)) == (6, 6, 3)
 
 
+def test_the_rate_warms_up_then_stays_or_falls_to_zero_at_the_first_bound(
+    base: Path, data: Path, tmp_path: Path
+) -> None:
+    constant = config(base, data, tmp_path, steps=10, lr=1e-3)
+    assert [learning_rate(constant, step, 0.0) for step in (2, 5, 9)] == [1e-3] * 3
+    by_steps = config(base, data, tmp_path, steps=10, lr=1e-3, lr_decay=True)
+    rates = [learning_rate(by_steps, step, 0.0) for step in range(10)]
+    assert rates[:WARMUP_STEPS] == sorted(rates[:WARMUP_STEPS])  # warming up
+    assert rates[WARMUP_STEPS - 1 :] == sorted(rates[WARMUP_STEPS - 1 :], reverse=True)
+    assert rates[5] == pytest.approx(0.5e-3)  # halfway through the steps, half the peak
+    assert rates[9] == pytest.approx(0.1e-3)  # the last step, the smallest
+    by_time = config(base, data, tmp_path, steps=None, minutes=10.0, lr=1e-3, lr_decay=True)
+    assert learning_rate(by_time, 50, 300.0) == pytest.approx(0.5e-3)  # half the minutes
+    assert learning_rate(by_time, 50, 600.0) == 0.0
+    both = config(base, data, tmp_path, steps=100, minutes=10.0, lr=1e-3, lr_decay=True)
+    assert learning_rate(both, 80, 60.0) == pytest.approx(0.2e-3)  # the steps end first
+    assert learning_rate(both, 10, 480.0) == pytest.approx(0.2e-3)  # the minutes end first
+
+
 def test_a_checkpoint_of_another_run_is_refused(base: Path, data: Path, tmp_path: Path) -> None:
     tune(config(base, data, tmp_path / "out", steps=1))
     with pytest.raises(TrainingError, match=r"another run's \(it differs in lr, rank\)"):
@@ -336,10 +362,11 @@ def test_the_command_line_tunes(
 ) -> None:
     out = tmp_path / "out"
     argv = ["tune", "--data", str(data), "--out", str(out), "--base", str(base), "--steps", "2"]
-    argv += ["--dtype", "fp32", "--seed", "3", "--batch-tokens", "128"]
+    argv += ["--dtype", "fp32", "--seed", "3", "--batch-tokens", "128", "--lr-decay"]
     assert cli.main([*argv, "--rank", "4"]) == 0
     summary = json.loads((out / "tune.json").read_text())
     assert (summary["steps"], summary["rank"], summary["seed"]) == (2, 4, 3)
+    assert summary["lr_decay"] is True
     assert "step 2: loss" in capsys.readouterr().err
     assert cli.main([*argv, "--rank", "8"]) == 2  # another run's checkpoint: refused, said why
     assert "differs in rank" in capsys.readouterr().err
