@@ -296,7 +296,7 @@ def learning_rate(config: TuneConfig, step: int, elapsed_s: float) -> float:
         return warm
     done = max(
         step / config.steps if config.steps is not None else 0.0,
-        elapsed_s / (config.minutes * 60) if config.minutes is not None else 0.0,
+        elapsed_s / (config.minutes * 60) if config.minutes else 0.0,
     )
     return warm * max(0.0, 1.0 - done)
 
