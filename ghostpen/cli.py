@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     loop.add_argument("--top-layers", type=int, help="LoRA on the top N layers only; default all")
     loop.add_argument(
+        "--batch-tokens", type=int, help="tokens an optimizer step reads; default 4096"
+    )
+    loop.add_argument(
         "--train-prefix-tokens", type=int, help="cut training prompts' prefix window to this"
     )
     loop.add_argument(
@@ -510,7 +513,7 @@ def _tune(args: argparse.Namespace, settings: Settings) -> int:
     base = args.base or settings.engine.model
     try:
         result = tune(TuneConfig(args.data, args.out, base, settings.cache_dir, **given))
-    except TrainingError as error:
+    except (TrainingError, ValueError) as error:
         print(f"ghostpen tune: {error}", file=sys.stderr)
         return 2
     print(result.merged_dir)
@@ -862,30 +865,30 @@ def _loop(args: argparse.Namespace, settings: Settings) -> int:
     from ghostpen.server.training.loop import LoopConfig, run_loop
 
     served = _promoted(settings)
-    with _store(settings) as store:
-        run_loop(
-            LoopConfig(
-                name=args.name,
-                base=args.base or served.engine.model,
-                repos=tuple(args.repo),
-                captures=not args.no_captures,
-                template=args.template or served.context.template,
-                repo_samples=args.samples,
-                steps=args.steps,
-                minutes=args.minutes,
-                heldout_samples=args.heldout,
-                train_budgets=_train_budgets(args, settings),
-                seed=args.seed,
-                note=args.note,
-                lr_decay=args.lr_decay,
-                **{
-                    name: getattr(args, name)
-                    for name in ("lr", "prompt_weight", "top_layers")
-                    if getattr(args, name) is not None
-                },
-            ),
-            settings,
-            store,
-            lambda line: print(line, flush=True),
+    try:
+        config = LoopConfig(
+            name=args.name,
+            base=args.base or served.engine.model,
+            repos=tuple(args.repo),
+            captures=not args.no_captures,
+            template=args.template or served.context.template,
+            repo_samples=args.samples,
+            steps=args.steps,
+            minutes=args.minutes,
+            heldout_samples=args.heldout,
+            train_budgets=_train_budgets(args, settings),
+            seed=args.seed,
+            note=args.note,
+            lr_decay=args.lr_decay,
+            **{
+                name: getattr(args, name)
+                for name in ("lr", "prompt_weight", "top_layers", "batch_tokens")
+                if getattr(args, name) is not None
+            },
         )
+    except ValueError as error:
+        print(f"ghostpen loop: {error}", file=sys.stderr)
+        return 2
+    with _store(settings) as store:
+        run_loop(config, settings, store, lambda line: print(line, flush=True))
     return 0

@@ -42,7 +42,13 @@ from ghostpen.server.training.export import (
 )
 from ghostpen.server.training.heldout import Scored, compare, score
 from ghostpen.server.training.quantize import QUANT, adapter_to_gguf, to_gguf
-from ghostpen.server.training.tune import LEARNING_RATE, PROMPT_WEIGHT, TuneConfig, tune
+from ghostpen.server.training.tune import (
+    BATCH_TOKENS,
+    LEARNING_RATE,
+    PROMPT_WEIGHT,
+    TuneConfig,
+    tune,
+)
 
 HELDOUT_SAMPLES = 100  # scored by each model: the paired comparison's size
 VALIDATION_SAMPLES = 32  # held out, not scored: their loss picks the tune's kept step
@@ -65,6 +71,7 @@ class LoopConfig:
     prompt_weight: float = PROMPT_WEIGHT
     lr_decay: bool = False  # the tune's rate falls to zero at its bound
     top_layers: int = 0  # LoRA on these top layers only; 0: all
+    batch_tokens: int = BATCH_TOKENS  # tokens an optimizer step reads
     train_budgets: tuple[int, int] | None = None  # training prompts' (prefix, context) tokens
     seed: int = 0
     note: str = ""
@@ -77,6 +84,11 @@ class LoopConfig:
             )
         if self.lr <= 0:
             raise ValueError(f"lr must be above 0: {self.lr}")
+        if self.batch_tokens < 1 or self.top_layers < 0 or self.prompt_weight < 0:
+            raise ValueError(
+                f"batch_tokens must be at least 1, top_layers and prompt_weight at least 0: "
+                f"{self.batch_tokens}, {self.top_layers}, {self.prompt_weight}"
+            )
         if self.train_budgets is not None and min(self.train_budgets) < 0:
             raise ValueError(f"training prompt budgets must be at least 0: {self.train_budgets}")
 
@@ -129,6 +141,7 @@ def run_loop(
                 prompt_weight=config.prompt_weight,
                 lr_decay=config.lr_decay,
                 top_layers=config.top_layers,
+                batch_tokens=config.batch_tokens,
                 seed=config.seed,
                 heldout=folder / "data" / "validation.jsonl" if validation else None,
             ),

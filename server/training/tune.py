@@ -104,6 +104,8 @@ class TuneConfig:
             raise ValueError(f"top_layers must be at least 0 (0: all): {self.top_layers}")
         if self.heldout_every < 1:
             raise ValueError(f"heldout_every must be at least 1: {self.heldout_every}")
+        if self.batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be at least 1: {self.batch_tokens}")
 
 
 @dataclass(frozen=True)

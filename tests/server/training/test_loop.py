@@ -45,6 +45,7 @@ def test_the_loop_makes_registers_and_serves_a_version(
     config = LoopConfig(
         name=name, base=str(base), repos=(repo,), captures=False, template="qwen25-coder-repo-fim",
         repo_samples=60, steps=3, minutes=None, heldout_samples=6, lr_decay=True,
+        batch_tokens=2048,
     )  # fmt: skip
     folder = registry.version_dir(settings.cache_dir, name)
     try:
@@ -55,6 +56,7 @@ def test_the_loop_makes_registers_and_serves_a_version(
         tuned_run = json.loads((folder / "tune" / "tune.json").read_text())
         assert [step for step, _ in tuned_run["heldout_losses"]] == [0, 3]
         assert tuned_run["lr_decay"] is True  # the loop's recipe reaches the tune
+        assert tuned_run["batch_tokens"] == 2048
         assert (made.base, made.kind, made.steps, made.quantization) == (
             str(base),
             "model",
@@ -104,6 +106,16 @@ def test_the_loop_makes_registers_and_serves_a_version(
 SAMPLE = Sample(
     "0" * 16, "repo", "a.py", "python", "line", 0, "p", "t", "", "", "", "", "shop", "a.py", ()
 )
+
+
+def test_a_bad_recipe_is_refused_before_any_data_is_read(tmp_path: Path, capsys) -> None:
+    where = ["--set", f"database={tmp_path / 'telemetry.db'}"]
+    argv = [*where, "loop", "--name", "bad", "--repo", str(tmp_path / "none"), "--no-captures"]
+    assert main([*argv, "--batch-tokens", "0"]) == 2
+    said = capsys.readouterr().err
+    assert "ghostpen loop: batch_tokens must be at least 1" in said and "Traceback" not in said
+    assert main([*argv, "--lr", "0"]) == 2
+    assert "lr must be above 0: 0.0" in capsys.readouterr().err
 
 
 def test_the_kept_steps_samples_are_unscored_and_from_unscored_files_first() -> None:

@@ -370,6 +370,8 @@ def test_the_command_line_tunes(
     assert "step 2: loss" in capsys.readouterr().err
     assert cli.main([*argv, "--rank", "8"]) == 2  # another run's checkpoint: refused, said why
     assert "differs in rank" in capsys.readouterr().err
+    assert cli.main([*argv, "--batch-tokens", "0"]) == 2  # refused before it reads any data
+    assert "batch_tokens must be at least 1: 0" in capsys.readouterr().err
 
 
 def merged_weights(directory: Path) -> dict[str, torch.Tensor]:
