@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     loop.add_argument(
         "--batch-tokens", type=int, help="tokens an optimizer step reads; default 4096"
     )
+    loop.add_argument("--rank", type=int, help="the adapter's rank (alpha twice it); default 16")
     loop.add_argument(
         "--train-prefix-tokens", type=int, help="cut training prompts' prefix window to this"
     )
@@ -882,7 +883,7 @@ def _loop(args: argparse.Namespace, settings: Settings) -> int:
             lr_decay=args.lr_decay,
             **{
                 name: getattr(args, name)
-                for name in ("lr", "prompt_weight", "top_layers", "batch_tokens")
+                for name in ("lr", "prompt_weight", "top_layers", "batch_tokens", "rank")
                 if getattr(args, name) is not None
             },
         )

@@ -46,6 +46,7 @@ from ghostpen.server.training.tune import (
     BATCH_TOKENS,
     LEARNING_RATE,
     PROMPT_WEIGHT,
+    RANK,
     TuneConfig,
     tune,
 )
@@ -72,6 +73,7 @@ class LoopConfig:
     lr_decay: bool = False  # the tune's rate falls to zero at its bound
     top_layers: int = 0  # LoRA on these top layers only; 0: all
     batch_tokens: int = BATCH_TOKENS  # tokens an optimizer step reads
+    rank: int = RANK  # the adapter's, its alpha twice that
     train_budgets: tuple[int, int] | None = None  # training prompts' (prefix, context) tokens
     seed: int = 0
     note: str = ""
@@ -84,10 +86,11 @@ class LoopConfig:
             )
         if self.lr <= 0:
             raise ValueError(f"lr must be above 0: {self.lr}")
-        if self.batch_tokens < 1 or self.top_layers < 0 or self.prompt_weight < 0:
+        if min(self.batch_tokens, self.rank) < 1 or min(self.top_layers, self.prompt_weight) < 0:
             raise ValueError(
-                f"batch_tokens must be at least 1, top_layers and prompt_weight at least 0: "
-                f"{self.batch_tokens}, {self.top_layers}, {self.prompt_weight}"
+                f"batch_tokens and rank must be at least 1, top_layers and prompt_weight at "
+                f"least 0: {self.batch_tokens}, {self.rank}, {self.top_layers}, "
+                f"{self.prompt_weight}"
             )
         if self.train_budgets is not None and min(self.train_budgets) < 0:
             raise ValueError(f"training prompt budgets must be at least 0: {self.train_budgets}")
@@ -142,6 +145,7 @@ def run_loop(
                 lr_decay=config.lr_decay,
                 top_layers=config.top_layers,
                 batch_tokens=config.batch_tokens,
+                rank=config.rank,
                 seed=config.seed,
                 heldout=folder / "data" / "validation.jsonl" if validation else None,
             ),

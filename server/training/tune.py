@@ -9,7 +9,8 @@ The out directory holds:
     tune.json     what was trained on, how, how fast, and the held-out losses
 The defaults suit Qwen2.5-Coder-0.5B on a CPU: rank 16 on every linear projection of attention
 and MLP (LoRA on attention alone falls short of full fine-tuning; QLoRA, Dettmers et al. 2023),
-alpha twice the rank, lr 2e-4, 4k tokens a step (a step takes about 100 s on two EPYC cores).
+alpha twice the rank (at any rank), lr 2e-4, 4k tokens a step (a step takes about 100 s on two
+EPYC cores).
 The learning rate warms up over WARMUP_STEPS and then stays; with `lr_decay` it falls linearly
 to zero at the run's bound (`learning_rate`), so a run cut by a budget ends on its smallest
 steps rather than mid-stride at the peak (Li et al., "Budgeted Training", ICLR 2020). The fall
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
 RANK = 16
-ALPHA = 32
+ALPHA_PER_RANK = 2  # alpha twice the rank, whatever the rank: the update's scale stays 2
 DROPOUT = 0.05
 LEARNING_RATE = 2e-4
 WARMUP_STEPS = 3  # the learning rate rises linearly over these, then stays (or decays)
@@ -75,7 +76,7 @@ class TuneConfig:
     steps: int | None = STEPS  # in all, across resumed runs; None: until `minutes`
     minutes: float | None = None  # of this run; the step in progress finishes
     rank: int = RANK
-    alpha: int = ALPHA
+    alpha: int | None = None  # None: ALPHA_PER_RANK times the rank
     dropout: float = DROPOUT
     lr: float = LEARNING_RATE
     prompt_weight: float = PROMPT_WEIGHT
@@ -104,8 +105,14 @@ class TuneConfig:
             raise ValueError(f"top_layers must be at least 0 (0: all): {self.top_layers}")
         if self.heldout_every < 1:
             raise ValueError(f"heldout_every must be at least 1: {self.heldout_every}")
-        if self.batch_tokens < 1:
-            raise ValueError(f"batch_tokens must be at least 1: {self.batch_tokens}")
+        if self.batch_tokens < 1 or self.rank < 1:
+            raise ValueError(
+                f"batch_tokens and rank must be at least 1: {self.batch_tokens}, {self.rank}"
+            )
+
+    @property
+    def lora_alpha(self) -> int:
+        return self.alpha if self.alpha is not None else ALPHA_PER_RANK * self.rank
 
 
 @dataclass(frozen=True)
@@ -181,7 +188,7 @@ def tune(config: TuneConfig, progress: Callable[[Progress], None] | None = None)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device)
     lora = LoraConfig(
         r=config.rank,
-        lora_alpha=config.alpha,
+        lora_alpha=config.lora_alpha,
         lora_dropout=config.dropout,
         target_modules=list(config.target_modules),
         layers_to_transform=list(range(layers - config.top_layers, layers))
@@ -338,7 +345,7 @@ def _run_identity(
         "heldout_sha256": heldout.sha256 if heldout else "",
         "heldout_every": config.heldout_every,
         "rank": config.rank,
-        "alpha": config.alpha,
+        "alpha": config.lora_alpha,
         "dropout": config.dropout,
         "lr": config.lr,
         "lr_decay": config.lr_decay,

@@ -45,7 +45,7 @@ def test_the_loop_makes_registers_and_serves_a_version(
     config = LoopConfig(
         name=name, base=str(base), repos=(repo,), captures=False, template="qwen25-coder-repo-fim",
         repo_samples=60, steps=3, minutes=None, heldout_samples=6, lr_decay=True,
-        batch_tokens=2048,
+        batch_tokens=2048, rank=4,
     )  # fmt: skip
     folder = registry.version_dir(settings.cache_dir, name)
     try:
@@ -56,7 +56,7 @@ def test_the_loop_makes_registers_and_serves_a_version(
         tuned_run = json.loads((folder / "tune" / "tune.json").read_text())
         assert [step for step, _ in tuned_run["heldout_losses"]] == [0, 3]
         assert tuned_run["lr_decay"] is True  # the loop's recipe reaches the tune
-        assert tuned_run["batch_tokens"] == 2048
+        assert (tuned_run["batch_tokens"], tuned_run["rank"], tuned_run["alpha"]) == (2048, 4, 8)
         assert (made.base, made.kind, made.steps, made.quantization) == (
             str(base),
             "model",
@@ -113,7 +113,8 @@ def test_a_bad_recipe_is_refused_before_any_data_is_read(tmp_path: Path, capsys)
     argv = [*where, "loop", "--name", "bad", "--repo", str(tmp_path / "none"), "--no-captures"]
     assert main([*argv, "--batch-tokens", "0"]) == 2
     said = capsys.readouterr().err
-    assert "ghostpen loop: batch_tokens must be at least 1" in said and "Traceback" not in said
+    assert "ghostpen loop: batch_tokens and rank must be at least 1" in said
+    assert "Traceback" not in said
     assert main([*argv, "--lr", "0"]) == 2
     assert "lr must be above 0: 0.0" in capsys.readouterr().err
 

@@ -64,7 +64,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def config(base: Path, data: Path, out: Path, **changes: object) -> TuneConfig:
     """Small steps at a high rate: a few samples a step, a visible fall within ten steps."""
-    fields = {"steps": 10, "lr": 5e-3, "rank": 8, "batch_tokens": 128, "dtype": "fp32"}
+    fields = {"steps": 10, "lr": 5e-3, "rank": 8, "alpha": 32, "batch_tokens": 128, "dtype": "fp32"}
     return TuneConfig(data, out, str(base), base.parent, **{**fields, **changes})
 
 
@@ -366,12 +366,13 @@ def test_the_command_line_tunes(
     assert cli.main([*argv, "--rank", "4"]) == 0
     summary = json.loads((out / "tune.json").read_text())
     assert (summary["steps"], summary["rank"], summary["seed"]) == (2, 4, 3)
+    assert summary["alpha"] == 8  # twice the rank, whatever the rank
     assert summary["lr_decay"] is True
     assert "step 2: loss" in capsys.readouterr().err
     assert cli.main([*argv, "--rank", "8"]) == 2  # another run's checkpoint: refused, said why
-    assert "differs in rank" in capsys.readouterr().err
+    assert "differs in alpha, rank" in capsys.readouterr().err  # alpha follows the rank
     assert cli.main([*argv, "--batch-tokens", "0"]) == 2  # refused before it reads any data
-    assert "batch_tokens must be at least 1: 0" in capsys.readouterr().err
+    assert "batch_tokens and rank must be at least 1: 0, 16" in capsys.readouterr().err
 
 
 def merged_weights(directory: Path) -> dict[str, torch.Tensor]:
