@@ -48,6 +48,7 @@ from ghostpen.server.training.tune import (
     PROMPT_WEIGHT,
     RANK,
     TuneConfig,
+    check_recipe,
     tune,
 )
 
@@ -86,12 +87,7 @@ class LoopConfig:
             )
         if self.lr <= 0:
             raise ValueError(f"lr must be above 0: {self.lr}")
-        if min(self.batch_tokens, self.rank) < 1 or min(self.top_layers, self.prompt_weight) < 0:
-            raise ValueError(
-                f"batch_tokens and rank must be at least 1, top_layers and prompt_weight at "
-                f"least 0: {self.batch_tokens}, {self.rank}, {self.top_layers}, "
-                f"{self.prompt_weight}"
-            )
+        check_recipe(self.rank, self.batch_tokens, self.top_layers, self.prompt_weight)
         if self.train_budgets is not None and min(self.train_budgets) < 0:
             raise ValueError(f"training prompt budgets must be at least 0: {self.train_budgets}")
 

@@ -99,20 +99,23 @@ class TuneConfig:
             raise ValueError("a fine-tune needs a bound: steps, minutes, or both")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}: {self.dtype!r}")
-        if self.prompt_weight < 0:
-            raise ValueError(f"prompt_weight must be at least 0: {self.prompt_weight}")
-        if self.top_layers < 0:
-            raise ValueError(f"top_layers must be at least 0 (0: all): {self.top_layers}")
         if self.heldout_every < 1:
             raise ValueError(f"heldout_every must be at least 1: {self.heldout_every}")
-        if self.batch_tokens < 1 or self.rank < 1:
-            raise ValueError(
-                f"batch_tokens and rank must be at least 1: {self.batch_tokens}, {self.rank}"
-            )
+        check_recipe(self.rank, self.batch_tokens, self.top_layers, self.prompt_weight)
 
     @property
     def lora_alpha(self) -> int:
         return self.alpha if self.alpha is not None else ALPHA_PER_RANK * self.rank
+
+
+def check_recipe(rank: int, batch_tokens: int, top_layers: int, prompt_weight: float) -> None:
+    """The knobs a tune refuses; the loop checks them too, before its export."""
+    if prompt_weight < 0:
+        raise ValueError(f"prompt_weight must be at least 0: {prompt_weight}")
+    if top_layers < 0:
+        raise ValueError(f"top_layers must be at least 0 (0: all): {top_layers}")
+    if batch_tokens < 1 or rank < 1:
+        raise ValueError(f"batch_tokens and rank must be at least 1: {batch_tokens}, {rank}")
 
 
 @dataclass(frozen=True)
