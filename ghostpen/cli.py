@@ -160,26 +160,30 @@ def main(argv: list[str] | None = None) -> int:
     loop.add_argument("--base", help="the model to tune; default: the served one")
     loop.add_argument("--template", help="the prompt format; default: the serving one")
     loop.add_argument("--samples", type=int, default=2000, help="cuts from each repository")
-    loop.add_argument("--minutes", type=float, default=30.0, help="of training")
+    loop.add_argument("--minutes", type=float, help="of training; default 25")
     loop.add_argument("--steps", type=int, help="of training, at most")
-    loop.add_argument("--heldout", type=int, default=100, help="samples each model is scored on")
-    loop.add_argument("--lr", type=float, help="the tune's learning rate; default 2e-4")
     loop.add_argument(
-        "--prompt-weight", type=float, help="loss weight of the prompt's own code; default 0.1"
+        "--heldout", type=int, dest="heldout_samples", help="samples each model scores; default 600"
+    )
+    loop.add_argument("--lr", type=float, help="the tune's learning rate; default 5e-4")
+    loop.add_argument(
+        "--prompt-weight", type=float, help="loss weight of the prompt's own code; default 1"
     )
     loop.add_argument(
-        "--lr-decay", action="store_true", help="the rate falls to zero at --minutes or --steps"
+        "--lr-decay",
+        action=argparse.BooleanOptionalAction,
+        help="the rate falls to zero at --minutes or --steps (the default), or stays at its peak",
     )
     loop.add_argument("--top-layers", type=int, help="LoRA on the top N layers only; default all")
     loop.add_argument(
         "--batch-tokens", type=int, help="tokens an optimizer step reads; default 4096"
     )
-    loop.add_argument("--rank", type=int, help="the adapter's rank (alpha twice it); default 16")
+    loop.add_argument("--rank", type=int, help="the adapter's rank (alpha twice it); default 64")
     loop.add_argument(
-        "--train-prefix-tokens", type=int, help="cut training prompts' prefix window to this"
+        "--train-prefix-tokens", type=int, help="cut training prompts' prefix window; default 256"
     )
     loop.add_argument(
-        "--train-context-tokens", type=int, help="cut training prompts' context to this"
+        "--train-context-tokens", type=int, help="cut training prompts' context; default 160"
     )
     loop.add_argument("--note", default="")
     loop.add_argument("--seed", type=int, default=0)
@@ -291,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         "--prompt-weight", type=float, help="loss weight of the prompt's own code; 0: target only"
     )
     tune.add_argument(
-        "--lr-decay", action="store_true", help="the rate falls to zero at --minutes or --steps"
+        "--lr-decay",
+        action=argparse.BooleanOptionalAction,
+        help="the rate falls to zero at --minutes or --steps (the default), or stays at its peak",
     )
     tune.add_argument("--top-layers", type=int, help="LoRA on the top N layers only; 0: all")
     tune.add_argument("--max-seq-tokens", type=int, help="a sample's; its prompt is cut to fit")
@@ -850,22 +856,29 @@ def _promoted(settings: Settings) -> Settings:
     )
 
 
-def _train_budgets(args: argparse.Namespace, settings: Settings) -> tuple[int, int] | None:
-    """(prefix, context) tokens of a training prompt; None: as served."""
+def _train_budgets(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
+    """The (prefix, context) tokens of a training prompt, where either is given."""
+    from ghostpen.server.training.loop import TRAIN_BUDGETS
+
     prefix, context = args.train_prefix_tokens, args.train_context_tokens
     if prefix is None and context is None:
-        return None
-    served = settings.context
-    return (
-        served.prefix_token_budget if prefix is None else prefix,
-        served.context_token_budget if context is None else context,
-    )
+        return {}
+    return {
+        "train_budgets": (
+            TRAIN_BUDGETS[0] if prefix is None else prefix,
+            TRAIN_BUDGETS[1] if context is None else context,
+        )
+    }
 
 
 def _loop(args: argparse.Namespace, settings: Settings) -> int:
     from ghostpen.server.training.loop import LoopConfig, run_loop
 
     served = _promoted(settings)
+    recipe = (
+        "minutes", "heldout_samples", "lr", "lr_decay", "prompt_weight", "top_layers",
+        "batch_tokens", "rank",
+    )  # fmt: skip
     try:
         config = LoopConfig(
             name=args.name,
@@ -875,17 +888,10 @@ def _loop(args: argparse.Namespace, settings: Settings) -> int:
             template=args.template or served.context.template,
             repo_samples=args.samples,
             steps=args.steps,
-            minutes=args.minutes,
-            heldout_samples=args.heldout,
-            train_budgets=_train_budgets(args, settings),
             seed=args.seed,
             note=args.note,
-            lr_decay=args.lr_decay,
-            **{
-                name: getattr(args, name)
-                for name in ("lr", "prompt_weight", "top_layers", "batch_tokens", "rank")
-                if getattr(args, name) is not None
-            },
+            **_train_budgets(args),
+            **{name: getattr(args, name) for name in recipe if getattr(args, name) is not None},
         )
     except ValueError as error:
         print(f"ghostpen loop: {error}", file=sys.stderr)

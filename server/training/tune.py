@@ -7,14 +7,17 @@ The out directory holds:
     adapter/      the adapter as peft saves it
     merged/       the base with the adapter merged in, in the base's dtype, with its tokenizer
     tune.json     what was trained on, how, how fast, and the held-out losses
-The defaults suit Qwen2.5-Coder-0.5B on a CPU: rank 16 on every linear projection of attention
-and MLP (LoRA on attention alone falls short of full fine-tuning; QLoRA, Dettmers et al. 2023),
-alpha twice the rank (at any rank), lr 2e-4, 4k tokens a step (a step takes about 100 s on two
-EPYC cores).
-The learning rate warms up over WARMUP_STEPS and then stays; with `lr_decay` it falls linearly
-to zero at the run's bound (`learning_rate`), so a run cut by a budget ends on its smallest
-steps rather than mid-stride at the peak (Li et al., "Budgeted Training", ICLR 2020). The fall
-depends on the bound: a run resumed with a larger one follows another schedule.
+The defaults are the recipe that lifted Qwen2.5-Coder-0.5B on held-out code of three projects
+(benchmarks/RESULTS.md, `mix-8`): rank 64 on every linear projection of attention and MLP (LoRA
+on attention alone falls short of full fine-tuning, QLoRA, Dettmers et al. 2023; a higher rank
+closes part of the gap in continued pretraining on code, Biderman et al. 2024), alpha twice the
+rank (at any rank), lr 5e-4 falling to zero at the run's bound, 4k tokens a step (about 50 s on
+two EPYC cores in bf16).
+The learning rate warms up over WARMUP_STEPS; with `lr_decay` (the default) it then falls
+linearly to zero at the run's bound (`learning_rate`), so a run cut by a budget ends on its
+smallest steps rather than mid-stride at the peak (Li et al., "Budgeted Training", ICLR 2020);
+without, it stays at the peak. The fall depends on the bound: a run resumed with a larger one
+follows another schedule.
 
 The loss is on the target, and at PROMPT_WEIGHT on the prompt's own code, the file's text before
 the cursor (dataset.Sample.code): a completion's target is a few tokens, its prompt hundreds
@@ -49,16 +52,16 @@ if TYPE_CHECKING:
     import torch
     from peft import PeftModel
 
-RANK = 16
+RANK = 64
 ALPHA_PER_RANK = 2  # alpha twice the rank, whatever the rank: the update's scale stays 2
 DROPOUT = 0.05
-LEARNING_RATE = 2e-4
+LEARNING_RATE = 5e-4
 WARMUP_STEPS = 3  # the learning rate rises linearly over these, then stays (or decays)
 MAX_GRAD_NORM = 1.0
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_SEQ_TOKENS = 2048  # a sample's prompt and target; the serving context window's default
 BATCH_TOKENS = 4096  # tokens (prompt and target) an optimizer step reads, over micro-batches
-PROMPT_WEIGHT = 0.1  # the loss's weight on the prompt's own code, against 1 on the target
+PROMPT_WEIGHT = 1.0  # the loss's weight on the prompt's own code, against 1 on the target
 LOGIT_CHUNK = 512  # positions projected to the vocabulary at once; recomputed in the backward
 STEPS = 100
 CHECKPOINT_EVERY_S = 600.0
@@ -80,7 +83,7 @@ class TuneConfig:
     dropout: float = DROPOUT
     lr: float = LEARNING_RATE
     prompt_weight: float = PROMPT_WEIGHT
-    lr_decay: bool = False  # to zero at the first bound, steps or minutes
+    lr_decay: bool = True  # to zero at the first bound, steps or minutes
     target_modules: tuple[str, ...] = TARGET_MODULES
     # LoRA on the top N decoder layers only (0: all): the backward stops below them, so a step
     # costs less than a forward and a full backward, at the price of what lower layers learn

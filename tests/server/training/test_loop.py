@@ -44,7 +44,7 @@ def test_the_loop_makes_registers_and_serves_a_version(
     said: list[str] = []
     config = LoopConfig(
         name=name, base=str(base), repos=(repo,), captures=False, template="qwen25-coder-repo-fim",
-        repo_samples=60, steps=3, minutes=None, heldout_samples=6, lr_decay=True,
+        repo_samples=60, steps=3, minutes=None, heldout_samples=6, lr_decay=False,
         batch_tokens=2048, rank=4,
     )  # fmt: skip
     folder = registry.version_dir(settings.cache_dir, name)
@@ -55,7 +55,7 @@ def test_the_loop_makes_registers_and_serves_a_version(
         # held-out samples the comparison does not score pick the tune's kept step
         tuned_run = json.loads((folder / "tune" / "tune.json").read_text())
         assert [step for step, _ in tuned_run["heldout_losses"]] == [0, 3]
-        assert tuned_run["lr_decay"] is True  # the loop's recipe reaches the tune
+        assert tuned_run["lr_decay"] is False  # the loop's recipe reaches the tune
         assert (tuned_run["batch_tokens"], tuned_run["rank"], tuned_run["alpha"]) == (2048, 4, 8)
         assert (made.base, made.kind, made.steps, made.quantization) == (
             str(base),
@@ -68,6 +68,7 @@ def test_the_loop_makes_registers_and_serves_a_version(
         assert validation and tuned_run["heldout_samples"] == len(validation)
         assert not {s.sample_id for s in heldout} & {s.sample_id for s in validation}
         assert made.data_hash == manifest["hash"] and made.train_tokens > 0
+        assert manifest["train_budgets"] == list(loop.TRAIN_BUDGETS)  # the default reaches export
         scores = json.loads(made.scores)
         assert scores["against"] == str(base) and scores["samples"] == 6
         # each as it would be served: the tuned model in its template, the base in the setting's
@@ -117,6 +118,10 @@ def test_a_bad_recipe_is_refused_before_any_data_is_read(tmp_path: Path, capsys)
     assert "Traceback" not in said
     assert main([*argv, "--lr", "0"]) == 2
     assert "lr must be above 0: 0.0" in capsys.readouterr().err
+    assert main([*argv, "--heldout", "1"]) == 2
+    assert "heldout_samples must be at least 2" in capsys.readouterr().err
+    assert main([*argv, "--train-context-tokens", "-1"]) == 2  # the prefix's default beside it
+    assert "training prompt budgets must be at least 0: (256, -1)" in capsys.readouterr().err
 
 
 def test_the_kept_steps_samples_are_unscored_and_from_unscored_files_first() -> None:

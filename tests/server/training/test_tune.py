@@ -63,8 +63,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def config(base: Path, data: Path, out: Path, **changes: object) -> TuneConfig:
-    """Small steps at a high rate: a few samples a step, a visible fall within ten steps."""
-    fields = {"steps": 10, "lr": 5e-3, "rank": 8, "alpha": 32, "batch_tokens": 128, "dtype": "fp32"}
+    """Small steps at a high constant rate: a few samples a step, a visible fall within ten."""
+    fields = {"steps": 10, "lr": 5e-3, "lr_decay": False, "prompt_weight": 0.1, "rank": 8}
+    fields |= {"alpha": 32, "batch_tokens": 128, "dtype": "fp32"}
     return TuneConfig(data, out, str(base), base.parent, **{**fields, **changes})
 
 
@@ -362,17 +363,17 @@ def test_the_command_line_tunes(
 ) -> None:
     out = tmp_path / "out"
     argv = ["tune", "--data", str(data), "--out", str(out), "--base", str(base), "--steps", "2"]
-    argv += ["--dtype", "fp32", "--seed", "3", "--batch-tokens", "128", "--lr-decay"]
+    argv += ["--dtype", "fp32", "--seed", "3", "--batch-tokens", "128", "--no-lr-decay"]
     assert cli.main([*argv, "--rank", "4"]) == 0
     summary = json.loads((out / "tune.json").read_text())
     assert (summary["steps"], summary["rank"], summary["seed"]) == (2, 4, 3)
     assert summary["alpha"] == 8  # twice the rank, whatever the rank
-    assert summary["lr_decay"] is True
+    assert summary["lr_decay"] is False  # it falls by default
     assert "step 2: loss" in capsys.readouterr().err
     assert cli.main([*argv, "--rank", "8"]) == 2  # another run's checkpoint: refused, said why
     assert "differs in alpha, rank" in capsys.readouterr().err  # alpha follows the rank
     assert cli.main([*argv, "--batch-tokens", "0"]) == 2  # refused before it reads any data
-    assert "batch_tokens and rank must be at least 1: 0, 16" in capsys.readouterr().err
+    assert "batch_tokens and rank must be at least 1: 0, 64" in capsys.readouterr().err
 
 
 def merged_weights(directory: Path) -> dict[str, torch.Tensor]:
