@@ -368,7 +368,7 @@ def test_the_command_line_tunes(
     summary = json.loads((out / "tune.json").read_text())
     assert (summary["steps"], summary["rank"], summary["seed"]) == (2, 4, 3)
     assert summary["alpha"] == 8  # twice the rank, whatever the rank
-    assert summary["lr_decay"] is False  # it falls by default
+    assert summary["lr_decay"] is False  # --no-lr-decay: without it the rate falls
     assert "step 2: loss" in capsys.readouterr().err
     assert cli.main([*argv, "--rank", "8"]) == 2  # another run's checkpoint: refused, said why
     assert "differs in alpha, rank" in capsys.readouterr().err  # alpha follows the rank
